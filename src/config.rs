@@ -1,0 +1,349 @@
+//! One typed configuration. Every key has a default, so Salon runs with no file at all.
+//!
+//! Sources, later ones winning: the built-in defaults, the TOML file given with
+//! `--config`, then environment variables `SALON_<KEY>` where nested keys are joined
+//! with a double underscore (`SALON_REGISTRATION__MODE=open`).
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use ruma::{OwnedServerName, RoomVersionId};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The domain in every user id and room alias (`@alice:<server_name>`). Never change it
+    /// once users exist.
+    pub server_name: OwnedServerName,
+    /// Address the client-server API listens on.
+    pub listen: SocketAddr,
+    /// Where the database, the signing key and media live.
+    pub data_dir: PathBuf,
+    /// The URL clients reach the server at, advertised in `.well-known`; derived from
+    /// `listen` when unset.
+    pub public_baseurl: Option<String>,
+    pub log: LogConfig,
+    pub registration: RegistrationConfig,
+    pub rooms: RoomsConfig,
+    pub limits: LimitsConfig,
+    pub rate_limits: RateLimitsConfig,
+    pub database: DatabaseConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server_name: "localhost".try_into().expect("valid default server name"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8008)),
+            data_dir: PathBuf::from("./data"),
+            public_baseurl: None,
+            log: LogConfig::default(),
+            registration: RegistrationConfig::default(),
+            rooms: RoomsConfig::default(),
+            limits: LimitsConfig::default(),
+            rate_limits: RateLimitsConfig::default(),
+            database: DatabaseConfig::default(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Pretty,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `salon=debug,tower_http=info`; `RUST_LOG` wins.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { format: LogFormat::Pretty, level: "info".to_owned() }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RegistrationMode {
+    /// Nobody registers through the API; accounts come from the directory or an admin.
+    Closed,
+    /// Registration needs a token an admin created (`salon admin registration-token create`).
+    #[default]
+    Token,
+    /// Anyone who can reach the server may register (`m.login.dummy`).
+    Open,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistrationConfig {
+    pub mode: RegistrationMode,
+    /// Secret for Synapse-compatible `/_synapse/admin/v1/register`. When unset, one is
+    /// generated on first start and kept in the data directory.
+    pub shared_secret: Option<String>,
+    /// Whether guests may register (`kind=guest`).
+    pub guest_access: bool,
+    /// Shortest password accepted on registration and password change.
+    pub min_password_length: usize,
+}
+
+impl Default for RegistrationConfig {
+    fn default() -> Self {
+        Self { mode: RegistrationMode::Token, shared_secret: None, guest_access: false, min_password_length: 8 }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoomsConfig {
+    /// Version of rooms created without an explicit `room_version`.
+    pub default_version: RoomVersionId,
+}
+
+impl Default for RoomsConfig {
+    fn default() -> Self {
+        Self { default_version: RoomVersionId::V12 }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest request body accepted by the client API, in bytes.
+    pub max_request_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self { max_request_bytes: 1024 * 1024 }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitsConfig {
+    /// Turn every limit below off (benchmarks, tests).
+    pub enabled: bool,
+    /// Login attempts: sustained rate per second and burst, per client address and per account.
+    pub login: RateLimit,
+    /// Registration attempts per client address.
+    pub register: RateLimit,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst: u32,
+}
+
+impl Default for RateLimitsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            login: RateLimit { per_second: 0.2, burst: 5 },
+            register: RateLimit { per_second: 0.2, burst: 5 },
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// RocksDB block cache, in MiB.
+    pub cache_mib: usize,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self { cache_mib: 32 }
+    }
+}
+
+/// A configuration problem, told with where it is.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{origin}: {message}")]
+    Invalid { origin: String, message: String },
+}
+
+const ENV_PREFIX: &str = "SALON_";
+
+impl Config {
+    /// Load defaults, then the file (if any), then `SALON_…` variables from `env`.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let (mut value, origin) = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+                let value: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+                    origin: path.display().to_string(),
+                    message: e.to_string(),
+                })?;
+                (value, path.display().to_string())
+            }
+            None => (toml::Table::new(), "built-in defaults".to_owned()),
+        };
+        let mut overridden = Vec::new();
+        for (key, raw) in env {
+            let Some(rest) = key.strip_prefix(ENV_PREFIX) else { continue };
+            let segments: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+            if !TOP_LEVEL_KEYS.contains(&segments[0].as_str()) {
+                // Other tools' variables that share the prefix are not ours to judge.
+                continue;
+            }
+            set_path(&mut value, &segments, parse_env_value(&raw));
+            overridden.push(key);
+        }
+        let origin = if overridden.is_empty() {
+            origin
+        } else {
+            format!("{origin} with {}", overridden.join(", "))
+        };
+        let config: Config = toml::Value::Table(value).try_into().map_err(|e: toml::de::Error| {
+            ConfigError::Invalid { origin: origin.clone(), message: e.to_string().trim().to_owned() }
+        })?;
+        config.validate().map_err(|message| ConfigError::Invalid { origin, message })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.rooms.default_version.rules().is_none() {
+            return Err(format!("rooms.default_version: room version {} is not supported", self.rooms.default_version));
+        }
+        if !matches!(self.rooms.default_version.as_str(), "10" | "11" | "12") {
+            return Err("rooms.default_version: Salon creates rooms of version 10, 11 or 12".to_owned());
+        }
+        if self.limits.max_request_bytes < 65_536 {
+            return Err("limits.max_request_bytes: must be at least 65536 so that a full event fits".to_owned());
+        }
+        for (name, limit) in [("login", self.rate_limits.login), ("register", self.rate_limits.register)] {
+            if !(limit.per_second > 0.0) || limit.burst == 0 {
+                return Err(format!("rate_limits.{name}: per_second and burst must be positive"));
+            }
+        }
+        if let Some(url) = &self.public_baseurl
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err("public_baseurl: must start with http:// or https://".to_owned());
+        }
+        Ok(())
+    }
+
+    /// The base URL clients should use.
+    pub fn base_url(&self) -> String {
+        match &self.public_baseurl {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None => format!("http://{}", self.listen),
+        }
+    }
+}
+
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "server_name",
+    "listen",
+    "data_dir",
+    "public_baseurl",
+    "log",
+    "registration",
+    "rooms",
+    "limits",
+    "rate_limits",
+    "database",
+];
+
+/// An environment value is read as a TOML value when it parses as one (`true`, `42`),
+/// otherwise as a plain string.
+fn parse_env_value(raw: &str) -> toml::Value {
+    let wrapped = format!("v = {raw}");
+    match toml::from_str::<toml::Table>(&wrapped) {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.to_owned())),
+        Err(_) => toml::Value::String(raw.to_owned()),
+    }
+}
+
+fn set_path(table: &mut toml::Table, segments: &[String], value: toml::Value) {
+    let (last, parents) = segments.split_last().expect("at least one segment");
+    let mut current = table;
+    for segment in parents {
+        let entry = current
+            .entry(segment.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        current = entry.as_table_mut().expect("just made a table");
+    }
+    current.insert(last.clone(), value);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_serve_localhost() {
+        let c = Config::load(None, env(&[])).unwrap();
+        assert_eq!(c.server_name.as_str(), "localhost");
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8008");
+        assert_eq!(c.data_dir, PathBuf::from("./data"));
+        assert_eq!(c.registration.mode, RegistrationMode::Token);
+        assert_eq!(c.base_url(), "http://127.0.0.1:8008");
+    }
+
+    #[test]
+    fn environment_overrides_nested_keys() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("SALON_REGISTRATION__MODE", "open"),
+                ("SALON_LISTEN", "127.0.0.1:9999"),
+                ("SALON_RATE_LIMITS__ENABLED", "false"),
+                ("SALON_BIN", "/not/a/key"),
+                ("HOME", "/root"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.registration.mode, RegistrationMode::Open);
+        assert_eq!(c.listen.port(), 9999);
+        assert!(!c.rate_limits.enabled);
+    }
+
+    #[test]
+    fn errors_name_the_key_and_origin() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("salon.toml");
+        std::fs::write(&path, "server_name = \"example.org\"\n[registration]\nmode = \"sometimes\"\n").unwrap();
+        let err = Config::load(Some(&path), env(&[])).unwrap_err().to_string();
+        assert!(err.contains("salon.toml"), "{err}");
+        assert!(err.contains("sometimes") || err.contains("mode"), "{err}");
+
+        std::fs::write(&path, "sever_name = \"typo.org\"\n").unwrap();
+        let err = Config::load(Some(&path), env(&[])).unwrap_err().to_string();
+        assert!(err.contains("sever_name"), "{err}");
+
+        let err = Config::load(None, env(&[("SALON_ROOMS__DEFAULT_VERSION", "\"1\"")])).unwrap_err().to_string();
+        assert!(err.contains("SALON_ROOMS__DEFAULT_VERSION"), "{err}");
+    }
+}

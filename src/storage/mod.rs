@@ -1,0 +1,330 @@
+//! RocksDB storage: column families, key codecs, atomic batches, short ids, the stream.
+//!
+//! This layer knows keys and bytes, nothing of Matrix rules. Services decide what to
+//! store; they group all writes of one operation into a [`Batch`] and commit it with
+//! [`Db::commit`], which is durable (fsync'd write-ahead log) when it returns, and which
+//! RocksDB group-commits when many writers commit at once.
+
+mod keys;
+mod stream;
+
+use std::{
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use parking_lot::Mutex;
+use rust_rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options,
+    ReadOptions, WriteBatch, WriteOptions,
+};
+
+pub use self::{keys::*, stream::{StreamAllocator, StreamTicket}};
+use crate::error::{Error, Result};
+
+/// Every column family, with what it holds. Keys are big-endian so that prefix scans
+/// walk in order; `SEP` (0xff, never in UTF-8) separates string parts.
+pub const COLUMN_FAMILIES: &[(&str, &str)] = &[
+    ("meta", "schema version, server signing key, generated secrets"),
+    ("shortids", "kind byte + long identifier → u64 short id"),
+    ("longids", "u64 short id → kind byte + long identifier"),
+    ("users", "user id → account record (password hash, admin, deactivated, profile)"),
+    ("devices", "user id SEP device id → device record"),
+    ("access_tokens", "access token → user id SEP device id"),
+    ("login_tokens", "short-lived m.login.token → user id and expiry"),
+    ("registration_tokens", "registration token → allowed uses, completed uses, expiry"),
+    ("account_data", "user id SEP room id (empty for global) SEP type → content"),
+    ("filters", "user id SEP filter id → filter definition"),
+    ("pdus", "event short id → PDU as canonical JSON"),
+    ("event_meta", "event short id → room, stream position, state groups, transaction id"),
+    ("timeline", "room short id + stream position → event short id"),
+    ("stream", "stream position → event short id, across all rooms (for sync)"),
+    ("rooms", "room short id → room record: version, forward extremities, depth, state group"),
+    ("state_groups", "state group id → parent group and delta, or a full snapshot"),
+    ("room_state", "room short id + state-key short id → event short id (current state)"),
+    ("user_rooms", "user short id + room short id → membership"),
+    ("room_members", "room short id + user short id → membership"),
+    ("aliases", "room alias → room id and creator"),
+    ("room_aliases", "room short id SEP alias → empty"),
+    ("public_rooms", "room short id → empty, for rooms listed in the public directory"),
+    ("txn_ids", "user id SEP device id SEP transaction id → event id"),
+];
+
+/// The schema this build reads and writes. Opening an older database runs the
+/// migrations from its version up; a newer one is refused.
+pub const SCHEMA_VERSION: u64 = 1;
+
+/// Forward migrations, indexed by the version they migrate *from*.
+type Migration = fn(&Db) -> Result<()>;
+const MIGRATIONS: &[Migration] = &[];
+
+pub struct Db {
+    db: DB,
+    short_lock: Mutex<()>,
+    next_short: AtomicU64,
+    pub stream: StreamAllocator,
+}
+
+pub struct Batch {
+    inner: WriteBatch,
+}
+
+impl Default for Batch {
+    fn default() -> Self {
+        Self { inner: WriteBatch::default() }
+    }
+}
+
+impl Db {
+    pub fn open(path: &Path, cache_mib: usize) -> Result<Arc<Self>> {
+        std::fs::create_dir_all(path).map_err(|e| Error::internal(format!("cannot create {}: {e}", path.display())))?;
+        let cache = Cache::new_lru_cache(cache_mib.max(1) * 1024 * 1024);
+        let mut block = BlockBasedOptions::default();
+        block.set_block_cache(&cache);
+        block.set_bloom_filter(10.0, false);
+        block.set_cache_index_and_filter_blocks(true);
+
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.set_max_background_jobs(2);
+        db_opts.set_keep_log_file_num(3);
+        db_opts.set_max_total_wal_size(64 * 1024 * 1024);
+        db_opts.set_compression_type(rust_rocksdb::DBCompressionType::Lz4);
+        db_opts.set_enable_pipelined_write(true);
+
+        let cfs = COLUMN_FAMILIES.iter().map(|(name, _)| {
+            let mut o = Options::default();
+            o.set_block_based_table_factory(&block);
+            o.set_compression_type(rust_rocksdb::DBCompressionType::Lz4);
+            o.set_bottommost_compression_type(rust_rocksdb::DBCompressionType::Zstd);
+            o.set_write_buffer_size(8 * 1024 * 1024);
+            ColumnFamilyDescriptor::new(*name, o)
+        });
+        let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(|e| {
+            if e.to_string().contains("lock") {
+                Error::internal(format!(
+                    "the database at {} is in use by another Salon process; stop it first",
+                    path.display()
+                ))
+            } else {
+                Error::from(e)
+            }
+        })?;
+        let this = Self {
+            db,
+            short_lock: Mutex::new(()),
+            next_short: AtomicU64::new(1),
+            stream: StreamAllocator::new(0),
+        };
+        this.check_schema()?;
+        let last_short = this.last_key_u64("longids")?.unwrap_or(0);
+        this.next_short.store(last_short + 1, Ordering::SeqCst);
+        let last_pos = this.last_key_u64("stream")?.unwrap_or(0);
+        let meta_pos = this.get("meta", b"stream_position")?.map(|v| decode_u64(&v)).unwrap_or(0);
+        this.stream.reset(last_pos.max(meta_pos));
+        Ok(Arc::new(this))
+    }
+
+    fn check_schema(&self) -> Result<()> {
+        let stored = self.get("meta", b"schema_version")?.map(|v| decode_u64(&v));
+        match stored {
+            None => self.put_durable("meta", b"schema_version", &SCHEMA_VERSION.to_be_bytes()),
+            Some(v) if v > SCHEMA_VERSION => Err(Error::internal(format!(
+                "the database has schema version {v}, newer than this build's {SCHEMA_VERSION}; upgrade Salon"
+            ))),
+            Some(mut v) => {
+                while v < SCHEMA_VERSION {
+                    let migrate = MIGRATIONS
+                        .get(v as usize - 1)
+                        .ok_or_else(|| Error::internal(format!("no migration from schema version {v}")))?;
+                    migrate(self)?;
+                    v += 1;
+                    self.put_durable("meta", b"schema_version", &v.to_be_bytes())?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn cf(&self, name: &str) -> &rust_rocksdb::ColumnFamily {
+        self.db.cf_handle(name).unwrap_or_else(|| panic!("column family {name} is not declared"))
+    }
+
+    pub fn get(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get_cf(self.cf(cf), key)?)
+    }
+
+    pub fn exists(&self, cf: &str, key: &[u8]) -> Result<bool> {
+        Ok(self.db.get_pinned_cf(self.cf(cf), key)?.is_some())
+    }
+
+    pub fn multi_get(&self, cf: &str, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>> {
+        let handle = self.cf(cf);
+        self.db
+            .multi_get_cf(keys.iter().map(|k| (handle, k.as_slice())))
+            .into_iter()
+            .map(|r| r.map_err(Error::from))
+            .collect()
+    }
+
+    /// A single durable write, outside any batch.
+    pub fn put_durable(&self, cf: &str, key: &[u8], value: &[u8]) -> Result<()> {
+        let mut b = Batch::default();
+        b.put(self, cf, key, value);
+        self.commit(b)
+    }
+
+    /// Commit a batch atomically; when this returns the batch survives a crash.
+    pub fn commit(&self, batch: Batch) -> Result<()> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        Ok(self.db.write_opt(&batch.inner, &opts)?)
+    }
+
+    /// All entries whose key starts with `prefix`, in key order.
+    pub fn scan_prefix<'a>(
+        &'a self,
+        cf: &str,
+        prefix: &'a [u8],
+    ) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>)>> + 'a {
+        let mut ro = ReadOptions::default();
+        ro.set_prefix_same_as_start(false);
+        self.db
+            .iterator_cf_opt(self.cf(cf), ro, IteratorMode::From(prefix, Direction::Forward))
+            .map(|r| r.map_err(Error::from))
+            .take_while(move |r| r.as_ref().map(|(k, _)| k.starts_with(prefix)).unwrap_or(true))
+    }
+
+    /// Entries from `from` (inclusive) in the given direction, while keys keep `prefix`.
+    pub fn scan_from<'a>(
+        &'a self,
+        cf: &str,
+        prefix: &'a [u8],
+        from: &[u8],
+        forward: bool,
+    ) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>)>> + 'a {
+        let dir = if forward { Direction::Forward } else { Direction::Reverse };
+        self.db
+            .iterator_cf(self.cf(cf), IteratorMode::From(from, dir))
+            .map(|r| r.map_err(Error::from))
+            .take_while(move |r| r.as_ref().map(|(k, _)| k.starts_with(prefix)).unwrap_or(true))
+    }
+
+    fn last_key_u64(&self, cf: &str) -> Result<Option<u64>> {
+        let mut it = self.db.iterator_cf(self.cf(cf), IteratorMode::End);
+        match it.next() {
+            Some(r) => {
+                let (k, _) = r?;
+                Ok((k.len() >= 8).then(|| decode_u64(&k[..8])))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The short id of a long identifier of the given kind, if it has one.
+    pub fn short_id(&self, kind: IdKind, long: &str) -> Result<Option<u64>> {
+        Ok(self.get("shortids", &kind.key(long))?.map(|v| decode_u64(&v)))
+    }
+
+    /// The short id of a long identifier, allocating one when new. A new mapping is
+    /// written at once (unsynced); the durable commit that uses it syncs the log up to it.
+    pub fn get_or_create_short_id(&self, kind: IdKind, long: &str) -> Result<u64> {
+        if let Some(id) = self.short_id(kind, long)? {
+            return Ok(id);
+        }
+        let _guard = self.short_lock.lock();
+        if let Some(id) = self.short_id(kind, long)? {
+            return Ok(id);
+        }
+        let id = self.next_short.fetch_add(1, Ordering::SeqCst);
+        let key = kind.key(long);
+        let mut b = WriteBatch::default();
+        b.put_cf(self.cf("shortids"), &key, id.to_be_bytes());
+        b.put_cf(self.cf("longids"), id.to_be_bytes(), &key);
+        self.db.write(&b)?;
+        Ok(id)
+    }
+
+    /// The long identifier behind a short id.
+    pub fn long_id(&self, short: u64) -> Result<Option<String>> {
+        Ok(self.get("longids", &short.to_be_bytes())?.map(|v| String::from_utf8_lossy(&v[1..]).into_owned()))
+    }
+
+    /// A fresh number from the short-id sequence, for things that have no long name
+    /// (state groups).
+    pub fn next_sequence(&self) -> u64 {
+        self.next_short.fetch_add(1, Ordering::SeqCst)
+    }
+
+    /// Flush memtables (used before a clean shutdown; correctness never depends on it).
+    pub fn flush(&self) -> Result<()> {
+        for (name, _) in COLUMN_FAMILIES {
+            self.db.flush_cf(self.cf(name))?;
+        }
+        Ok(())
+    }
+}
+
+impl Batch {
+    pub fn put(&mut self, db: &Db, cf: &str, key: &[u8], value: &[u8]) {
+        self.inner.put_cf(db.cf(cf), key, value);
+    }
+    pub fn delete(&mut self, db: &Db, cf: &str, key: &[u8]) {
+        self.inner.delete_cf(db.cf(cf), key);
+    }
+    pub fn is_empty(&self) -> bool {
+        self.inner.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_ids_are_stable_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = {
+            let db = Db::open(dir.path(), 8).unwrap();
+            let a = db.get_or_create_short_id(IdKind::Room, "!a:x").unwrap();
+            let b = db.get_or_create_short_id(IdKind::User, "@b:x").unwrap();
+            assert_eq!(a, db.get_or_create_short_id(IdKind::Room, "!a:x").unwrap());
+            assert_ne!(a, b);
+            db.put_durable("meta", b"x", b"y").unwrap();
+            (a, b)
+        };
+        let db = Db::open(dir.path(), 8).unwrap();
+        assert_eq!(db.short_id(IdKind::Room, "!a:x").unwrap(), Some(a));
+        assert_eq!(db.long_id(b).unwrap().as_deref(), Some("@b:x"));
+        let c = db.get_or_create_short_id(IdKind::Event, "$c").unwrap();
+        assert!(c > a && c > b, "new ids never reuse old ones");
+    }
+
+    #[test]
+    fn prefix_scans_stay_inside_the_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), 8).unwrap();
+        let mut b = Batch::default();
+        for (k, v) in [(&b"a\xffone"[..], &b"1"[..]), (b"a\xfftwo", b"2"), (b"b\xffone", b"3")] {
+            b.put(&db, "filters", k, v);
+        }
+        db.commit(b).unwrap();
+        let got: Vec<_> = db.scan_prefix("filters", b"a\xff").map(|r| r.unwrap().1.to_vec()).collect();
+        assert_eq!(got, vec![b"1".to_vec(), b"2".to_vec()]);
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Db::open(dir.path(), 8).unwrap();
+            db.put_durable("meta", b"schema_version", &(SCHEMA_VERSION + 1).to_be_bytes()).unwrap();
+        }
+        let err = Db::open(dir.path(), 8).err().expect("refused").to_string();
+        assert!(err.contains("newer"), "{err}");
+    }
+}
