@@ -1,0 +1,49 @@
+//! Domain logic. [`Services`] is built once at start-up and handed to the HTTP layer;
+//! each service receives the others it needs explicitly (no global state).
+
+pub mod globals;
+pub mod ratelimit;
+pub mod rooms;
+pub mod uiaa;
+pub mod users;
+
+use std::sync::Arc;
+
+use crate::{config::Config, error::Result, storage::Db};
+
+pub struct Services {
+    pub db: Arc<Db>,
+    pub globals: Arc<Globals>,
+    pub users: Arc<users::Users>,
+    pub uiaa: uiaa::Uiaa,
+    pub rooms: rooms::Rooms,
+    pub login_limit: ratelimit::RateLimiter,
+    pub register_limit: ratelimit::RateLimiter,
+}
+
+pub use globals::Globals;
+
+impl Services {
+    pub fn build(config: Config) -> Result<Arc<Self>> {
+        let db = Db::open(&config.data_dir.join("db"), config.database.cache_mib)?;
+        Self::with_db(config, db)
+    }
+
+    pub fn with_db(config: Config, db: Arc<Db>) -> Result<Arc<Self>> {
+        let rl = config.rate_limits.clone();
+        let globals = Arc::new(Globals::load(config, &db)?);
+        let users = Arc::new(users::Users::new(db.clone()));
+        let state = Arc::new(rooms::state::StateService::new(db.clone()));
+        let timeline = rooms::timeline::Timeline::new(db.clone(), globals.clone(), state);
+        let rooms = rooms::Rooms::new(db.clone(), globals.clone(), users.clone(), timeline);
+        Ok(Arc::new(Self {
+            db,
+            globals,
+            users,
+            uiaa: uiaa::Uiaa::default(),
+            rooms,
+            login_limit: ratelimit::RateLimiter::new(rl.login, rl.enabled),
+            register_limit: ratelimit::RateLimiter::new(rl.register, rl.enabled),
+        }))
+    }
+}

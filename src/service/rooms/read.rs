@@ -1,0 +1,192 @@
+//! Reading rooms: state, members, and paginated history, filtered by what the reader
+//! may see.
+
+use std::collections::BTreeSet;
+
+use ruma::{OwnedUserId, RoomId, UserId};
+use serde_json::Value as JsonValue;
+
+use super::{Rooms, pdu::StoredEvent};
+use crate::error::{Error, Result};
+
+/// A position between events in a room's timeline: `t<N>` is just after stream
+/// position N.
+pub fn parse_token(token: &str) -> Result<u64> {
+    token
+        .strip_prefix('t')
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| Error::invalid_param(format!("'{token}' is not a valid pagination token")))
+}
+
+pub fn make_token(pos: u64) -> String {
+    format!("t{pos}")
+}
+
+/// Which events a page should hold (the parts of a RoomEventFilter Salon applies).
+#[derive(Debug, Default, Clone)]
+pub struct EventFilter {
+    pub types: Option<Vec<String>>,
+    pub not_types: Vec<String>,
+    pub senders: Option<Vec<String>>,
+    pub not_senders: Vec<String>,
+    pub contains_url: Option<bool>,
+    pub lazy_load_members: bool,
+}
+
+fn type_matches(pattern: &str, kind: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => kind.starts_with(prefix),
+        None => pattern == kind,
+    }
+}
+
+impl EventFilter {
+    pub fn allows(&self, e: &StoredEvent) -> bool {
+        let kind = e.pdu.kind.to_string();
+        if self.not_types.iter().any(|p| type_matches(p, &kind)) {
+            return false;
+        }
+        if let Some(types) = &self.types
+            && !types.iter().any(|p| type_matches(p, &kind))
+        {
+            return false;
+        }
+        let sender = e.pdu.sender.as_str();
+        if self.not_senders.iter().any(|s| s == sender) {
+            return false;
+        }
+        if let Some(senders) = &self.senders
+            && !senders.iter().any(|s| s == sender)
+        {
+            return false;
+        }
+        if let Some(want) = self.contains_url {
+            let has = e.pdu.content_json().get("url").is_some_and(|u| u.is_string());
+            if has != want {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// One page of `/messages`.
+pub struct MessagesPage {
+    pub start: String,
+    pub end: Option<String>,
+    pub chunk: Vec<JsonValue>,
+    pub state: Vec<JsonValue>,
+}
+
+impl Rooms {
+    /// Member events of the room as the user may see them, optionally at a token.
+    pub fn member_events(&self, room_id: &RoomId, user: &UserId, at: Option<&str>) -> Result<Vec<StoredEvent>> {
+        let mut group = self.readable_state_group(room_id, user)?;
+        if let Some(at) = at {
+            let pos = parse_token(at)?;
+            let (room_short, _) = self.timeline.room(room_id)?;
+            let at_group = match self.timeline.timeline_positions(room_short, pos.saturating_add(1), true, 1)?.first() {
+                Some((_, ev)) => self.timeline.meta(*ev)?.map(|m| m.state_after).unwrap_or(group),
+                None => super::state::EMPTY_GROUP,
+            };
+            // Never further than what the reader may see.
+            if at_group < group {
+                group = at_group;
+            }
+        }
+        Ok(self
+            .timeline
+            .state_events_in_group(group)?
+            .into_iter()
+            .filter(|e| e.pdu.kind == ruma::events::TimelineEventType::RoomMember)
+            .collect())
+    }
+
+    /// All state events the user may read.
+    pub fn state_events(&self, room_id: &RoomId, user: &UserId) -> Result<Vec<StoredEvent>> {
+        let group = self.readable_state_group(room_id, user)?;
+        self.timeline.state_events_in_group(group)
+    }
+
+    pub fn state_event(&self, room_id: &RoomId, user: &UserId, event_type: &str, state_key: &str) -> Result<StoredEvent> {
+        let group = self.readable_state_group(room_id, user)?;
+        self.timeline
+            .state_event_in_group(group, event_type, state_key)?
+            .ok_or_else(|| Error::not_found("This room has no such state event"))
+    }
+
+    /// A page of history. `backward` walks from newest to oldest.
+    #[allow(clippy::too_many_arguments)]
+    pub fn messages(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        device: Option<&str>,
+        from: Option<&str>,
+        to: Option<&str>,
+        backward: bool,
+        limit: usize,
+        filter: &EventFilter,
+    ) -> Result<MessagesPage> {
+        let (room_short, _) = self.timeline.room(room_id)?;
+        // Outsiders of rooms that are not world-readable learn nothing, not even emptiness.
+        self.readable_state_group(room_id, user)?;
+        let limit = limit.clamp(1, 1000);
+        let mut cursor = match from {
+            Some(t) => parse_token(t)?,
+            None if backward => self.db.stream.visible(),
+            None => 0,
+        };
+        let start = make_token(cursor);
+        let to = to.map(parse_token).transpose()?;
+        let mut chunk = Vec::new();
+        let mut senders: BTreeSet<OwnedUserId> = BTreeSet::new();
+        let mut end = None;
+        let mut exhausted = false;
+        while chunk.len() < limit && !exhausted {
+            let batch = if backward {
+                self.timeline.timeline_positions(room_short, cursor.saturating_add(1), true, limit * 2)?
+            } else {
+                self.timeline.timeline_positions(room_short, cursor, false, limit * 2)?
+            };
+            if batch.len() < limit * 2 {
+                exhausted = true;
+            }
+            if batch.is_empty() {
+                break;
+            }
+            for (pos, short) in batch {
+                if let Some(to) = to
+                    && ((backward && pos <= to) || (!backward && pos > to))
+                {
+                    exhausted = true;
+                    break;
+                }
+                cursor = if backward { pos - 1 } else { pos };
+                end = Some(make_token(cursor));
+                let Some(event) = self.timeline.stored(short)? else { continue };
+                if !filter.allows(&event) || !self.can_see_event(user, &event)? {
+                    continue;
+                }
+                senders.insert(event.pdu.sender.clone());
+                chunk.push(self.timeline.to_client(&event, device)?);
+                if chunk.len() >= limit {
+                    break;
+                }
+            }
+        }
+        if exhausted && chunk.len() < limit {
+            end = None;
+        }
+        let mut state = Vec::new();
+        if filter.lazy_load_members && !senders.is_empty() {
+            let group = self.readable_state_group(room_id, user)?;
+            for sender in senders {
+                if let Some(e) = self.timeline.state_event_in_group(group, "m.room.member", sender.as_str())? {
+                    state.push(self.timeline.to_client(&e, device)?);
+                }
+            }
+        }
+        Ok(MessagesPage { start, end, chunk, state })
+    }
+}

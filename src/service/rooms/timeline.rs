@@ -1,0 +1,637 @@
+//! The one event pipeline. Every PDU Salon creates — createRoom's events, messages,
+//! membership changes, redactions — is built, authorised, hashed, signed and stored
+//! here, in a [`Draft`] that commits all of its events in one atomic, durable batch.
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+};
+
+use parking_lot::Mutex;
+use ruma::{
+    CanonicalJsonObject, CanonicalJsonValue, EventId, MilliSecondsSinceUnixEpoch, OwnedEventId,
+    OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UserId,
+    canonical_json::{RedactedBecause, redact},
+    events::{StateEventType, TimelineEventType},
+    room_version_rules::RoomVersionRules,
+    signatures::{hash_and_sign_event, reference_hash},
+    state_res,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::Value as JsonValue;
+use tokio::sync::OwnedMutexGuard;
+
+use super::{
+    pdu::{EventMeta, Pdu, StoredEvent, check_size},
+    power::PowerLevels,
+    state::{EMPTY_GROUP, StateService},
+};
+use crate::{
+    error::{Error, Result},
+    service::globals::{Globals, random_string},
+    storage::{Batch, Db, IdKind, StreamTicket, u64_key, u64_at, decode_u64, str_key},
+};
+
+/// What the server keeps per room.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RoomRecord {
+    pub room_id: OwnedRoomId,
+    pub version: RoomVersionId,
+    pub extremities: Vec<OwnedEventId>,
+    pub depth: u64,
+    pub state_group: u64,
+}
+
+impl RoomRecord {
+    pub fn rules(&self) -> Result<RoomVersionRules> {
+        self.version.rules().ok_or_else(|| Error::internal(format!("room version {} has no rules", self.version)))
+    }
+}
+
+/// An event to be built by the pipeline.
+#[derive(Clone, Debug)]
+pub struct NewEvent {
+    pub kind: TimelineEventType,
+    pub content: JsonValue,
+    pub state_key: Option<String>,
+    pub redacts: Option<OwnedEventId>,
+    pub timestamp: Option<MilliSecondsSinceUnixEpoch>,
+    /// Device and transaction id of the request, for idempotency and `unsigned`.
+    pub txn: Option<(String, String)>,
+}
+
+impl NewEvent {
+    pub fn message(kind: impl Into<TimelineEventType>, content: JsonValue) -> Self {
+        Self { kind: kind.into(), content, state_key: None, redacts: None, timestamp: None, txn: None }
+    }
+    pub fn state(kind: impl Into<TimelineEventType>, state_key: impl Into<String>, content: JsonValue) -> Self {
+        Self { kind: kind.into(), content, state_key: Some(state_key.into()), redacts: None, timestamp: None, txn: None }
+    }
+}
+
+pub struct Timeline {
+    db: Arc<Db>,
+    globals: Arc<Globals>,
+    pub state: Arc<StateService>,
+    locks: Mutex<HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Timeline {
+    pub fn new(db: Arc<Db>, globals: Arc<Globals>, state: Arc<StateService>) -> Self {
+        Self { db, globals, state, locks: Mutex::new(HashMap::new()) }
+    }
+
+    async fn lock(&self, room_id: &RoomId) -> OwnedMutexGuard<()> {
+        let mutex = self.locks.lock().entry(room_id.to_owned()).or_default().clone();
+        mutex.lock_owned().await
+    }
+
+    pub fn room_short(&self, room_id: &RoomId) -> Result<Option<u64>> {
+        self.db.short_id(IdKind::Room, room_id.as_str())
+    }
+
+    pub fn room_record(&self, room_short: u64) -> Result<Option<RoomRecord>> {
+        match self.db.get("rooms", &room_short.to_be_bytes())? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The room's short id and record, or `M_NOT_FOUND`.
+    pub fn room(&self, room_id: &RoomId) -> Result<(u64, RoomRecord)> {
+        let short = self.room_short(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
+        let record = self.room_record(short)?.ok_or_else(|| Error::not_found("Unknown room"))?;
+        Ok((short, record))
+    }
+
+    /// Start adding events to an existing room; holds the room's lock until commit.
+    pub async fn begin(&self, room_id: &RoomId) -> Result<Draft<'_>> {
+        let guard = self.lock(room_id).await;
+        let (room_short, record) = self.room(room_id)?;
+        let rules = record.rules()?;
+        Ok(Draft::new(self, guard, room_short, record, rules))
+    }
+
+    /// Create a room: builds and stores its `m.room.create` event and returns the draft
+    /// for the rest of the initial events.
+    pub async fn begin_new_room(
+        &self,
+        version: RoomVersionId,
+        creator: &UserId,
+        create_content: JsonValue,
+    ) -> Result<Draft<'_>> {
+        let rules = version.rules().ok_or_else(|| Error::unsupported_room_version(format!("room version {version} is not supported")))?;
+        let mut object = base_object(
+            &TimelineEventType::RoomCreate,
+            creator,
+            Some(""),
+            create_content,
+            MilliSecondsSinceUnixEpoch::now(),
+            1,
+            Vec::new(),
+            Vec::new(),
+        )?;
+        let room_id = if rules.authorization.room_create_event_id_as_room_id {
+            None
+        } else {
+            let id: OwnedRoomId = RoomId::parse(format!("!{}:{}", random_string(18), self.globals.server_name()))?;
+            object.insert("room_id".into(), CanonicalJsonValue::String(id.to_string()));
+            Some(id)
+        };
+        hash_and_sign_event(self.globals.server_name().as_str(), &self.globals.keypair, &mut object, &rules.redaction)
+            .map_err(|e| Error::internal(format!("cannot sign event: {e}")))?;
+        let hash = reference_hash(&object, &rules).map_err(|e| Error::internal(format!("cannot hash event: {e}")))?;
+        let event_id: OwnedEventId = EventId::parse(format!("${hash}"))?;
+        let room_id = match room_id {
+            Some(id) => id,
+            None => RoomId::parse(format!("!{hash}"))?,
+        };
+        check_size(&object)?;
+        let pdu = Pdu::from_canonical(event_id.clone(), &object)?;
+        state_res::check_state_independent_auth_rules(&rules.authorization, &pdu, |_: &EventId| None::<Arc<Pdu>>)
+            .map_err(|e| Error::bad_json(format!("invalid create event: {e}")))?;
+
+        let guard = self.lock(&room_id).await;
+        if self.room_short(&room_id)?.is_some() {
+            return Err(Error::room_in_use("a room with this id already exists"));
+        }
+        let room_short = self.db.get_or_create_short_id(IdKind::Room, room_id.as_str())?;
+        let record = RoomRecord { room_id, version, extremities: Vec::new(), depth: 0, state_group: EMPTY_GROUP };
+        let mut draft = Draft::new(self, guard, room_short, record, rules);
+        draft.store(object, Arc::new(pdu), None)?;
+        Ok(draft)
+    }
+
+    pub fn event_short(&self, event_id: &EventId) -> Result<Option<u64>> {
+        self.db.short_id(IdKind::Event, event_id.as_str())
+    }
+
+    pub fn pdu_by_short(&self, short: u64) -> Result<Option<Arc<Pdu>>> {
+        let Some(json) = self.db.get("pdus", &short.to_be_bytes())? else { return Ok(None) };
+        let id = self.db.long_id(short)?.ok_or_else(|| Error::internal("event without id"))?;
+        Ok(Some(Arc::new(Pdu::from_json(EventId::parse(&id)?, &json)?)))
+    }
+
+    pub fn pdu(&self, event_id: &EventId) -> Result<Option<Arc<Pdu>>> {
+        match self.event_short(event_id)? {
+            Some(short) => self.pdu_by_short(short),
+            None => Ok(None),
+        }
+    }
+
+    /// The stored PDU JSON, signatures and hashes included (for federation and tests).
+    pub fn pdu_json(&self, event_id: &EventId) -> Result<Option<CanonicalJsonObject>> {
+        let Some(short) = self.event_short(event_id)? else { return Ok(None) };
+        match self.db.get("pdus", &short.to_be_bytes())? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn meta(&self, short: u64) -> Result<Option<EventMeta>> {
+        match self.db.get("event_meta", &short.to_be_bytes())? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn stored(&self, short: u64) -> Result<Option<StoredEvent>> {
+        let (Some(pdu), Some(meta)) = (self.pdu_by_short(short)?, self.meta(short)?) else { return Ok(None) };
+        let room_id = match &pdu.room_id {
+            Some(r) => r.clone(),
+            None => RoomId::parse(self.db.long_id(meta.room)?.unwrap_or_default())?,
+        };
+        Ok(Some(StoredEvent { short, pdu, meta, room_id }))
+    }
+
+    pub fn stored_by_id(&self, event_id: &EventId) -> Result<Option<StoredEvent>> {
+        match self.event_short(event_id)? {
+            Some(short) => self.stored(short),
+            None => Ok(None),
+        }
+    }
+
+    /// The client form of an event, with `prev_content` and `redacted_because` filled in.
+    pub fn to_client(&self, event: &StoredEvent, viewer_device: Option<&str>) -> Result<JsonValue> {
+        let prev_content = match event.meta.replaces {
+            Some(prev) => self.pdu_by_short(prev)?.map(|p| p.content_json()),
+            None => None,
+        };
+        let redacted_because = match &event.meta.redacted_by {
+            Some(id) => match self.stored_by_id(&EventId::parse(id)?)? {
+                Some(r) => Some(self.to_client(&r, None)?),
+                None => None,
+            },
+            None => None,
+        };
+        Ok(event.to_client(viewer_device, prev_content, redacted_because))
+    }
+
+    /// The current state event for `(type, state_key)`.
+    pub fn current_state_event(&self, room_short: u64, event_type: &str, state_key: &str) -> Result<Option<StoredEvent>> {
+        let Some(key) = self.state.key_short(event_type, state_key)? else { return Ok(None) };
+        match self.state.current(room_short, key)? {
+            Some(ev) => self.stored(ev),
+            None => Ok(None),
+        }
+    }
+
+    pub fn current_state_content(&self, room_short: u64, event_type: &str, state_key: &str) -> Result<Option<JsonValue>> {
+        Ok(self.current_state_event(room_short, event_type, state_key)?.map(|e| e.pdu.content_json()))
+    }
+
+    /// The state event for `(type, state_key)` in a state group.
+    pub fn state_event_in_group(&self, group: u64, event_type: &str, state_key: &str) -> Result<Option<StoredEvent>> {
+        let Some(key) = self.state.key_short(event_type, state_key)? else { return Ok(None) };
+        match self.state.load(group)?.get(&key) {
+            Some(ev) => self.stored(*ev),
+            None => Ok(None),
+        }
+    }
+
+    /// All events of a state group.
+    pub fn state_events_in_group(&self, group: u64) -> Result<Vec<StoredEvent>> {
+        let map = self.state.load(group)?;
+        let mut out = Vec::with_capacity(map.len());
+        for ev in map.values() {
+            if let Some(e) = self.stored(*ev)? {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Timeline entries of a room from stream position `from` (exclusive), newest first
+    /// when `backward`. Returns `(position, event short id)` pairs.
+    pub fn timeline_positions(&self, room_short: u64, from: u64, backward: bool, limit: usize) -> Result<Vec<(u64, u64)>> {
+        let prefix = room_short.to_be_bytes();
+        let mut out = Vec::with_capacity(limit.min(1024));
+        if backward {
+            if from == 0 {
+                return Ok(out);
+            }
+            let start = u64_key(&[room_short, from - 1]);
+            for item in self.db.scan_from("timeline", &prefix, &start, false) {
+                let (k, v) = item?;
+                out.push((u64_at(&k, 1), decode_u64(&v)));
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        } else {
+            let start = u64_key(&[room_short, from.saturating_add(1)]);
+            for item in self.db.scan_from("timeline", &prefix, &start, true) {
+                let (k, v) = item?;
+                out.push((u64_at(&k, 1), decode_u64(&v)));
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// A previous send with the same transaction id from the same device.
+    pub fn txn_event(&self, user: &UserId, device: &str, txn: &str) -> Result<Option<OwnedEventId>> {
+        match self.db.get("txn_ids", &str_key(&[user.as_str(), device, txn]))? {
+            Some(v) => Ok(Some(EventId::parse(String::from_utf8_lossy(&v).as_ref())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Power levels of a room in its current state.
+    pub fn power_levels(&self, room_short: u64, record: &RoomRecord) -> Result<PowerLevels> {
+        let rules = record.rules()?;
+        let create = self
+            .current_state_event(room_short, "m.room.create", "")?
+            .ok_or_else(|| Error::internal("room without create event"))?;
+        let content = self.current_state_content(room_short, "m.room.power_levels", "")?;
+        PowerLevels::new(&rules, &create.pdu, content)
+    }
+}
+
+/// A set of events being added to one room under its lock; nothing is visible until
+/// [`Draft::commit`] writes them all at once.
+pub struct Draft<'a> {
+    tl: &'a Timeline,
+    _guard: OwnedMutexGuard<()>,
+    pub room_short: u64,
+    pub record: RoomRecord,
+    pub rules: RoomVersionRules,
+    batch: Batch,
+    tickets: Vec<StreamTicket<'a>>,
+    pending: HashMap<OwnedEventId, Arc<Pdu>>,
+    pending_state: HashMap<u64, u64>,
+    pending_short: HashMap<u64, Arc<Pdu>>,
+    pending_json: HashMap<u64, CanonicalJsonObject>,
+    pending_meta: HashMap<u64, EventMeta>,
+    touched: bool,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn base_object(
+    kind: &TimelineEventType,
+    sender: &UserId,
+    state_key: Option<&str>,
+    content: JsonValue,
+    ts: MilliSecondsSinceUnixEpoch,
+    depth: u64,
+    prev_events: Vec<OwnedEventId>,
+    auth_events: Vec<OwnedEventId>,
+) -> Result<CanonicalJsonObject> {
+    if !content.is_object() {
+        return Err(Error::bad_json("event content must be a JSON object"));
+    }
+    let content = CanonicalJsonValue::try_from(content)
+        .map_err(|e| Error::bad_json(format!("content is not canonical JSON (floats and integers beyond 2^53 are not allowed): {e}")))?;
+    let mut o = CanonicalJsonObject::new();
+    o.insert("type".into(), CanonicalJsonValue::String(kind.to_string()));
+    o.insert("sender".into(), CanonicalJsonValue::String(sender.to_string()));
+    o.insert("content".into(), content);
+    o.insert("origin_server_ts".into(), CanonicalJsonValue::Integer(ts.get().into()));
+    o.insert("depth".into(), CanonicalJsonValue::Integer(ruma::Int::try_from(depth).unwrap_or(ruma::Int::MAX)));
+    o.insert("prev_events".into(), CanonicalJsonValue::Array(prev_events.into_iter().map(|e| CanonicalJsonValue::String(e.to_string())).collect()));
+    o.insert("auth_events".into(), CanonicalJsonValue::Array(auth_events.into_iter().map(|e| CanonicalJsonValue::String(e.to_string())).collect()));
+    if let Some(sk) = state_key {
+        o.insert("state_key".into(), CanonicalJsonValue::String(sk.to_owned()));
+    }
+    Ok(o)
+}
+
+impl<'a> Draft<'a> {
+    fn new(tl: &'a Timeline, guard: OwnedMutexGuard<()>, room_short: u64, record: RoomRecord, rules: RoomVersionRules) -> Self {
+        Self {
+            tl,
+            _guard: guard,
+            room_short,
+            record,
+            rules,
+            batch: Batch::default(),
+            tickets: Vec::new(),
+            pending: HashMap::new(),
+            pending_state: HashMap::new(),
+            pending_short: HashMap::new(),
+            pending_json: HashMap::new(),
+            pending_meta: HashMap::new(),
+            touched: false,
+        }
+    }
+
+    pub fn room_id(&self) -> &RoomId {
+        &self.record.room_id
+    }
+
+    fn fetch_event(&self, id: &EventId) -> Option<Arc<Pdu>> {
+        if let Some(p) = self.pending.get(id) {
+            return Some(p.clone());
+        }
+        self.tl.pdu(id).ok().flatten()
+    }
+
+    /// The event currently holding a state key, counting this draft's events.
+    pub fn state_short(&self, event_type: &str, state_key: &str) -> Result<Option<u64>> {
+        let Some(key) = self.tl.state.key_short(event_type, state_key)? else { return Ok(None) };
+        if let Some(ev) = self.pending_state.get(&key) {
+            return Ok(Some(*ev));
+        }
+        self.tl.state.current(self.room_short, key)
+    }
+
+    pub fn state_pdu(&self, event_type: &str, state_key: &str) -> Result<Option<Arc<Pdu>>> {
+        match self.state_short(event_type, state_key)? {
+            Some(short) => match self.pending_short.get(&short) {
+                Some(p) => Ok(Some(p.clone())),
+                None => self.tl.pdu_by_short(short),
+            },
+            None => Ok(None),
+        }
+    }
+
+    pub fn state_content(&self, event_type: &str, state_key: &str) -> Result<Option<JsonValue>> {
+        Ok(self.state_pdu(event_type, state_key)?.map(|p| p.content_json()))
+    }
+
+    /// The membership of a user in the draft's current state.
+    pub fn membership(&self, user: &UserId) -> Result<Option<String>> {
+        Ok(self
+            .state_content("m.room.member", user.as_str())?
+            .and_then(|c| c.get("membership").and_then(|m| m.as_str()).map(str::to_owned)))
+    }
+
+    pub fn power_levels(&self) -> Result<PowerLevels> {
+        let create = self.state_pdu("m.room.create", "")?.ok_or_else(|| Error::internal("room without create event"))?;
+        PowerLevels::new(&self.rules, &create, self.state_content("m.room.power_levels", "")?)
+    }
+
+    /// Build, authorise, hash and sign one event, and stage it for the commit.
+    pub fn append(&mut self, sender: &UserId, new: NewEvent) -> Result<Arc<Pdu>> {
+        if new.kind == TimelineEventType::RoomCreate {
+            return Err(Error::forbidden("a room has exactly one m.room.create event"));
+        }
+        if new.kind.to_string().contains('\0') || new.state_key.as_deref().is_some_and(|k| k.contains('\0')) {
+            return Err(Error::invalid_param("event types and state keys may not contain NUL"));
+        }
+        let mut content = new.content;
+        // Since room version 11 `redacts` lives in the content; before, at the top level.
+        let redacts_in_content = self.rules.redaction.content_field_redacts;
+        if new.kind == TimelineEventType::RoomRedaction
+            && let Some(target) = &new.redacts
+            && redacts_in_content
+            && let Some(obj) = content.as_object_mut()
+        {
+            obj.insert("redacts".into(), JsonValue::String(target.to_string()));
+        }
+        let raw_content = serde_json::value::to_raw_value(&content)?;
+        let auth_types = state_res::auth_types_for_event(&new.kind, sender, new.state_key.as_deref(), &raw_content, &self.rules.authorization)
+            .map_err(|e| Error::bad_json(format!("invalid event content: {e}")))?;
+        let mut auth_events = Vec::new();
+        for (ty, sk) in &auth_types {
+            if let Some(p) = self.state_pdu(&ty.to_string(), sk)? {
+                auth_events.push(p.event_id.clone());
+            }
+        }
+        if !self.rules.authorization.room_create_event_id_as_room_id {
+            // Already among the auth types; nothing to add.
+        }
+        let depth = self.record.depth + 1;
+        let ts = new.timestamp.unwrap_or_else(MilliSecondsSinceUnixEpoch::now);
+        let mut object = base_object(
+            &new.kind,
+            sender,
+            new.state_key.as_deref(),
+            content,
+            ts,
+            depth,
+            self.record.extremities.clone(),
+            auth_events,
+        )?;
+        object.insert("room_id".into(), CanonicalJsonValue::String(self.record.room_id.to_string()));
+        if new.kind == TimelineEventType::RoomRedaction
+            && let Some(target) = &new.redacts
+            && !redacts_in_content
+        {
+            object.insert("redacts".into(), CanonicalJsonValue::String(target.to_string()));
+        }
+        // Refuse oversized events before spending a signature on them.
+        check_size(&object)?;
+        let server = self.tl.globals.server_name().as_str().to_owned();
+        hash_and_sign_event(&server, &self.tl.globals.keypair, &mut object, &self.rules.redaction).map_err(|e| match e {
+            ruma::signatures::JsonError::PduTooLarge => Error::too_large("the event is larger than 65536 bytes"),
+            other => Error::internal(format!("cannot sign event: {other}")),
+        })?;
+        let hash = reference_hash(&object, &self.rules).map_err(|e| match e {
+            ruma::signatures::JsonError::PduTooLarge => Error::too_large("the event is larger than 65536 bytes"),
+            other => Error::internal(format!("cannot hash event: {other}")),
+        })?;
+        let event_id: OwnedEventId = EventId::parse(format!("${hash}"))?;
+        check_size(&object)?;
+        let pdu = Arc::new(Pdu::from_canonical(event_id, &object)?);
+
+        state_res::check_state_independent_auth_rules(&self.rules.authorization, &*pdu, |id: &EventId| self.fetch_event(id))
+            .map_err(Error::forbidden)?;
+        state_res::check_state_dependent_auth_rules(&self.rules.authorization, &*pdu, |ty: &StateEventType, sk: &str| {
+            self.state_pdu(&ty.to_string(), sk).ok().flatten()
+        })
+        .map_err(Error::forbidden)?;
+        if pdu.kind == TimelineEventType::RoomRedaction {
+            self.check_redaction(&pdu)?;
+        }
+        self.store(object, pdu.clone(), new.txn)?;
+        Ok(pdu)
+    }
+
+    /// A user may redact their own events when their power allows redacting at all,
+    /// and others' events only with the `redact` power level.
+    fn check_redaction(&self, redaction: &Pdu) -> Result<()> {
+        let Some(target_id) = redaction.redacted_event() else {
+            return Err(Error::bad_json("a redaction must name the event it redacts"));
+        };
+        let Some(target) = self.fetch_event(&target_id) else { return Ok(()) };
+        if target.room_id.as_deref().is_some_and(|r| r != self.record.room_id) {
+            return Err(Error::bad_json("the redacted event is in another room"));
+        }
+        let power = self.power_levels()?;
+        if target.sender != redaction.sender && !power.levels.user_can_redact_event_of_other(&redaction.sender) {
+            return Err(Error::forbidden("you may only redact your own events"));
+        }
+        Ok(())
+    }
+
+    /// Stage an authorised event: PDU, metadata, timeline and stream entries, state.
+    fn store(&mut self, object: CanonicalJsonObject, pdu: Arc<Pdu>, txn: Option<(String, String)>) -> Result<()> {
+        let db = &self.tl.db;
+        let short = db.get_or_create_short_id(IdKind::Event, pdu.event_id.as_str())?;
+        let ticket = db.stream.reserve();
+        let pos = ticket.position;
+        self.tickets.push(ticket);
+
+        let state_before = self.record.state_group;
+        let mut meta = EventMeta { room: self.room_short, pos, state_before, state_after: state_before, txn: txn.clone(), ..Default::default() };
+        if let Some(sk) = &pdu.state_key {
+            let key = self.tl.state.key_short_or_create(&pdu.kind.to_string(), sk)?;
+            meta.replaces = match self.pending_state.get(&key) {
+                Some(prev) => Some(*prev),
+                None => self.tl.state.current(self.room_short, key)?,
+            };
+            let group = self.tl.state.new_group(&mut self.batch, state_before, &[(key, short)])?;
+            meta.state_after = group;
+            self.record.state_group = group;
+            self.tl.state.set_current(&mut self.batch, self.room_short, key, short);
+            self.pending_state.insert(key, short);
+            if pdu.kind == TimelineEventType::RoomMember {
+                let membership = pdu
+                    .content_json()
+                    .get("membership")
+                    .and_then(|m| m.as_str())
+                    .unwrap_or("leave")
+                    .to_owned();
+                let user_short = db.get_or_create_short_id(IdKind::User, sk)?;
+                self.batch.put(db, "user_rooms", &u64_key(&[user_short, self.room_short]), membership.as_bytes());
+                self.batch.put(db, "room_members", &u64_key(&[self.room_short, user_short]), membership.as_bytes());
+            }
+        }
+        if pdu.kind == TimelineEventType::RoomRedaction
+            && let Some(target) = pdu.redacted_event()
+        {
+            self.apply_redaction(&target, &pdu.event_id, &object)?;
+        }
+        if let Some((device, txn_id)) = &txn {
+            self.batch.put(db, "txn_ids", &str_key(&[pdu.sender.as_str(), device, txn_id]), pdu.event_id.as_bytes());
+        }
+        self.batch.put(db, "pdus", &short.to_be_bytes(), &serde_json::to_vec(&object)?);
+        self.batch.put(db, "timeline", &u64_key(&[self.room_short, pos]), &short.to_be_bytes());
+        self.batch.put(db, "stream", &pos.to_be_bytes(), &short.to_be_bytes());
+        self.batch.put(db, "event_meta", &short.to_be_bytes(), &serde_json::to_vec(&meta)?);
+        self.record.extremities = vec![pdu.event_id.clone()];
+        self.record.depth = u64::from(pdu.depth);
+        self.pending.insert(pdu.event_id.clone(), pdu.clone());
+        self.pending_short.insert(short, pdu);
+        self.pending_json.insert(short, object);
+        self.pending_meta.insert(short, meta);
+        self.touched = true;
+        Ok(())
+    }
+
+    /// Replace the stored target with its redacted form; the reference hash and
+    /// signatures stay valid because they cover the redacted form.
+    fn apply_redaction(&mut self, target: &EventId, redaction_id: &EventId, redaction: &CanonicalJsonObject) -> Result<()> {
+        let db = &self.tl.db;
+        let Some(short) = self.tl.event_short(target)? else { return Ok(()) };
+        let json = match self.pending_json.get(&short) {
+            Some(j) => j.clone(),
+            None => match db.get("pdus", &short.to_be_bytes())? {
+                Some(v) => serde_json::from_slice(&v)?,
+                None => return Ok(()),
+            },
+        };
+        let mut meta = match self.pending_meta.get(&short) {
+            Some(m) => m.clone(),
+            None => match self.tl.meta(short)? {
+                Some(m) => m,
+                None => return Ok(()),
+            },
+        };
+        if meta.room != self.room_short {
+            return Ok(());
+        }
+        let mut because = redaction.clone();
+        because.remove("signatures");
+        let redacted = redact(json, &self.rules.redaction, Some(RedactedBecause::from_json(because)))
+            .map_err(|e| Error::internal(format!("cannot redact: {e}")))?;
+        meta.redacted_by = Some(redaction_id.to_string());
+        self.batch.put(db, "pdus", &short.to_be_bytes(), &serde_json::to_vec(&redacted)?);
+        self.batch.put(db, "event_meta", &short.to_be_bytes(), &serde_json::to_vec(&meta)?);
+        Ok(())
+    }
+
+    /// Write everything staged, atomically and durably, then make it visible.
+    pub async fn commit(mut self) -> Result<RoomRecord> {
+        if !self.touched {
+            return Ok(self.record);
+        }
+        let db = self.tl.db.clone();
+        self.batch.put(&db, "rooms", &self.room_short.to_be_bytes(), &serde_json::to_vec(&self.record)?);
+        let batch = std::mem::take(&mut self.batch);
+        tokio::task::spawn_blocking(move || db.commit(batch))
+            .await
+            .map_err(|e| Error::internal(format!("commit task failed: {e}")))??;
+        // Dropping the tickets publishes the new stream position and wakes waiters.
+        self.tickets.clear();
+        Ok(self.record)
+    }
+}
+
+/// Users whose membership in a room is `membership`, from the membership table.
+pub fn members_with(db: &Db, room_short: u64, membership: &str) -> Result<Vec<OwnedUserId>> {
+    let prefix = room_short.to_be_bytes();
+    let mut out = Vec::new();
+    for item in db.scan_prefix("room_members", &prefix) {
+        let (k, v) = item?;
+        if v.as_ref() == membership.as_bytes()
+            && let Some(id) = db.long_id(u64_at(&k, 1))?
+        {
+            out.push(UserId::parse(id)?);
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,397 @@
+//! Accounts, devices and access tokens, profiles, account data, filters, and the tokens
+//! that gate registration and token login.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use argon2::{
+    Argon2, PasswordHash, PasswordHasher, PasswordVerifier,
+    password_hash::{SaltString, rand_core::OsRng},
+};
+use parking_lot::RwLock;
+use ruma::{MilliSecondsSinceUnixEpoch, OwnedDeviceId, OwnedUserId, UserId, DeviceId};
+use serde::{Deserialize, Serialize};
+use serde_json::Value as JsonValue;
+
+use crate::{
+    error::{Error, Result},
+    service::globals::random_string,
+    storage::{Batch, Db, str_key, str_prefix},
+};
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct UserRecord {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_hash: Option<String>,
+    #[serde(default)]
+    pub admin: bool,
+    #[serde(default)]
+    pub deactivated: bool,
+    #[serde(default)]
+    pub guest: bool,
+    pub created_ts: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub displayname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avatar_url: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub device_id: String,
+    #[serde(default)]
+    pub display_name: Option<String>,
+    pub access_token: String,
+    pub created_ts: u64,
+    #[serde(default)]
+    pub last_seen_ts: Option<u64>,
+    #[serde(default)]
+    pub last_seen_ip: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RegistrationToken {
+    pub token: String,
+    /// How many registrations the token allows; `None` means unlimited.
+    pub uses_allowed: Option<u64>,
+    pub pending: u64,
+    pub completed: u64,
+    /// Milliseconds since the epoch after which the token is void.
+    pub expiry_time: Option<u64>,
+}
+
+impl RegistrationToken {
+    pub fn is_valid(&self, now: u64) -> bool {
+        self.expiry_time.is_none_or(|t| now < t) && self.uses_allowed.is_none_or(|n| self.pending + self.completed < n)
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct LoginToken {
+    user_id: OwnedUserId,
+    expires: u64,
+}
+
+/// Who a request is from.
+#[derive(Clone, Debug)]
+pub struct Session {
+    pub user_id: OwnedUserId,
+    pub device_id: OwnedDeviceId,
+}
+
+pub struct Users {
+    db: Arc<Db>,
+    tokens: RwLock<HashMap<String, Session>>,
+}
+
+pub fn now_ms() -> u64 {
+    MilliSecondsSinceUnixEpoch::now().get().into()
+}
+
+impl Users {
+    pub fn new(db: Arc<Db>) -> Self {
+        Self { db, tokens: RwLock::new(HashMap::new()) }
+    }
+
+    pub fn get(&self, user: &UserId) -> Result<Option<UserRecord>> {
+        match self.db.get("users", user.as_bytes())? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn exists(&self, user: &UserId) -> Result<bool> {
+        self.db.exists("users", user.as_bytes())
+    }
+
+    /// An active (not deactivated) account, or `M_NOT_FOUND`.
+    pub fn active(&self, user: &UserId) -> Result<UserRecord> {
+        match self.get(user)? {
+            Some(r) if !r.deactivated => Ok(r),
+            _ => Err(Error::not_found("No such user")),
+        }
+    }
+
+    fn put(&self, batch: &mut Batch, user: &UserId, record: &UserRecord) -> Result<()> {
+        batch.put(&self.db, "users", user.as_bytes(), &serde_json::to_vec(record)?);
+        Ok(())
+    }
+
+    pub fn save(&self, user: &UserId, record: &UserRecord) -> Result<()> {
+        let mut b = Batch::default();
+        self.put(&mut b, user, record)?;
+        self.db.commit(b)
+    }
+
+    /// Create an account. The caller has checked that the id is free and allowed.
+    pub async fn create(&self, user: &UserId, password: Option<&str>, admin: bool, guest: bool) -> Result<()> {
+        let password_hash = match password {
+            Some(p) => Some(hash_password(p.to_owned()).await?),
+            None => None,
+        };
+        let record = UserRecord {
+            password_hash,
+            admin,
+            guest,
+            deactivated: false,
+            created_ts: now_ms(),
+            displayname: Some(user.localpart().to_owned()),
+            avatar_url: None,
+        };
+        self.db.get_or_create_short_id(crate::storage::IdKind::User, user.as_str())?;
+        self.save(user, &record)
+    }
+
+    pub async fn set_password(&self, user: &UserId, password: &str) -> Result<()> {
+        let mut record = self.active(user)?;
+        record.password_hash = Some(hash_password(password.to_owned()).await?);
+        self.save(user, &record)
+    }
+
+    /// Whether `password` is the account's password. Deactivated accounts and accounts
+    /// without a password never match.
+    pub async fn check_password(&self, user: &UserId, password: &str) -> Result<bool> {
+        let Some(record) = self.get(user)? else {
+            // Spend the same time as a real check, so timing does not tell which ids exist.
+            let _ = hash_password(password.to_owned()).await;
+            return Ok(false);
+        };
+        let Some(hash) = record.password_hash.filter(|_| !record.deactivated) else { return Ok(false) };
+        let password = password.to_owned();
+        tokio::task::spawn_blocking(move || {
+            PasswordHash::new(&hash).map(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok()).unwrap_or(false)
+        })
+        .await
+        .map_err(Error::internal)
+    }
+
+    // --- devices and access tokens ---
+
+    pub fn authenticate(&self, token: &str) -> Result<Option<Session>> {
+        if let Some(s) = self.tokens.read().get(token) {
+            return Ok(Some(s.clone()));
+        }
+        let Some(v) = self.db.get("access_tokens", token.as_bytes())? else { return Ok(None) };
+        let text = String::from_utf8_lossy(&v);
+        let (user, device) = text.split_once('\u{1}').ok_or_else(|| Error::internal("corrupt token record"))?;
+        let session = Session { user_id: UserId::parse(user)?, device_id: device.into() };
+        self.tokens.write().insert(token.to_owned(), session.clone());
+        Ok(Some(session))
+    }
+
+    pub fn device(&self, user: &UserId, device: &DeviceId) -> Result<Option<DeviceRecord>> {
+        match self.db.get("devices", &str_key(&[user.as_str(), device.as_str()]))? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn devices(&self, user: &UserId) -> Result<Vec<DeviceRecord>> {
+        let prefix = str_prefix(&[user.as_str()]);
+        self.db.scan_prefix("devices", &prefix).map(|r| Ok(serde_json::from_slice(&r?.1)?)).collect()
+    }
+
+    /// Create (or replace the token of) a device and return its new access token.
+    pub fn create_device(&self, user: &UserId, device_id: Option<&DeviceId>, display_name: Option<String>, ip: Option<String>) -> Result<(OwnedDeviceId, String)> {
+        let device_id: OwnedDeviceId = match device_id {
+            Some(d) => d.to_owned(),
+            None => random_string(10).to_uppercase().into(),
+        };
+        let token = random_string(40);
+        let mut batch = Batch::default();
+        let record = match self.device(user, &device_id)? {
+            Some(mut existing) => {
+                self.forget_token(&mut batch, &existing.access_token);
+                existing.access_token = token.clone();
+                if display_name.is_some() {
+                    existing.display_name = display_name;
+                }
+                existing
+            }
+            None => DeviceRecord {
+                device_id: device_id.to_string(),
+                display_name,
+                access_token: token.clone(),
+                created_ts: now_ms(),
+                last_seen_ts: Some(now_ms()),
+                last_seen_ip: ip,
+            },
+        };
+        batch.put(&self.db, "devices", &str_key(&[user.as_str(), device_id.as_str()]), &serde_json::to_vec(&record)?);
+        batch.put(&self.db, "access_tokens", token.as_bytes(), format!("{user}\u{1}{device_id}").as_bytes());
+        self.db.commit(batch)?;
+        Ok((device_id, token))
+    }
+
+    fn forget_token(&self, batch: &mut Batch, token: &str) {
+        batch.delete(&self.db, "access_tokens", token.as_bytes());
+        self.tokens.write().remove(token);
+    }
+
+    pub fn rename_device(&self, user: &UserId, device: &DeviceId, name: Option<String>) -> Result<()> {
+        let mut record = self.device(user, device)?.ok_or_else(|| Error::not_found("No such device"))?;
+        record.display_name = name;
+        self.db.put_durable("devices", &str_key(&[user.as_str(), device.as_str()]), &serde_json::to_vec(&record)?)
+    }
+
+    pub fn remove_device(&self, user: &UserId, device: &DeviceId) -> Result<bool> {
+        let Some(record) = self.device(user, device)? else { return Ok(false) };
+        let mut batch = Batch::default();
+        self.forget_token(&mut batch, &record.access_token);
+        batch.delete(&self.db, "devices", &str_key(&[user.as_str(), device.as_str()]));
+        self.db.commit(batch)?;
+        Ok(true)
+    }
+
+    /// Remove every device of the user except `keep`.
+    pub fn remove_devices_except(&self, user: &UserId, keep: Option<&DeviceId>) -> Result<()> {
+        let mut batch = Batch::default();
+        for d in self.devices(user)? {
+            if keep.is_some_and(|k| k.as_str() == d.device_id) {
+                continue;
+            }
+            self.forget_token(&mut batch, &d.access_token);
+            batch.delete(&self.db, "devices", &str_key(&[user.as_str(), &d.device_id]));
+        }
+        self.db.commit(batch)
+    }
+
+    pub fn deactivate(&self, user: &UserId) -> Result<()> {
+        self.remove_devices_except(user, None)?;
+        let mut record = self.get(user)?.ok_or_else(|| Error::not_found("No such user"))?;
+        record.deactivated = true;
+        record.password_hash = None;
+        record.displayname = None;
+        record.avatar_url = None;
+        self.save(user, &record)
+    }
+
+    // --- profile ---
+
+    pub fn set_displayname(&self, user: &UserId, name: Option<String>) -> Result<()> {
+        let mut record = self.active(user)?;
+        record.displayname = name;
+        self.save(user, &record)
+    }
+
+    pub fn set_avatar_url(&self, user: &UserId, url: Option<String>) -> Result<()> {
+        let mut record = self.active(user)?;
+        record.avatar_url = url;
+        self.save(user, &record)
+    }
+
+    /// All accounts, for the user directory.
+    pub fn all(&self) -> Result<Vec<(OwnedUserId, UserRecord)>> {
+        self.db
+            .scan_prefix("users", b"")
+            .map(|r| {
+                let (k, v) = r?;
+                Ok((UserId::parse(String::from_utf8_lossy(&k).as_ref())?, serde_json::from_slice(&v)?))
+            })
+            .collect()
+    }
+
+    // --- account data ---
+
+    pub fn account_data(&self, user: &UserId, room: Option<&str>, kind: &str) -> Result<Option<JsonValue>> {
+        match self.db.get("account_data", &str_key(&[user.as_str(), room.unwrap_or(""), kind]))? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn set_account_data(&self, user: &UserId, room: Option<&str>, kind: &str, content: &JsonValue) -> Result<()> {
+        self.db.put_durable("account_data", &str_key(&[user.as_str(), room.unwrap_or(""), kind]), &serde_json::to_vec(content)?)
+    }
+
+    // --- filters ---
+
+    pub fn create_filter(&self, user: &UserId, filter: &JsonValue) -> Result<String> {
+        let id = random_string(12);
+        self.db.put_durable("filters", &str_key(&[user.as_str(), &id]), &serde_json::to_vec(filter)?)?;
+        Ok(id)
+    }
+
+    pub fn filter(&self, user: &UserId, id: &str) -> Result<Option<JsonValue>> {
+        match self.db.get("filters", &str_key(&[user.as_str(), id]))? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    // --- registration tokens ---
+
+    pub fn create_registration_token(&self, token: Option<String>, uses_allowed: Option<u64>, expiry_time: Option<u64>) -> Result<RegistrationToken> {
+        let token = token.unwrap_or_else(|| random_string(16));
+        if token.is_empty() || token.len() > 64 || !token.chars().all(|c| c.is_ascii_alphanumeric() || "._~-".contains(c)) {
+            return Err(Error::invalid_param("registration tokens are 1 to 64 characters from [A-Za-z0-9._~-]"));
+        }
+        if self.registration_token(&token)?.is_some() {
+            return Err(Error::invalid_param("this registration token already exists"));
+        }
+        let record = RegistrationToken { token: token.clone(), uses_allowed, pending: 0, completed: 0, expiry_time };
+        self.db.put_durable("registration_tokens", token.as_bytes(), &serde_json::to_vec(&record)?)?;
+        Ok(record)
+    }
+
+    pub fn registration_token(&self, token: &str) -> Result<Option<RegistrationToken>> {
+        match self.db.get("registration_tokens", token.as_bytes())? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn registration_tokens(&self) -> Result<Vec<RegistrationToken>> {
+        self.db.scan_prefix("registration_tokens", b"").map(|r| Ok(serde_json::from_slice(&r?.1)?)).collect()
+    }
+
+    pub fn delete_registration_token(&self, token: &str) -> Result<bool> {
+        if self.registration_token(token)?.is_none() {
+            return Ok(false);
+        }
+        let mut b = Batch::default();
+        b.delete(&self.db, "registration_tokens", token.as_bytes());
+        self.db.commit(b)?;
+        Ok(true)
+    }
+
+    /// Count one completed registration against the token.
+    pub fn use_registration_token(&self, token: &str) -> Result<()> {
+        let mut record = self.registration_token(token)?.ok_or_else(|| Error::token_incorrect("Unknown registration token"))?;
+        if !record.is_valid(now_ms()) {
+            return Err(Error::token_incorrect("This registration token is no longer valid"));
+        }
+        record.completed += 1;
+        self.db.put_durable("registration_tokens", token.as_bytes(), &serde_json::to_vec(&record)?)
+    }
+
+    // --- login tokens ---
+
+    pub fn create_login_token(&self, user: &UserId, ttl: Duration) -> Result<String> {
+        let token = random_string(32);
+        let record = LoginToken { user_id: user.to_owned(), expires: now_ms() + ttl.as_millis() as u64 };
+        self.db.put_durable("login_tokens", token.as_bytes(), &serde_json::to_vec(&record)?)?;
+        Ok(token)
+    }
+
+    /// The user a login token was issued for; the token is used up.
+    pub fn consume_login_token(&self, token: &str) -> Result<Option<OwnedUserId>> {
+        let Some(v) = self.db.get("login_tokens", token.as_bytes())? else { return Ok(None) };
+        let record: LoginToken = serde_json::from_slice(&v)?;
+        let mut b = Batch::default();
+        b.delete(&self.db, "login_tokens", token.as_bytes());
+        self.db.commit(b)?;
+        Ok((record.expires > now_ms()).then_some(record.user_id))
+    }
+}
+
+async fn hash_password(password: String) -> Result<String> {
+    tokio::task::spawn_blocking(move || {
+        let salt = SaltString::generate(&mut OsRng);
+        Argon2::default()
+            .hash_password(password.as_bytes(), &salt)
+            .map(|h| h.to_string())
+            .map_err(|e| Error::internal(format!("cannot hash password: {e}")))
+    })
+    .await
+    .map_err(Error::internal)?
+}
