@@ -1,0 +1,14 @@
+//! The client-server API, one file per chapter of the spec.
+
+pub mod account;
+pub mod account_data;
+pub mod admin;
+pub mod device;
+pub mod directory;
+pub mod discovery;
+pub mod membership;
+pub mod message;
+pub mod profile;
+pub mod room;
+pub mod session;
+pub mod state;

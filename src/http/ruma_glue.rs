@@ -1,0 +1,226 @@
+//! Glue between axum and ruma: every endpoint takes a ruma request type and returns a
+//! ruma response type, so handlers read like the spec.
+
+use std::{any::TypeId, future::Future, net::SocketAddr, sync::Arc};
+
+use axum::{
+    Router,
+    body::Body,
+    extract::{ConnectInfo, FromRequest, Path, Request, State},
+    response::{IntoResponse, Response},
+    routing::{MethodFilter, on},
+};
+use bytes::BytesMut;
+use ruma::{
+    OwnedDeviceId, OwnedUserId,
+    api::{
+        IncomingRequest, IncomingRequestExt, OutgoingResponse, OutgoingResponseExt,
+        auth_scheme::{AccessToken, AccessTokenOptional},
+        error::{DeserializationError, FromHttpRequestError},
+        path_builder::PathBuilder,
+    },
+};
+
+use crate::{error::Error, service::Services};
+
+/// A parsed, authenticated request.
+pub struct Ruma<T> {
+    pub request: T,
+    pub user: Option<OwnedUserId>,
+    pub device: Option<OwnedDeviceId>,
+    pub ip: Option<std::net::IpAddr>,
+}
+
+impl<T> Ruma<T> {
+    /// The authenticated user; only call on endpoints that require a token.
+    pub fn user(&self) -> &ruma::UserId {
+        self.user.as_deref().expect("endpoint requires authentication")
+    }
+    pub fn device(&self) -> &ruma::DeviceId {
+        self.device.as_deref().expect("endpoint requires authentication")
+    }
+    pub fn ip_key(&self) -> String {
+        self.ip.map(|i| i.to_string()).unwrap_or_else(|| "unknown".to_owned())
+    }
+}
+
+impl<T> std::ops::Deref for Ruma<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.request
+    }
+}
+
+fn access_token(parts: &http::request::Parts) -> Option<String> {
+    if let Some(h) = parts.headers.get(http::header::AUTHORIZATION).and_then(|h| h.to_str().ok())
+        && let Some(t) = h.strip_prefix("Bearer ")
+    {
+        return Some(t.trim().to_owned());
+    }
+    parts.uri.query().and_then(|q| {
+        q.split('&').find_map(|kv| kv.strip_prefix("access_token=")).map(|t| {
+            percent_decode(t)
+        })
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl<T> FromRequest<Arc<Services>> for Ruma<T>
+where
+    T: IncomingRequest + Send + 'static,
+{
+    type Rejection = Error;
+
+    async fn from_request(req: Request, services: &Arc<Services>) -> Result<Self, Error> {
+        let (mut parts, body) = req.into_parts();
+        let ip = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+        let expected = T::PATH_BUILDER._path_parameters().len();
+        let mut path_args: Vec<String> = if expected == 0 {
+            Vec::new()
+        } else {
+            match <Path<Vec<String>> as axum::extract::FromRequestParts<()>>::from_request_parts(&mut parts, &()).await {
+                Ok(Path(args)) => args,
+                Err(_) => return Err(Error::invalid_param("a path parameter is not valid")),
+            }
+        };
+        // Routes registered without a trailing empty segment (`/state/{type}/`) still
+        // need every parameter the endpoint declares.
+        while path_args.len() < expected {
+            path_args.push(String::new());
+        }
+        let limit = services.globals.config.limits.max_request_bytes;
+        let bytes = axum::body::to_bytes(body, limit)
+            .await
+            .map_err(|_| Error::too_large(format!("request bodies may be at most {limit} bytes")))?;
+
+        let auth = TypeId::of::<T::Authentication>();
+        let token = access_token(&parts);
+        let (user, device) = if auth == TypeId::of::<AccessToken>() || auth == TypeId::of::<AccessTokenOptional>() {
+            match token {
+                Some(token) => match services.users.authenticate(&token)? {
+                    Some(s) => (Some(s.user_id), Some(s.device_id)),
+                    None => return Err(Error::unknown_token(false)),
+                },
+                None if auth == TypeId::of::<AccessToken>() => return Err(Error::missing_token()),
+                None => (None, None),
+            }
+        } else {
+            (None, None)
+        };
+
+        let has_body = !bytes.is_empty();
+        if has_body && serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_err() && is_json_endpoint(&parts) {
+            return Err(Error::not_json("The request body is not valid JSON"));
+        }
+        let body_bytes: &[u8] = if !has_body && matches!(parts.method, http::Method::POST | http::Method::PUT) { b"{}" } else { &bytes };
+        let path_for_log = parts.uri.path().to_owned();
+        let http_req = http::Request::from_parts(parts, body_bytes);
+        let args: Vec<&str> = path_args.iter().map(String::as_str).collect();
+        // Parsing is ruma's; a panic on some odd input must still be a client error.
+        let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| T::try_from_http_request(http_req, &args)));
+        let request = match parsed {
+            Ok(result) => result.map_err(map_parse_error)?,
+            Err(_) => {
+                tracing::warn!(path = %path_for_log, "request parser panicked; answered M_BAD_JSON");
+                return Err(Error::bad_json("The request body does not match the endpoint"));
+            }
+        };
+        Ok(Self { request, user, device, ip })
+    }
+}
+
+fn is_json_endpoint(parts: &http::request::Parts) -> bool {
+    !parts.uri.path().starts_with("/_matrix/media/")
+}
+
+fn map_parse_error(e: FromHttpRequestError) -> Error {
+    match e {
+        FromHttpRequestError::MethodMismatch { .. } => Error::unrecognized(http::StatusCode::METHOD_NOT_ALLOWED, "Method not allowed for this endpoint"),
+        FromHttpRequestError::Deserialization(d) => match d {
+            DeserializationError::Json(e) => Error::bad_json(format!("The request body does not match the endpoint: {e}")),
+            DeserializationError::Ident(e) => Error::invalid_param(format!("Invalid identifier: {e}")),
+            DeserializationError::Query(e) => Error::invalid_param(format!("Invalid query parameter: {e}")),
+            other => Error::bad_json(format!("Invalid request: {other}")),
+        },
+        other => Error::bad_json(format!("Invalid request: {other}")),
+    }
+}
+
+/// A ruma response, as an axum response.
+pub struct RumaResponse<R>(pub R);
+
+impl<R: OutgoingResponse> IntoResponse for RumaResponse<R> {
+    fn into_response(self) -> Response {
+        match self.0.try_into_http_response::<BytesMut>() {
+            Ok(res) => res.map(|b| Body::from(b.freeze())).into_response(),
+            Err(e) => Error::internal(format!("cannot serialise response: {e}")).into_response(),
+        }
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        if let Error::Internal(detail) = &self {
+            tracing::error!(error = %detail, "internal error");
+        }
+        let (status, body) = self.to_response_parts();
+        let mut res = (status, axum::Json(body)).into_response();
+        if let Error::Matrix { kind: ruma::api::error::ErrorKind::LimitExceeded(data), .. } = &self
+            && let Some(ruma::api::error::RetryAfter::Delay(d)) = data.retry_after
+            && let Ok(v) = http::HeaderValue::from_str(&d.as_secs().max(1).to_string())
+        {
+            res.headers_mut().insert(http::header::RETRY_AFTER, v);
+        }
+        res
+    }
+}
+
+/// Register a handler for every path (stable and legacy) of a ruma endpoint.
+pub fn route<T, F, Fut>(router: Router<Arc<Services>>, handler: F) -> Router<Arc<Services>>
+where
+    T: IncomingRequest + Send + 'static,
+    T::OutgoingResponse: Send,
+    F: Fn(Arc<Services>, Ruma<T>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<T::OutgoingResponse, Error>> + Send + 'static,
+{
+    let filter = MethodFilter::try_from(T::METHOD).expect("ruma endpoints use standard methods");
+    let mut router = router;
+    let mut paths: Vec<String> = T::PATH_BUILDER.all_paths().map(str::to_owned).collect();
+    // An empty state key travels as a trailing slash or no segment at all.
+    for p in paths.clone() {
+        if let Some(base) = p.strip_suffix("/{state_key}") {
+            paths.push(format!("{base}/"));
+            paths.push(base.to_owned());
+        }
+    }
+    paths.sort();
+    paths.dedup();
+    for path in paths {
+        let h = handler.clone();
+        router = router.route(
+            &path,
+            on(filter, move |State(s): State<Arc<Services>>, req: Ruma<T>| {
+                let h = h.clone();
+                async move { h(s, req).await.map(RumaResponse) }
+            }),
+        );
+    }
+    router
+}

@@ -1,0 +1,186 @@
+//! The `salon` command: serve, check the configuration, administer.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use salon::{
+    config::{Config, LogFormat},
+    service::Services,
+};
+
+#[derive(Parser)]
+#[command(name = "salon", version, about = "A Matrix homeserver for an organisation's own staff")]
+struct Cli {
+    /// TOML configuration file; without one, every key has its default.
+    #[arg(long, short, global = true, env = "SALON_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the homeserver.
+    Serve,
+    /// Check the configuration and explain what is wrong.
+    CheckConfig,
+    /// Administration commands (run while the server is stopped).
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Create a local account; prompts for nothing, prints the generated password if none is given.
+    CreateUser {
+        /// Localpart of the new user (`alice` for `@alice:<server_name>`).
+        name: String,
+        #[arg(long)]
+        password: Option<String>,
+        #[arg(long)]
+        admin: bool,
+    },
+    /// Manage registration tokens.
+    RegistrationToken {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token (random unless given).
+    Create {
+        #[arg(long)]
+        token: Option<String>,
+        /// How many registrations it allows (unlimited if absent).
+        #[arg(long)]
+        uses: Option<u64>,
+        /// Valid for this many hours (forever if absent).
+        #[arg(long)]
+        valid_hours: Option<u64>,
+    },
+    List,
+    Delete { token: String },
+}
+
+fn load_config(path: Option<&std::path::Path>) -> Result<Config, String> {
+    Config::load(path, std::env::vars()).map_err(|e| format!("configuration error: {e}"))
+}
+
+fn init_logging(config: &Config) {
+    use tracing_subscriber::{EnvFilter, fmt};
+    use std::io::IsTerminal;
+    // The authorisation rules log every decision at info; that is debugging detail.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("ruma_state_res=warn,{}", config.log.level)));
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Pretty => builder.init(),
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let config = match load_config(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match cli.command {
+        Command::CheckConfig => {
+            println!("configuration is valid: server_name = {}, listening on {}, data in {}", config.server_name, config.listen, config.data_dir.display());
+            std::process::ExitCode::SUCCESS
+        }
+        Command::Serve => {
+            init_logging(&config);
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+            let result = runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(config.listen)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+                salon::run(config, listener, shutdown_signal()).await
+            });
+            match result {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("salon: {e:#}");
+                    std::process::ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Admin { command } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+            match runtime.block_on(admin(config, command)) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("salon admin: {e:#}");
+                    std::process::ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn admin(config: Config, command: AdminCommand) -> anyhow::Result<()> {
+    let services = Services::build(config)?;
+    match command {
+        AdminCommand::CreateUser { name, password, admin } => {
+            let user_id = ruma::UserId::parse_with_server_name(name.to_lowercase(), services.globals.server_name())
+                .map_err(|e| anyhow::anyhow!("invalid user name {name:?}: {e}"))?;
+            if services.users.exists(&user_id)? {
+                anyhow::bail!("{user_id} already exists");
+            }
+            let generated = password.is_none();
+            let password = password.unwrap_or_else(|| salon::service::globals::random_string(20));
+            services.users.create(&user_id, Some(&password), admin, false).await?;
+            println!("created {user_id}{}", if admin { " (server admin)" } else { "" });
+            if generated {
+                println!("password: {password}");
+            }
+        }
+        AdminCommand::RegistrationToken { command } => match command {
+            TokenCommand::Create { token, uses, valid_hours } => {
+                let expiry = valid_hours.map(|h| salon::service::users::now_ms() + h * 3_600_000);
+                let t = services.users.create_registration_token(token, uses, expiry)?;
+                println!("{}", t.token);
+            }
+            TokenCommand::List => {
+                for t in services.users.registration_tokens()? {
+                    let uses = t.uses_allowed.map(|u| u.to_string()).unwrap_or_else(|| "unlimited".into());
+                    println!("{}\tused {}/{}\t{}", t.token, t.completed, uses, if t.is_valid(salon::service::users::now_ms()) { "valid" } else { "expired" });
+                }
+            }
+            TokenCommand::Delete { token } => {
+                if !services.users.delete_registration_token(&token)? {
+                    anyhow::bail!("no such token: {token}");
+                }
+                println!("deleted {token}");
+            }
+        },
+    }
+    services.db.flush()?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutting down");
+}
