@@ -1,0 +1,36 @@
+# Shared by scripts/serve and scripts/test: what a fresh Debian machine lacks.
+
+# Build artefacts live outside the clone so that a new checkout reuses them
+# (RocksDB's C++ takes long to build).
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/salon/target}"
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+apt_install() {
+    export DEBIAN_FRONTEND=noninteractive
+    if ! as_root apt-get install -y -q --no-install-recommends "$@" >&2; then
+        as_root apt-get update -q >&2
+        as_root apt-get install -y -q --no-install-recommends "$@" >&2
+    fi
+}
+
+# The RocksDB binding generates its bindings with bindgen, which loads libclang;
+# it also needs a C++ compiler.
+ensure_build_deps() {
+    local missing=()
+    if ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 && ! ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1; then
+        missing+=(libclang-dev)
+    fi
+    command -v c++ >/dev/null 2>&1 || missing+=(g++)
+    command -v make >/dev/null 2>&1 || missing+=(make)
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "installing build dependencies: ${missing[*]}" >&2
+        apt_install "${missing[@]}"
+    fi
+    if ! command -v cargo >/dev/null 2>&1; then
+        echo "cargo is not installed: install Rust 1.95 with rustup (https://rustup.rs)" >&2
+        exit 1
+    fi
+}

@@ -1,0 +1,115 @@
+//! An acknowledged send survives `kill -9` of the server the next instant.
+
+mod common;
+
+use std::{
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use common::{Client, enc};
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn spawn(dir: &std::path::Path, port: u16) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_salon"))
+        .arg("serve")
+        .env("SALON_LISTEN", format!("127.0.0.1:{port}"))
+        .env("SALON_DATA_DIR", dir)
+        .env("SALON_SERVER_NAME", "localhost")
+        .env("SALON_REGISTRATION__MODE", "open")
+        .env("SALON_RATE_LIMITS__ENABLED", "false")
+        .env("SALON_LOG__LEVEL", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("salon binary starts")
+}
+
+async fn wait_ready(base: &str) {
+    let http = reqwest::Client::new();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        if let Ok(r) = http.get(format!("{base}/_matrix/client/versions")).send().await
+            && r.status().is_success()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("server did not come up at {base}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_events_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut child = spawn(dir.path(), port);
+    wait_ready(&base).await;
+
+    let mut alice = Client { base: base.clone(), http: reqwest::Client::new(), token: None, user_id: String::new(), device_id: String::new() };
+    let body = alice
+        .ok(Method::POST, "/_matrix/client/v3/register", Some(json!({ "username": "alice", "password": "correct horse battery", "auth": { "type": "m.login.dummy" } })))
+        .await;
+    alice.token = Some(body["access_token"].as_str().unwrap().to_owned());
+    let room = alice.create_room(json!({ "name": "Durable" })).await;
+
+    // Ten concurrent senders; the server is killed while they are sending.
+    let acked: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for w in 0..10 {
+        let (c, room, acked) = (alice.clone(), room.clone(), acked.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..10_000 {
+                let text = format!("worker {w} message {i}");
+                let res = c
+                    .http
+                    .put(format!("{}/_matrix/client/v3/rooms/{}/send/m.room.message/w{w}-{i}", c.base, enc(&room)))
+                    .bearer_auth(c.token.as_deref().unwrap())
+                    .json(&json!({ "msgtype": "m.text", "body": text }))
+                    .send()
+                    .await;
+                let Ok(res) = res else { break };
+                if res.status() != StatusCode::OK {
+                    break;
+                }
+                let Ok(body) = res.json::<serde_json::Value>().await else { break };
+                acked.lock().unwrap().push((body["event_id"].as_str().unwrap().to_owned(), text));
+            }
+        }));
+    }
+    // Let a burst build up, then kill without warning.
+    let start = Instant::now();
+    while acked.lock().unwrap().len() < 300 && start.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    child.kill().expect("SIGKILL");
+    child.wait().unwrap();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() >= 300, "the burst was sent ({} acknowledged)", acked.len());
+
+    // Restart on the same data: every acknowledged event is there, with its content.
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut child = spawn(dir.path(), port);
+    wait_ready(&base).await;
+    alice.base = base;
+    for (event_id, text) in &acked {
+        let (status, e) = alice.get(&format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room), enc(event_id))).await;
+        assert_eq!(status, StatusCode::OK, "acknowledged event {event_id} was lost");
+        assert_eq!(e["content"]["body"], text.as_str());
+    }
+    // The room still accepts events after the crash, on top of what survived.
+    alice.send_text(&room, "after-restart", "after the crash").await;
+    let _ = child.kill();
+    let _ = child.wait();
+}
