@@ -1,9 +1,12 @@
 //! Domain logic. [`Services`] is built once at start-up and handed to the HTTP layer;
 //! each service receives the others it needs explicitly (no global state).
 
+pub mod ephemeral;
 pub mod globals;
+pub mod notifier;
 pub mod ratelimit;
 pub mod rooms;
+pub mod sync;
 pub mod uiaa;
 pub mod users;
 
@@ -17,6 +20,8 @@ pub struct Services {
     pub users: Arc<users::Users>,
     pub uiaa: uiaa::Uiaa,
     pub rooms: rooms::Rooms,
+    pub notifier: Arc<notifier::Notifier>,
+    pub ephemeral: ephemeral::Ephemeral,
     pub login_limit: ratelimit::RateLimiter,
     pub register_limit: ratelimit::RateLimiter,
 }
@@ -32,16 +37,19 @@ impl Services {
     pub fn with_db(config: Config, db: Arc<Db>) -> Result<Arc<Self>> {
         let rl = config.rate_limits.clone();
         let globals = Arc::new(Globals::load(config, &db)?);
-        let users = Arc::new(users::Users::new(db.clone()));
+        let notifier = Arc::new(notifier::Notifier::default());
+        let users = Arc::new(users::Users::new(db.clone(), notifier.clone()));
         let state = Arc::new(rooms::state::StateService::new(db.clone()));
-        let timeline = rooms::timeline::Timeline::new(db.clone(), globals.clone(), state);
+        let timeline = rooms::timeline::Timeline::new(db.clone(), globals.clone(), state, notifier.clone());
         let rooms = rooms::Rooms::new(db.clone(), globals.clone(), users.clone(), timeline);
         Ok(Arc::new(Self {
-            db,
             globals,
             users,
             uiaa: uiaa::Uiaa::default(),
             rooms,
+            ephemeral: ephemeral::Ephemeral::new(db.clone(), notifier.clone()),
+            db,
+            notifier,
             login_limit: ratelimit::RateLimiter::new(rl.login, rl.enabled),
             register_limit: ratelimit::RateLimiter::new(rl.register, rl.enabled),
         }))

@@ -14,8 +14,8 @@ use serde_json::Value as JsonValue;
 
 use crate::{
     error::{Error, Result},
-    service::globals::random_string,
-    storage::{Batch, Db, str_key, str_prefix},
+    service::{globals::random_string, notifier::Notifier},
+    storage::{Batch, Db, IdKind, str_key, str_prefix, u64_key},
 };
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -65,6 +65,13 @@ impl RegistrationToken {
     }
 }
 
+/// A change on a user's own stream (beside room events), for incremental sync.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "change", rename_all = "snake_case")]
+pub enum UserStreamEntry {
+    AccountData { room: Option<String>, kind: String },
+}
+
 #[derive(Serialize, Deserialize)]
 struct LoginToken {
     user_id: OwnedUserId,
@@ -80,6 +87,7 @@ pub struct Session {
 
 pub struct Users {
     db: Arc<Db>,
+    notifier: Arc<Notifier>,
     tokens: RwLock<HashMap<String, Session>>,
 }
 
@@ -88,8 +96,8 @@ pub fn now_ms() -> u64 {
 }
 
 impl Users {
-    pub fn new(db: Arc<Db>) -> Self {
-        Self { db, tokens: RwLock::new(HashMap::new()) }
+    pub fn new(db: Arc<Db>, notifier: Arc<Notifier>) -> Self {
+        Self { db, notifier, tokens: RwLock::new(HashMap::new()) }
     }
 
     pub fn get(&self, user: &UserId) -> Result<Option<UserRecord>> {
@@ -299,8 +307,51 @@ impl Users {
         }
     }
 
+    /// Store account data and record the change on the user's stream for `/sync`.
     pub fn set_account_data(&self, user: &UserId, room: Option<&str>, kind: &str, content: &JsonValue) -> Result<()> {
-        self.db.put_durable("account_data", &str_key(&[user.as_str(), room.unwrap_or(""), kind]), &serde_json::to_vec(content)?)
+        let user_short = self.db.get_or_create_short_id(IdKind::User, user.as_str())?;
+        let ticket = self.db.stream.reserve();
+        let mut b = Batch::default();
+        b.put(&self.db, "account_data", &str_key(&[user.as_str(), room.unwrap_or(""), kind]), &serde_json::to_vec(content)?);
+        let change = UserStreamEntry::AccountData { room: room.map(str::to_owned), kind: kind.to_owned() };
+        b.put(&self.db, "user_stream", &u64_key(&[user_short, ticket.position]), &serde_json::to_vec(&change)?);
+        self.db.commit(b)?;
+        let pos = ticket.position;
+        drop(ticket);
+        self.notifier.notify(user, pos);
+        Ok(())
+    }
+
+    /// All account data of a user: global (room `None`) and per room.
+    pub fn all_account_data(&self, user: &UserId) -> Result<Vec<(Option<String>, String, JsonValue)>> {
+        let prefix = str_prefix(&[user.as_str()]);
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix("account_data", &prefix) {
+            let (k, v) = item?;
+            let raw = &k[prefix.len()..];
+            let sep = raw.iter().position(|b| *b == crate::storage::SEP).unwrap_or(raw.len());
+            let room = String::from_utf8_lossy(&raw[..sep]).into_owned();
+            let kind = String::from_utf8_lossy(raw.get(sep + 1..).unwrap_or_default()).into_owned();
+            out.push(((!room.is_empty()).then_some(room), kind, serde_json::from_slice(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// Changes on the user's stream in `(since, until]`.
+    pub fn stream_changes(&self, user: &UserId, since: u64, until: u64) -> Result<Vec<(u64, UserStreamEntry)>> {
+        let Some(user_short) = self.db.short_id(IdKind::User, user.as_str())? else { return Ok(Vec::new()) };
+        let prefix = user_short.to_be_bytes();
+        let start = u64_key(&[user_short, since + 1]);
+        let mut out = Vec::new();
+        for item in self.db.scan_from("user_stream", &prefix, &start, true) {
+            let (k, v) = item?;
+            let pos = crate::storage::u64_at(&k, 1);
+            if pos > until {
+                break;
+            }
+            out.push((pos, serde_json::from_slice(&v)?));
+        }
+        Ok(out)
     }
 
     // --- filters ---

@@ -51,6 +51,9 @@ pub const COLUMN_FAMILIES: &[(&str, &str)] = &[
     ("room_aliases", "room short id SEP alias → empty"),
     ("public_rooms", "room short id → empty, for rooms listed in the public directory"),
     ("txn_ids", "user id SEP device id SEP transaction id → event id"),
+    ("user_stream", "user short id + stream position → what changed for the user (account data …)"),
+    ("receipts", "room short id + user short id + receipt type SEP thread → event id, timestamp"),
+    ("receipt_stream", "room short id + stream position → the receipt that changed"),
 ];
 
 /// The schema this build reads and writes. Opening an older database runs the

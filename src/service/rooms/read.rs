@@ -12,8 +12,11 @@ use crate::error::{Error, Result};
 /// A position between events in a room's timeline: `t<N>` is just after stream
 /// position N.
 pub fn parse_token(token: &str) -> Result<u64> {
+    // Room tokens (`t`) and sync tokens (`s`, as `prev_batch` and `next_batch`) both
+    // name a position on the one stream.
     token
         .strip_prefix('t')
+        .or_else(|| token.strip_prefix('s'))
         .and_then(|n| n.parse().ok())
         .ok_or_else(|| Error::invalid_param(format!("'{token}' is not a valid pagination token")))
 }
@@ -188,5 +191,117 @@ impl Rooms {
             }
         }
         Ok(MessagesPage { start, end, chunk, state })
+    }
+}
+
+/// `/context`: an event with what surrounds it.
+pub struct Context {
+    pub start: String,
+    pub end: String,
+    pub event: JsonValue,
+    pub before: Vec<JsonValue>,
+    pub after: Vec<JsonValue>,
+    pub state: Vec<JsonValue>,
+}
+
+impl Rooms {
+    pub fn context(&self, room_id: &RoomId, user: &UserId, device: &str, event_id: &ruma::EventId, limit: usize, filter: &EventFilter) -> Result<Context> {
+        let (room_short, _) = self.timeline.room(room_id)?;
+        let event = self
+            .timeline
+            .stored_by_id(event_id)?
+            .filter(|e| e.room_id == room_id)
+            .ok_or_else(|| Error::not_found("Event not found"))?;
+        if !self.can_see_event(user, &event)? {
+            return Err(Error::not_found("Event not found"));
+        }
+        let half = limit / 2;
+        let collect = |backward: bool, want: usize| -> Result<(Vec<StoredEvent>, u64)> {
+            let mut out = Vec::new();
+            let mut cursor = event.meta.pos;
+            let mut edge = event.meta.pos;
+            while out.len() < want {
+                let from = if backward { cursor } else { cursor };
+                let batch = self.timeline.timeline_positions(room_short, from, backward, 64)?;
+                if batch.is_empty() {
+                    break;
+                }
+                for (pos, short) in &batch {
+                    cursor = *pos;
+                    edge = if backward { pos - 1 } else { *pos };
+                    let Some(e) = self.timeline.stored(*short)? else { continue };
+                    if filter.allows(&e) && self.can_see_event(user, &e)? {
+                        out.push(e);
+                        if out.len() >= want {
+                            break;
+                        }
+                    }
+                }
+                if batch.len() < 64 {
+                    break;
+                }
+            }
+            Ok((out, edge))
+        };
+        let (before, start_pos) = collect(true, half)?;
+        let (after, end_pos) = collect(false, limit - half)?;
+        let start_pos = if before.is_empty() { event.meta.pos - 1 } else { start_pos };
+        let end_pos = if after.is_empty() { event.meta.pos } else { end_pos };
+        let mut senders: BTreeSet<String> = before.iter().chain(after.iter()).map(|e| e.pdu.sender.to_string()).collect();
+        senders.insert(event.pdu.sender.to_string());
+        let mut state = Vec::new();
+        for e in self.timeline.state_events_in_group(event.meta.state_before)? {
+            let is_member = e.pdu.kind == ruma::events::TimelineEventType::RoomMember;
+            if filter.lazy_load_members && is_member && !senders.contains(e.pdu.state_key.as_deref().unwrap_or_default()) {
+                continue;
+            }
+            state.push(self.timeline.to_client(&e, Some(device))?);
+        }
+        Ok(Context {
+            start: make_token(start_pos),
+            end: make_token(end_pos),
+            event: self.timeline.to_client(&event, Some(device))?,
+            before: before.iter().map(|e| self.timeline.to_client(e, Some(device))).collect::<Result<_>>()?,
+            after: after.iter().map(|e| self.timeline.to_client(e, Some(device))).collect::<Result<_>>()?,
+            state,
+        })
+    }
+
+    /// The visible event closest to a timestamp, in the given direction.
+    pub fn event_at_timestamp(&self, room_id: &RoomId, user: &UserId, ts: ruma::MilliSecondsSinceUnixEpoch, forward: bool) -> Result<(ruma::OwnedEventId, ruma::MilliSecondsSinceUnixEpoch)> {
+        let (room_short, _) = self.timeline.room(room_id)?;
+        self.readable_state_group(room_id, user)?;
+        // Walk from the end the answer lies nearest to.
+        let mut cursor = if forward { self.db.stream.visible() + 1 } else { 0 };
+        let mut best: Option<StoredEvent> = None;
+        loop {
+            let batch = if forward {
+                self.timeline.timeline_positions(room_short, cursor, true, 256)?
+            } else {
+                self.timeline.timeline_positions(room_short, cursor, false, 256)?
+            };
+            if batch.is_empty() {
+                break;
+            }
+            let mut done = false;
+            for (pos, short) in &batch {
+                cursor = *pos;
+                let Some(e) = self.timeline.stored(*short)? else { continue };
+                let ets = e.pdu.origin_server_ts;
+                let beyond = if forward { ets < ts } else { ets > ts };
+                if beyond {
+                    done = true;
+                    break;
+                }
+                if self.can_see_event(user, &e)? {
+                    best = Some(e);
+                }
+            }
+            if done || batch.len() < 256 {
+                break;
+            }
+        }
+        let e = best.ok_or_else(|| Error::not_found("No event found in that direction"))?;
+        Ok((e.pdu.event_id.clone(), e.pdu.origin_server_ts))
     }
 }

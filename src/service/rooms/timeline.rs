@@ -28,7 +28,7 @@ use super::{
 };
 use crate::{
     error::{Error, Result},
-    service::globals::{Globals, random_string},
+    service::{globals::{Globals, random_string}, notifier::Notifier},
     storage::{Batch, Db, IdKind, StreamTicket, u64_key, u64_at, decode_u64, str_key},
 };
 
@@ -73,12 +73,13 @@ pub struct Timeline {
     db: Arc<Db>,
     globals: Arc<Globals>,
     pub state: Arc<StateService>,
+    notifier: Arc<Notifier>,
     locks: Mutex<HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Timeline {
-    pub fn new(db: Arc<Db>, globals: Arc<Globals>, state: Arc<StateService>) -> Self {
-        Self { db, globals, state, locks: Mutex::new(HashMap::new()) }
+    pub fn new(db: Arc<Db>, globals: Arc<Globals>, state: Arc<StateService>, notifier: Arc<Notifier>) -> Self {
+        Self { db, globals, state, notifier, locks: Mutex::new(HashMap::new()) }
     }
 
     async fn lock(&self, room_id: &RoomId) -> OwnedMutexGuard<()> {
@@ -325,6 +326,9 @@ pub struct Draft<'a> {
     pending_short: HashMap<u64, Arc<Pdu>>,
     pending_json: HashMap<u64, CanonicalJsonObject>,
     pending_meta: HashMap<u64, EventMeta>,
+    /// Users whose membership an event of this draft changed: they hear of it even
+    /// when they are no longer in the room.
+    affected: Vec<OwnedUserId>,
     touched: bool,
 }
 
@@ -373,6 +377,7 @@ impl<'a> Draft<'a> {
             pending_short: HashMap::new(),
             pending_json: HashMap::new(),
             pending_meta: HashMap::new(),
+            affected: Vec::new(),
             touched: false,
         }
     }
@@ -546,6 +551,9 @@ impl<'a> Draft<'a> {
                     .unwrap_or("leave")
                     .to_owned();
                 let user_short = db.get_or_create_short_id(IdKind::User, sk)?;
+                if let Ok(target) = UserId::parse(sk.as_str()) {
+                    self.affected.push(target);
+                }
                 self.batch.put(db, "user_rooms", &u64_key(&[user_short, self.room_short]), membership.as_bytes());
                 self.batch.put(db, "room_members", &u64_key(&[self.room_short, user_short]), membership.as_bytes());
             }
@@ -615,8 +623,15 @@ impl<'a> Draft<'a> {
         tokio::task::spawn_blocking(move || db.commit(batch))
             .await
             .map_err(|e| Error::internal(format!("commit task failed: {e}")))??;
-        // Dropping the tickets publishes the new stream position and wakes waiters.
+        // Dropping the tickets publishes the new stream position; then wake the
+        // long-polls of everyone concerned.
+        let last = self.tickets.iter().map(|t| t.position).max().unwrap_or(0);
         self.tickets.clear();
+        let mut users = self.affected.clone();
+        for membership in ["join", "invite", "knock"] {
+            users.extend(members_with(&self.tl.db, self.room_short, membership)?);
+        }
+        self.tl.notifier.notify_all(users.iter().map(|u| &**u), last);
         Ok(self.record)
     }
 }

@@ -13,6 +13,10 @@ impl Rooms {
     /// Whether `user` may see `event`, by the room's history visibility at the event
     /// and the user's membership then and now.
     pub fn can_see_event(&self, user: &UserId, event: &StoredEvent) -> Result<bool> {
+        // Everyone sees the events that changed their own membership.
+        if event.pdu.kind == ruma::events::TimelineEventType::RoomMember && event.pdu.state_key.as_deref() == Some(user.as_str()) {
+            return Ok(true);
+        }
         let group = event.meta.state_after;
         let tl = &self.timeline;
         let visibility = field(tl.state_event_in_group(group, "m.room.history_visibility", "")?, "history_visibility")

@@ -1,0 +1,48 @@
+//! Push, do not poll: a watch channel per user carries the newest stream position that
+//! concerns them. `/sync` long-polls wait on it and wake the moment a commit touches
+//! the user.
+
+use std::collections::HashMap;
+
+use parking_lot::Mutex;
+use ruma::{OwnedUserId, UserId};
+use tokio::sync::watch;
+
+#[derive(Default)]
+pub struct Notifier {
+    users: Mutex<HashMap<OwnedUserId, watch::Sender<u64>>>,
+}
+
+impl Notifier {
+    /// A receiver that changes whenever something for `user` commits.
+    pub fn subscribe(&self, user: &UserId) -> watch::Receiver<u64> {
+        let mut users = self.users.lock();
+        users.entry(user.to_owned()).or_insert_with(|| watch::channel(0).0).subscribe()
+    }
+
+    /// Tell `user`'s waiters that position `pos` concerns them.
+    pub fn notify(&self, user: &UserId, pos: u64) {
+        let users = self.users.lock();
+        if let Some(tx) = users.get(user) {
+            tx.send_if_modified(|current| {
+                if pos > *current {
+                    *current = pos;
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+    }
+
+    pub fn notify_all<'a>(&self, users: impl IntoIterator<Item = &'a UserId>, pos: u64) {
+        for u in users {
+            self.notify(u, pos);
+        }
+    }
+
+    /// Drop channels nobody listens to any more.
+    pub fn prune(&self) {
+        self.users.lock().retain(|_, tx| tx.receiver_count() > 0);
+    }
+}

@@ -1,0 +1,561 @@
+//! `/sync` (v3): what changed for a user since a stream position, assembled from the
+//! room timelines, state groups, the user's own stream and the ephemeral data; long-polls
+//! wait on the notifier and wake the moment a commit concerns the user.
+
+use std::{
+    collections::{BTreeSet, HashSet},
+    time::Duration,
+};
+
+use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
+use serde_json::{Value as JsonValue, json};
+
+use super::{
+    Services,
+    ephemeral::{Ephemeral, receipt_content},
+    rooms::{
+        pdu::StoredEvent,
+        read::{EventFilter, make_token},
+        state::EMPTY_GROUP,
+    },
+    users::UserStreamEntry,
+};
+use crate::{
+    error::{Error, Result},
+    storage::{IdKind, u64_at},
+};
+
+/// The parts of a sync filter Salon applies.
+#[derive(Clone, Debug)]
+pub struct SyncFilter {
+    pub rooms: Option<HashSet<OwnedRoomId>>,
+    pub not_rooms: HashSet<OwnedRoomId>,
+    pub include_leave: bool,
+    pub timeline: EventFilter,
+    pub timeline_limit: usize,
+    pub state: EventFilter,
+    pub ephemeral: EventFilter,
+    pub room_account_data: EventFilter,
+    pub account_data: EventFilter,
+    pub presence: EventFilter,
+}
+
+impl Default for SyncFilter {
+    fn default() -> Self {
+        Self {
+            rooms: None,
+            not_rooms: HashSet::new(),
+            include_leave: false,
+            timeline: EventFilter::default(),
+            timeline_limit: 10,
+            state: EventFilter::default(),
+            ephemeral: EventFilter::default(),
+            room_account_data: EventFilter::default(),
+            account_data: EventFilter::default(),
+            presence: EventFilter::default(),
+        }
+    }
+}
+
+impl SyncFilter {
+    fn wants_room(&self, room: &RoomId) -> bool {
+        !self.not_rooms.contains(room) && self.rooms.as_ref().is_none_or(|r| r.contains(room))
+    }
+}
+
+pub struct SyncRequest {
+    pub since: Option<u64>,
+    pub full_state: bool,
+    pub timeout: Duration,
+    pub filter: SyncFilter,
+    pub set_presence: Option<String>,
+}
+
+/// Longest a long-poll may hang.
+const MAX_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Parse a `since` token (`s<position>`).
+pub fn parse_since(token: &str, visible: u64) -> Result<u64> {
+    let pos: u64 = token
+        .strip_prefix('s')
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| Error::invalid_param(format!("'{token}' is not a sync token from this server")))?;
+    if pos > visible {
+        return Err(Error::invalid_param("this sync token is from the future: it was not issued by this server"));
+    }
+    Ok(pos)
+}
+
+fn type_allowed(filter: &EventFilter, kind: &str) -> bool {
+    let matches = |p: &String| match p.strip_suffix('*') {
+        Some(prefix) => kind.starts_with(prefix),
+        None => p == kind,
+    };
+    !filter.not_types.iter().any(matches) && filter.types.as_ref().is_none_or(|t| t.iter().any(matches))
+}
+
+/// A client event in the sync format (no `room_id`).
+fn sync_format(s: &Services, e: &StoredEvent, device: &str) -> Result<JsonValue> {
+    let mut v = s.rooms.timeline.to_client(e, Some(device))?;
+    if let Some(o) = v.as_object_mut() {
+        o.remove("room_id");
+    }
+    Ok(v)
+}
+
+fn stripped(e: &StoredEvent) -> JsonValue {
+    json!({
+        "type": e.pdu.kind.to_string(),
+        "state_key": e.pdu.state_key,
+        "content": e.pdu.content_json(),
+        "sender": e.pdu.sender,
+    })
+}
+
+pub async fn sync(s: &Services, user: &UserId, device: &str, req: SyncRequest) -> Result<JsonValue> {
+    let mut user_rx = s.notifier.subscribe(user);
+    let mut visible_rx = s.db.stream.subscribe();
+    if let Some(p) = &req.set_presence {
+        set_presence_from_sync(s, user, p)?;
+    }
+    let timeout = req.timeout.min(MAX_TIMEOUT);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let now = s.db.stream.visible();
+        if let Some(since) = req.since
+            && since > now
+        {
+            return Err(Error::invalid_param("this sync token is from the future: it was not issued by this server"));
+        }
+        let (response, has_content) = build(s, user, device, &req, now)?;
+        if req.since.is_none() || has_content || req.full_state || timeout.is_zero() {
+            return Ok(response);
+        }
+        // Nothing yet: wait for a commit that concerns this user.
+        tokio::select! {
+            changed = user_rx.changed() => {
+                if changed.is_err() {
+                    return Ok(response);
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => return Ok(response),
+        }
+        // The change may sit behind a write still in flight; wait until it is visible.
+        let wanted = *user_rx.borrow_and_update();
+        let wait = visible_rx.wait_for(|v| *v >= wanted);
+        if tokio::time::timeout_at(deadline, wait).await.is_err() {
+            let (response, _) = build(s, user, device, &req, s.db.stream.visible())?;
+            return Ok(response);
+        }
+    }
+}
+
+fn set_presence_from_sync(s: &Services, user: &UserId, state: &str) -> Result<()> {
+    let state = match state {
+        "online" | "unavailable" | "offline" => state,
+        _ => return Ok(()),
+    };
+    let current = s.ephemeral.presence(user).map(|p| p.state);
+    if current.as_deref() != Some(state) || state == "online" {
+        s.ephemeral.set_presence(user, state, None, peers(s, user)?);
+    }
+    Ok(())
+}
+
+/// Everyone who shares a joined room with the user.
+pub fn peers(s: &Services, user: &UserId) -> Result<Vec<OwnedUserId>> {
+    let mut out = BTreeSet::new();
+    for room in s.rooms.rooms_with_membership(user, "join")? {
+        if let Some(short) = s.rooms.timeline.room_short(&room)? {
+            out.extend(super::rooms::timeline::members_with(&s.db, short, "join")?);
+        }
+    }
+    out.remove(user);
+    Ok(out.into_iter().collect())
+}
+
+/// The user's rooms and their current membership (forgotten rooms left out).
+fn memberships(s: &Services, user: &UserId) -> Result<Vec<(u64, OwnedRoomId, String)>> {
+    let Some(u) = s.db.short_id(IdKind::User, user.as_str())? else { return Ok(Vec::new()) };
+    let mut out = Vec::new();
+    for item in s.db.scan_prefix("user_rooms", &u.to_be_bytes()) {
+        let (k, v) = item?;
+        let membership = String::from_utf8_lossy(&v).into_owned();
+        if membership == "forgotten" {
+            continue;
+        }
+        let room_short = u64_at(&k, 1);
+        if let Some(id) = s.db.long_id(room_short)? {
+            out.push((room_short, RoomId::parse(id)?, membership));
+        }
+    }
+    Ok(out)
+}
+
+fn build(s: &Services, user: &UserId, device: &str, req: &SyncRequest, now: u64) -> Result<(JsonValue, bool)> {
+    let mut join = serde_json::Map::new();
+    let mut invite = serde_json::Map::new();
+    let mut knock = serde_json::Map::new();
+    let mut leave = serde_json::Map::new();
+    let changes = match req.since {
+        Some(since) => s.users.stream_changes(user, since, now)?,
+        None => Vec::new(),
+    };
+    let tl = &s.rooms.timeline;
+
+    for (room_short, room_id, membership) in memberships(s, user)? {
+        if !req.filter.wants_room(&room_id) {
+            continue;
+        }
+        let Some(member) = tl.current_state_event(room_short, "m.room.member", user.as_str())? else { continue };
+        let member_pos = member.meta.pos;
+        if member_pos > now {
+            continue; // Committed after this sync's horizon; the next sync has it.
+        }
+        let changed_since = req.since.is_none_or(|since| member_pos > since);
+        match membership.as_str() {
+            "join" => {
+                if let Some(room) = joined_room(s, user, device, req, now, room_short, &member, &changes)? {
+                    join.insert(room_id.to_string(), room);
+                }
+            }
+            "invite" | "knock" if changed_since => {
+                let mut events = Vec::new();
+                for kind in ["m.room.create", "m.room.join_rules", "m.room.name", "m.room.avatar", "m.room.canonical_alias", "m.room.encryption", "m.room.topic"] {
+                    if let Some(e) = tl.state_event_in_group(member.meta.state_after, kind, "")? {
+                        events.push(stripped(&e));
+                    }
+                }
+                if let Some(sender_member) = tl.state_event_in_group(member.meta.state_after, "m.room.member", member.pdu.sender.as_str())? {
+                    events.push(stripped(&sender_member));
+                }
+                events.push(stripped(&member));
+                if membership == "invite" {
+                    invite.insert(room_id.to_string(), json!({ "invite_state": { "events": events } }));
+                } else {
+                    knock.insert(room_id.to_string(), json!({ "knock_state": { "events": events } }));
+                }
+            }
+            "leave" | "ban" if (req.since.is_some() && changed_since) || (req.since.is_none() && req.filter.include_leave) => {
+                let room = left_room(s, user, device, req, room_short, &member)?;
+                leave.insert(room_id.to_string(), room);
+            }
+            _ => {}
+        }
+    }
+
+    // Global account data.
+    let mut account_data = Vec::new();
+    match req.since {
+        None => {
+            for (room, kind, content) in s.users.all_account_data(user)? {
+                if room.is_none() && type_allowed(&req.filter.account_data, &kind) {
+                    account_data.push(json!({ "type": kind, "content": content }));
+                }
+            }
+        }
+        Some(_) => {
+            let mut seen = HashSet::new();
+            for (_, change) in changes.iter().rev() {
+                let UserStreamEntry::AccountData { room: None, kind } = change else { continue };
+                if seen.insert(kind.clone())
+                    && type_allowed(&req.filter.account_data, kind)
+                    && let Some(content) = s.users.account_data(user, None, kind)?
+                {
+                    account_data.push(json!({ "type": kind, "content": content }));
+                }
+            }
+        }
+    }
+
+    // Presence of the people the user shares rooms with.
+    let mut presence = Vec::new();
+    if type_allowed(&req.filter.presence, "m.presence") {
+        for peer in peers(s, user)? {
+            if let Some(p) = s.ephemeral.presence(&peer)
+                && req.since.is_none_or(|since| p.pos > since)
+                && p.pos <= now
+            {
+                presence.push(Ephemeral::presence_event(&peer, &p));
+            }
+        }
+    }
+
+    let has_content = !(join.is_empty() && invite.is_empty() && knock.is_empty() && leave.is_empty() && account_data.is_empty() && presence.is_empty());
+    let response = json!({
+        "next_batch": format!("s{now}"),
+        "rooms": { "join": join, "invite": invite, "knock": knock, "leave": leave },
+        "account_data": { "events": account_data },
+        "presence": { "events": presence },
+        "to_device": { "events": [] },
+        "device_lists": { "changed": [], "left": [] },
+        "device_one_time_keys_count": {},
+    });
+    Ok((response, has_content))
+}
+
+/// Events of a room in `(after, until]` that the user may see and the filter wants,
+/// newest `limit` of them, oldest first; and whether older ones were left out.
+fn timeline_window(s: &Services, user: &UserId, room_short: u64, after: u64, until: u64, limit: usize, filter: &EventFilter) -> Result<(Vec<StoredEvent>, bool)> {
+    let mut out = Vec::new();
+    let mut cursor = until;
+    let mut limited = false;
+    'scan: loop {
+        let batch = s.rooms.timeline.timeline_positions(room_short, cursor + 1, true, 64)?;
+        if batch.is_empty() {
+            break;
+        }
+        for (pos, short) in &batch {
+            if *pos <= after {
+                break 'scan;
+            }
+            cursor = pos - 1;
+            let Some(e) = s.rooms.timeline.stored(*short)? else { continue };
+            if !filter.allows(&e) || !s.rooms.can_see_event(user, &e)? {
+                continue;
+            }
+            if out.len() == limit {
+                limited = true;
+                break 'scan;
+            }
+            out.push(e);
+        }
+        if batch.len() < 64 || cursor <= after {
+            break;
+        }
+    }
+    out.reverse();
+    Ok((out, limited))
+}
+
+/// The room's state group just after stream position `pos`.
+fn group_at(s: &Services, room_short: u64, pos: u64) -> Result<u64> {
+    match s.rooms.timeline.timeline_positions(room_short, pos + 1, true, 1)?.first() {
+        Some((_, short)) => Ok(s.rooms.timeline.meta(*short)?.map(|m| m.state_after).unwrap_or(EMPTY_GROUP)),
+        None => Ok(EMPTY_GROUP),
+    }
+}
+
+/// State events for the `state` section: the whole state at `group`, or only what
+/// differs from `from_group`; lazy loading keeps only the members the timeline needs.
+fn state_section(
+    s: &Services,
+    user: &UserId,
+    device: &str,
+    req: &SyncRequest,
+    group: u64,
+    from_group: Option<u64>,
+    timeline: &[StoredEvent],
+) -> Result<Vec<JsonValue>> {
+    let map = s.rooms.timeline.state.load(group)?;
+    let before = match from_group {
+        Some(g) => Some(s.rooms.timeline.state.load(g)?),
+        None => None,
+    };
+    let in_timeline: HashSet<u64> = timeline.iter().map(|e| e.short).collect();
+    let lazy = req.filter.state.lazy_load_members;
+    let needed: HashSet<String> = timeline.iter().map(|e| e.pdu.sender.to_string()).chain(std::iter::once(user.to_string())).collect();
+    let mut out = Vec::new();
+    for (key, event) in map.iter() {
+        if in_timeline.contains(event) {
+            continue;
+        }
+        if let Some(before) = &before
+            && before.get(key) == Some(event)
+        {
+            continue;
+        }
+        let Some(e) = s.rooms.timeline.stored(*event)? else { continue };
+        if !req.filter.state.allows(&e) {
+            continue;
+        }
+        if lazy && e.pdu.kind == ruma::events::TimelineEventType::RoomMember && !needed.contains(e.pdu.state_key.as_deref().unwrap_or_default()) {
+            continue;
+        }
+        out.push(sync_format(s, &e, device)?);
+    }
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn joined_room(
+    s: &Services,
+    user: &UserId,
+    device: &str,
+    req: &SyncRequest,
+    now: u64,
+    room_short: u64,
+    member: &StoredEvent,
+    changes: &[(u64, UserStreamEntry)],
+) -> Result<Option<JsonValue>> {
+    let tl = &s.rooms.timeline;
+    let room_id = member.room_id.clone();
+    let since = req.since;
+    let was_joined_before = member.meta.replaces.and_then(|prev| tl.pdu_by_short(prev).ok().flatten()).is_some_and(|p| {
+        p.content_json().get("membership").and_then(|m| m.as_str()) == Some("join")
+    });
+    let newly_joined = since.is_some_and(|since| member.meta.pos > since && !was_joined_before);
+    let full = since.is_none() || newly_joined || req.full_state;
+    let after = since.unwrap_or(0);
+    let (timeline, limited) = timeline_window(s, user, room_short, after, now, req.filter.timeline_limit, &req.filter.timeline)?;
+
+    // Ephemeral events.
+    let mut ephemeral = Vec::new();
+    let (typing, typing_pos) = s.ephemeral.typing(&room_id);
+    if type_allowed(&req.filter.ephemeral, "m.typing")
+        && ((since.is_none() && !typing.is_empty()) || since.is_some_and(|since| typing_pos > since && typing_pos <= now))
+    {
+        ephemeral.push(json!({ "type": "m.typing", "content": { "user_ids": typing } }));
+    }
+    if type_allowed(&req.filter.ephemeral, "m.receipt") {
+        let receipts = match since {
+            None => s.ephemeral.receipts(room_short)?,
+            Some(since) => s.ephemeral.receipts_since(room_short, since, now)?,
+        };
+        let visible: Vec<_> = receipts.into_iter().filter(|r| !r.is_private() || r.user == user).collect();
+        if !visible.is_empty() {
+            ephemeral.push(json!({ "type": "m.receipt", "content": receipt_content(&visible) }));
+        }
+    }
+
+    // Room account data.
+    let mut account_data = Vec::new();
+    match since {
+        None => {
+            for (room, kind, content) in s.users.all_account_data(user)? {
+                if room.as_deref() == Some(room_id.as_str()) && type_allowed(&req.filter.room_account_data, &kind) {
+                    account_data.push(json!({ "type": kind, "content": content }));
+                }
+            }
+        }
+        Some(_) => {
+            let mut seen = HashSet::new();
+            for (_, change) in changes.iter().rev() {
+                let UserStreamEntry::AccountData { room: Some(room), kind } = change else { continue };
+                if room == room_id.as_str()
+                    && seen.insert(kind.clone())
+                    && type_allowed(&req.filter.room_account_data, kind)
+                    && let Some(content) = s.users.account_data(user, Some(room), kind)?
+                {
+                    account_data.push(json!({ "type": kind, "content": content }));
+                }
+            }
+        }
+    }
+
+    if !full && timeline.is_empty() && ephemeral.is_empty() && account_data.is_empty() {
+        return Ok(None);
+    }
+
+    // State: everything before the timeline when the client has nothing; otherwise only
+    // what changed in a gap the timeline does not cover.
+    let start_group = match timeline.first() {
+        Some(first) => first.meta.state_before,
+        None => s.rooms.timeline.room_record(room_short)?.map(|r| r.state_group).unwrap_or(EMPTY_GROUP),
+    };
+    let state = if full {
+        state_section(s, user, device, req, start_group, None, &timeline)?
+    } else if limited {
+        let since_group = group_at(s, room_short, after)?;
+        state_section(s, user, device, req, start_group, Some(since_group), &timeline)?
+    } else {
+        Vec::new()
+    };
+    let prev_batch = match timeline.first() {
+        Some(first) => make_token(first.meta.pos - 1),
+        None => make_token(now),
+    };
+    let mut events = Vec::with_capacity(timeline.len());
+    for e in &timeline {
+        events.push(sync_format(s, e, device)?);
+    }
+
+    let mut room = json!({
+        "timeline": { "events": events, "limited": limited, "prev_batch": prev_batch },
+        "state": { "events": state },
+        "ephemeral": { "events": ephemeral },
+        "account_data": { "events": account_data },
+        "unread_notifications": unread_counts(s, user, room_short, now)?,
+    });
+    let membership_changed = timeline.iter().any(|e| e.pdu.kind == ruma::events::TimelineEventType::RoomMember);
+    if full || membership_changed || limited {
+        room["summary"] = summary(s, user, room_short)?;
+    }
+    Ok(Some(room))
+}
+
+/// Heroes and member counts, for clients to name rooms without a name.
+fn summary(s: &Services, user: &UserId, room_short: u64) -> Result<JsonValue> {
+    let joined = super::rooms::timeline::members_with(&s.db, room_short, "join")?;
+    let invited = super::rooms::timeline::members_with(&s.db, room_short, "invite")?;
+    let mut heroes: Vec<&OwnedUserId> = joined.iter().chain(invited.iter()).filter(|u| u.as_str() != user.as_str()).collect();
+    heroes.sort();
+    heroes.truncate(5);
+    Ok(json!({
+        "m.heroes": heroes,
+        "m.joined_member_count": joined.len(),
+        "m.invited_member_count": invited.len(),
+    }))
+}
+
+/// Messages from others after the user's read receipt. Highlights become exact with
+/// push rules; until then a mention of the user's id counts as one.
+fn unread_counts(s: &Services, user: &UserId, room_short: u64, now: u64) -> Result<JsonValue> {
+    let tl = &s.rooms.timeline;
+    let mut read_pos = 0;
+    for kind in ["m.read", "m.read.private"] {
+        if let Some(r) = s.ephemeral.receipt_of(room_short, user, kind)?
+            && let Some(e) = tl.event_short(&r.event_id)?
+            && let Some(m) = tl.meta(e)?
+        {
+            read_pos = read_pos.max(m.pos);
+        }
+    }
+    let mut notifications = 0u64;
+    let mut highlights = 0u64;
+    let mut cursor = now;
+    'scan: loop {
+        let batch = tl.timeline_positions(room_short, cursor + 1, true, 64)?;
+        if batch.is_empty() {
+            break;
+        }
+        for (pos, short) in &batch {
+            if *pos <= read_pos || notifications >= 999 {
+                break 'scan;
+            }
+            cursor = pos - 1;
+            let Some(pdu) = tl.pdu_by_short(*short)? else { continue };
+            if pdu.sender == user {
+                break 'scan; // The user's own message implies they have read up to here.
+            }
+            let kind = pdu.kind.to_string();
+            if kind == "m.room.message" || kind == "m.room.encrypted" || kind == "m.sticker" {
+                notifications += 1;
+                if pdu.content.get().contains(user.as_str()) {
+                    highlights += 1;
+                }
+            }
+        }
+        if batch.len() < 64 {
+            break;
+        }
+    }
+    Ok(json!({ "notification_count": notifications, "highlight_count": highlights }))
+}
+
+fn left_room(s: &Services, user: &UserId, device: &str, req: &SyncRequest, room_short: u64, member: &StoredEvent) -> Result<JsonValue> {
+    let after = req.since.unwrap_or(0);
+    let (timeline, limited) = timeline_window(s, user, room_short, after, member.meta.pos, req.filter.timeline_limit, &req.filter.timeline)?;
+    let start_group = timeline.first().map(|e| e.meta.state_before).unwrap_or(member.meta.state_after);
+    let state = state_section(s, user, device, req, start_group, None, &timeline)?;
+    let mut events = Vec::with_capacity(timeline.len());
+    for e in &timeline {
+        events.push(sync_format(s, e, device)?);
+    }
+    let prev_batch = timeline.first().map(|f| make_token(f.meta.pos - 1)).unwrap_or_else(|| make_token(member.meta.pos));
+    Ok(json!({
+        "timeline": { "events": events, "limited": limited, "prev_batch": prev_batch },
+        "state": { "events": state },
+        "account_data": { "events": [] },
+    }))
+}
