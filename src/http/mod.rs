@@ -16,7 +16,7 @@ use tower_http::{
     trace::TraceLayer,
 };
 
-pub use self::ruma_glue::{Ruma, RumaResponse, route};
+pub use self::ruma_glue::{Ruma, RumaResponse, route, route_json};
 use crate::{api::{client as api, server}, error::Error, service::Services};
 
 pub fn router(services: Arc<Services>) -> Router {
@@ -87,6 +87,15 @@ pub fn router(services: Arc<Services>) -> Router {
     let r = route(r, api::directory::public_rooms_filtered);
     let r = route(r, api::directory::visibility);
     let r = route(r, api::directory::set_visibility);
+    let r = route(r, api::message::context);
+    let r = route(r, api::message::timestamp_to_event);
+    // Sync and ephemeral data
+    let r = route_json(r, api::sync::sync_events);
+    let r = route(r, api::ephemeral::typing);
+    let r = route(r, api::ephemeral::receipt);
+    let r = route(r, api::ephemeral::read_markers);
+    let r = route(r, api::ephemeral::get_status);
+    let r = route(r, api::ephemeral::set_status);
 
     let r = r
         .route("/_synapse/admin/v1/register", get(api::admin::nonce).post(api::admin::register))

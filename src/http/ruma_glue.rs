@@ -224,3 +224,26 @@ where
     }
     router
 }
+
+/// Like [`route`], for handlers that answer with JSON they assemble themselves (`/sync`,
+/// whose response is built directly rather than through ruma's types).
+pub fn route_json<T, F, Fut>(router: Router<Arc<Services>>, handler: F) -> Router<Arc<Services>>
+where
+    T: IncomingRequest + Send + 'static,
+    F: Fn(Arc<Services>, Ruma<T>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<axum::Json<serde_json::Value>, Error>> + Send + 'static,
+{
+    let filter = MethodFilter::try_from(T::METHOD).expect("ruma endpoints use standard methods");
+    let mut router = router;
+    for path in T::PATH_BUILDER.all_paths() {
+        let h = handler.clone();
+        router = router.route(
+            path,
+            on(filter, move |State(s): State<Arc<Services>>, req: Ruma<T>| {
+                let h = h.clone();
+                async move { h(s, req).await }
+            }),
+        );
+    }
+    router
+}

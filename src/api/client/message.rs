@@ -3,7 +3,13 @@
 use std::sync::Arc;
 
 use ruma::{
-    api::client::{message::{get_message_events, send_message_event}, redact::redact_event},
+    api::client::{
+        context::get_context,
+        filter::RoomEventFilter,
+        message::{get_message_events, send_message_event},
+        redact::redact_event,
+        room::get_event_by_timestamp,
+    },
     api::Direction,
     events::TimelineEventType,
     serde::Raw,
@@ -47,9 +53,9 @@ pub async fn redact(s: Arc<Services>, req: Ruma<redact_event::v3::Request>) -> R
     Ok(redact_event::v3::Response::new(event_id))
 }
 
-pub async fn messages(s: Arc<Services>, req: Ruma<get_message_events::v3::Request>) -> Result<get_message_events::v3::Response> {
-    let f = &req.filter;
-    let filter = EventFilter {
+/// The parts of a RoomEventFilter that Salon applies.
+pub fn event_filter(f: &RoomEventFilter) -> EventFilter {
+    EventFilter {
         types: f.types.clone(),
         not_types: f.not_types.clone(),
         senders: f.senders.as_ref().map(|v| v.iter().map(|u| u.to_string()).collect()),
@@ -60,7 +66,12 @@ pub async fn messages(s: Arc<Services>, req: Ruma<get_message_events::v3::Reques
             _ => None,
         },
         lazy_load_members: !f.lazy_load_options.is_disabled(),
-    };
+    }
+}
+
+pub async fn messages(s: Arc<Services>, req: Ruma<get_message_events::v3::Request>) -> Result<get_message_events::v3::Response> {
+    let f = &req.filter;
+    let filter = event_filter(f);
     let limit = usize::try_from(u64::from(req.limit)).unwrap_or(1000).min(f.limit.map(|l| u64::from(l) as usize).unwrap_or(usize::MAX));
     let page = s.rooms.messages(
         &req.room_id,
@@ -78,4 +89,24 @@ pub async fn messages(s: Arc<Services>, req: Ruma<get_message_events::v3::Reques
     res.chunk = page.chunk.iter().map(|e| Ok(Raw::from_json(serde_json::value::to_raw_value(e)?))).collect::<Result<_>>()?;
     res.state = page.state.iter().map(|e| Ok(Raw::from_json(serde_json::value::to_raw_value(e)?))).collect::<Result<_>>()?;
     Ok(res)
+}
+
+pub async fn context(s: Arc<Services>, req: Ruma<get_context::v3::Request>) -> Result<get_context::v3::Response> {
+    let filter = event_filter(&req.filter);
+    let limit = usize::try_from(u64::from(req.limit)).unwrap_or(100).min(100);
+    let ctx = s.rooms.context(&req.room_id, req.user(), req.device().as_str(), &req.event_id, limit, &filter)?;
+    let raw = |v: &JsonValue| -> Result<_> { Ok(Raw::from_json(serde_json::value::to_raw_value(v)?)) };
+    let mut res = get_context::v3::Response::new();
+    res.start = Some(ctx.start);
+    res.end = Some(ctx.end);
+    res.event = Some(raw(&ctx.event)?);
+    res.events_before = ctx.before.iter().map(raw).collect::<Result<_>>()?;
+    res.events_after = ctx.after.iter().map(raw).collect::<Result<_>>()?;
+    res.state = ctx.state.iter().map(|v| Ok(Raw::from_json(serde_json::value::to_raw_value(v)?))).collect::<Result<_>>()?;
+    Ok(res)
+}
+
+pub async fn timestamp_to_event(s: Arc<Services>, req: Ruma<get_event_by_timestamp::v1::Request>) -> Result<get_event_by_timestamp::v1::Response> {
+    let (event_id, ts) = s.rooms.event_at_timestamp(&req.room_id, req.user(), req.ts, req.dir == Direction::Forward)?;
+    Ok(get_event_by_timestamp::v1::Response::new(event_id, ts))
 }
