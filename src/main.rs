@@ -132,7 +132,7 @@ async fn admin(config: Config, command: AdminCommand) -> anyhow::Result<()> {
     let services = Services::build(config)?;
     match command {
         AdminCommand::CreateUser { name, password, admin } => {
-            let user_id = ruma::UserId::parse_with_server_name(name.to_lowercase(), services.globals.server_name())
+            let user_id = salon::service::users::new_local_user_id(&name, services.globals.server_name())
                 .map_err(|e| anyhow::anyhow!("invalid user name {name:?}: {e}"))?;
             if services.users.exists(&user_id)? {
                 anyhow::bail!("{user_id} already exists");

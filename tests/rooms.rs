@@ -115,6 +115,11 @@ async fn membership_lifecycle() {
     assert_eq!(invited["chunk"][0]["state_key"], carol.user_id.as_str());
     let not_leave = alice.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{r}/members?not_membership=leave"), None).await;
     assert_eq!(not_leave["chunk"].as_array().unwrap().len(), 2);
+    // `at` a token from before bob's invite: only alice.
+    let early = alice.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{r}/messages?dir=f&limit=1"), None).await;
+    let at = early["end"].as_str().unwrap();
+    let then = alice.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{r}/members?at={at}"), None).await;
+    assert_eq!(then["chunk"].as_array().unwrap().len(), 0, "after the create event nobody had joined yet: {then}");
 
     // Carol rejects her invite; leaving and forgetting.
     carol.ok(Method::POST, &format!("/_matrix/client/v3/rooms/{r}/leave"), Some(json!({}))).await;

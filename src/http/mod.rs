@@ -32,6 +32,8 @@ pub fn router(services: Arc<Services>) -> Router {
     let r = route(r, api::account::whoami);
     let r = route(r, api::account::change_password);
     let r = route(r, api::account::deactivate);
+    let r = route(r, api::account::threepids);
+    let r = route(r, api::directory::protocols);
     let r = route(r, api::session::login_types);
     let r = route(r, api::session::login);
     let r = route(r, api::session::get_token);

@@ -237,6 +237,15 @@ impl Ephemeral {
         self.notifier.notify_all(observers.iter().map(|u| &**u).chain(std::iter::once(user)), pos);
     }
 
+    /// Note activity without changing the presence state.
+    pub fn touch(&self, user: &UserId) {
+        if let Some(p) = self.presence.lock().get_mut(user)
+            && p.state == "online"
+        {
+            p.last_active_ms = now_ms();
+        }
+    }
+
     pub fn presence(&self, user: &UserId) -> Option<Presence> {
         self.presence.lock().get(user).cloned()
     }

@@ -17,6 +17,9 @@ impl Notifier {
     /// A receiver that changes whenever something for `user` commits.
     pub fn subscribe(&self, user: &UserId) -> watch::Receiver<u64> {
         let mut users = self.users.lock();
+        if users.len() >= 4096 && users.len().is_power_of_two() {
+            users.retain(|_, tx| tx.receiver_count() > 0);
+        }
         users.entry(user.to_owned()).or_insert_with(|| watch::channel(0).0).subscribe()
     }
 
@@ -39,10 +42,5 @@ impl Notifier {
         for u in users {
             self.notify(u, pos);
         }
-    }
-
-    /// Drop channels nobody listens to any more.
-    pub fn prune(&self) {
-        self.users.lock().retain(|_, tx| tx.receiver_count() > 0);
     }
 }

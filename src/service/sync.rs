@@ -156,7 +156,10 @@ fn set_presence_from_sync(s: &Services, user: &UserId, state: &str) -> Result<()
         _ => return Ok(()),
     };
     let current = s.ephemeral.presence(user).map(|p| p.state);
-    if current.as_deref() != Some(state) || state == "online" {
+    if current.as_deref() == Some(state) {
+        // No change to tell anyone; only the activity time moves.
+        s.ephemeral.touch(user);
+    } else {
         s.ephemeral.set_presence(user, state, None, peers(s, user)?);
     }
     Ok(())

@@ -91,6 +91,19 @@ pub struct Users {
     tokens: RwLock<HashMap<String, Session>>,
 }
 
+/// The user id for a new local account: lower-cased, and only the characters the spec
+/// allows in new user ids (a-z, 0-9, `._=-/+`).
+pub fn new_local_user_id(localpart: &str, server: &ruma::ServerName) -> Result<OwnedUserId> {
+    let lower = localpart.to_lowercase();
+    if lower.is_empty() || lower.len() > 200 {
+        return Err(Error::invalid_username("Usernames are 1 to 200 characters"));
+    }
+    if !lower.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._=-/+".contains(c)) {
+        return Err(Error::invalid_username("Usernames may only contain a-z, 0-9, and . _ = - / +"));
+    }
+    UserId::parse_with_server_name(lower.as_str(), server).map_err(|e| Error::invalid_username(format!("Invalid username: {e}")))
+}
+
 pub fn now_ms() -> u64 {
     MilliSecondsSinceUnixEpoch::now().get().into()
 }

@@ -3,7 +3,6 @@
 use std::sync::Arc;
 
 use ruma::{
-    UserId,
     api::client::{
         account::{
             change_password, check_registration_token_validity, deactivate, get_username_availability,
@@ -20,20 +19,12 @@ use crate::{
     service::{Services, globals::random_string},
 };
 
-/// Validate a requested localpart for a new account on this server.
 fn new_user_id(s: &Services, localpart: &str) -> Result<ruma::OwnedUserId> {
-    let lower = localpart.to_lowercase();
-    if lower.is_empty() || lower.len() > 200 {
-        return Err(Error::invalid_username("Usernames are 1 to 200 characters"));
-    }
-    if !lower.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._=-/+".contains(c)) {
-        return Err(Error::invalid_username("Usernames may only contain a-z, 0-9, and . _ = - / +"));
-    }
-    if lower.starts_with('_') {
+    let user_id = crate::service::users::new_local_user_id(localpart, s.globals.server_name())?;
+    if user_id.localpart().starts_with('_') {
         return Err(Error::exclusive("Usernames starting with '_' are reserved for bridges and services"));
     }
-    UserId::parse_with_server_name(lower.as_str(), s.globals.server_name())
-        .map_err(|e| Error::invalid_username(format!("Invalid username: {e}")))
+    Ok(user_id)
 }
 
 pub async fn register(s: Arc<Services>, req: Ruma<register::v3::Request>) -> Result<register::v3::Response> {
@@ -135,4 +126,10 @@ pub async fn deactivate(s: Arc<Services>, req: Ruma<deactivate::v3::Request>) ->
     s.users.deactivate(&user)?;
     tracing::info!(user_id = %user, "account deactivated");
     Ok(deactivate::v3::Response::new(ruma::api::client::account::ThirdPartyIdRemovalStatus::NoSupport))
+}
+
+/// Salon keeps no third-party identifiers (email addresses come from the directory), so
+/// the list is honestly empty.
+pub async fn threepids(_: Arc<Services>, _: Ruma<ruma::api::client::account::get_3pids::v3::Request>) -> Result<ruma::api::client::account::get_3pids::v3::Response> {
+    Ok(ruma::api::client::account::get_3pids::v3::Response::new(Vec::new()))
 }

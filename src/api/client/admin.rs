@@ -5,7 +5,6 @@ use std::{collections::HashMap, sync::Arc, time::{Duration, Instant}};
 use axum::{Json, extract::State};
 use hmac::{Hmac, Mac};
 use parking_lot::Mutex;
-use ruma::UserId;
 use serde::Deserialize;
 use serde_json::{Value as JsonValue, json};
 use sha1::Sha1;
@@ -64,8 +63,7 @@ pub async fn register(State(s): State<Arc<Services>>, body: axum::body::Bytes) -
     if check.finalize().into_bytes() != other.finalize().into_bytes() {
         return Err(Error::forbidden("HMAC incorrect"));
     }
-    let user_id = UserId::parse_with_server_name(req.username.to_lowercase(), s.globals.server_name())
-        .map_err(|e| Error::invalid_username(format!("Invalid username: {e}")))?;
+    let user_id = crate::service::users::new_local_user_id(&req.username, s.globals.server_name())?;
     if s.users.exists(&user_id)? {
         return Err(Error::user_in_use("This username is taken"));
     }

@@ -90,3 +90,8 @@ pub async fn search(s: Arc<Services>, req: Ruma<search_users::v3::Request>) -> R
         .collect();
     Ok(search_users::v3::Response::new(results, limited))
 }
+
+/// Third-party protocols come from bridges' registrations; none are registered yet.
+pub async fn protocols(_: Arc<Services>, _: Ruma<ruma::api::client::thirdparty::get_protocols::v3::Request>) -> Result<ruma::api::client::thirdparty::get_protocols::v3::Response> {
+    Ok(ruma::api::client::thirdparty::get_protocols::v3::Response::new(Default::default()))
+}
