@@ -1,7 +1,7 @@
 """Core client-server interop: a real Salon server driven by matrix-nio.
 
-Sync is deliberately never called (Salon does not implement it yet), so
-room state and history are read with the state, members and /messages APIs.
+These tests read room state and history through the state, members and /messages
+APIs without syncing; test_nio_sync.py covers nio's sync loop.
 Each test registers its own users with unique names.
 """
 
