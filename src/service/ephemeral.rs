@@ -246,6 +246,11 @@ impl Ephemeral {
         }
     }
 
+    /// Whether anyone's presence changed after `since`.
+    pub fn presence_changed_since(&self, since: u64) -> bool {
+        self.presence.lock().values().any(|p| p.pos > since)
+    }
+
     pub fn presence(&self, user: &UserId) -> Option<Presence> {
         self.presence.lock().get(user).cloned()
     }

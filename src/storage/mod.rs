@@ -64,8 +64,21 @@ pub const SCHEMA_VERSION: u64 = 1;
 type Migration = fn(&Db) -> Result<()>;
 const MIGRATIONS: &[Migration] = &[];
 
+#[derive(Default)]
+struct WalSync {
+    state: Mutex<WalState>,
+    done: parking_lot::Condvar,
+}
+
+#[derive(Default)]
+struct WalState {
+    synced: u64,
+    syncing: bool,
+}
+
 pub struct Db {
     db: DB,
+    wal: WalSync,
     short_lock: Mutex<()>,
     next_short: AtomicU64,
     pub stream: StreamAllocator,
@@ -119,6 +132,7 @@ impl Db {
         })?;
         let this = Self {
             db,
+            wal: WalSync::default(),
             short_lock: Mutex::new(()),
             next_short: AtomicU64::new(1),
             stream: StreamAllocator::new(0),
@@ -183,9 +197,49 @@ impl Db {
 
     /// Commit a batch atomically; when this returns the batch survives a crash.
     pub fn commit(&self, batch: Batch) -> Result<()> {
+        let seq = self.write(batch)?;
+        self.sync_to(seq)
+    }
+
+    /// Apply a batch atomically and return its sequence number. It is readable at once
+    /// but not yet durable: call [`Db::sync_to`] before telling anyone it is saved.
+    pub fn write(&self, batch: Batch) -> Result<u64> {
         let mut opts = WriteOptions::default();
-        opts.set_sync(true);
-        Ok(self.db.write_opt(&batch.inner, &opts)?)
+        opts.set_sync(false);
+        self.db.write_opt(&batch.inner, &opts)?;
+        Ok(self.db.latest_sequence_number())
+    }
+
+    /// Make every write so far durable.
+    pub fn sync_all(&self) -> Result<()> {
+        self.sync_to(self.db.latest_sequence_number())
+    }
+
+    /// Make every write up to sequence `seq` durable. Group commit: while one caller
+    /// syncs the write-ahead log, the others wait and are covered by the same or the
+    /// next sync, so many concurrent writers share each fsync.
+    pub fn sync_to(&self, seq: u64) -> Result<()> {
+        let mut state = self.wal.state.lock();
+        loop {
+            if state.synced >= seq {
+                return Ok(());
+            }
+            if state.syncing {
+                self.wal.done.wait(&mut state);
+                continue;
+            }
+            state.syncing = true;
+            let target = self.db.latest_sequence_number();
+            drop(state);
+            let result = self.db.flush_wal(true);
+            state = self.wal.state.lock();
+            state.syncing = false;
+            if result.is_ok() {
+                state.synced = state.synced.max(target);
+            }
+            self.wal.done.notify_all();
+            result?;
+        }
     }
 
     /// All entries whose key starts with `prefix`, in key order.

@@ -243,6 +243,8 @@ impl Rooms {
         if let Some((device, txn)) = &event.txn
             && let Some(existing) = self.timeline.txn_event(sender, device, txn)?
         {
+            // The original may still be on its way to disk: answer only once it is there.
+            self.db.sync_all()?;
             return Ok(existing);
         }
         let mut draft = self.timeline.begin(room_id).await?;
@@ -250,6 +252,8 @@ impl Rooms {
         if let Some((device, txn)) = &event.txn
             && let Some(existing) = self.timeline.txn_event(sender, device, txn)?
         {
+            drop(draft);
+            self.db.sync_all()?;
             return Ok(existing);
         }
         let pdu = draft.append(sender, event)?;
@@ -275,6 +279,7 @@ impl Rooms {
         // Repeating a join that changes nothing (profile included) returns the existing event.
         if membership == "join"
             && sender == target
+            && extra.is_none()
             && current.as_deref() == Some("join")
             && let Some(p) = draft.state_pdu("m.room.member", target.as_str())?
         {

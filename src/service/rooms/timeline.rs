@@ -315,7 +315,7 @@ impl Timeline {
 /// [`Draft::commit`] writes them all at once.
 pub struct Draft<'a> {
     tl: &'a Timeline,
-    _guard: OwnedMutexGuard<()>,
+    guard: Option<OwnedMutexGuard<()>>,
     pub room_short: u64,
     pub record: RoomRecord,
     pub rules: RoomVersionRules,
@@ -366,7 +366,7 @@ impl<'a> Draft<'a> {
     fn new(tl: &'a Timeline, guard: OwnedMutexGuard<()>, room_short: u64, record: RoomRecord, rules: RoomVersionRules) -> Self {
         Self {
             tl,
-            _guard: guard,
+            guard: Some(guard),
             room_short,
             record,
             rules,
@@ -454,9 +454,6 @@ impl<'a> Draft<'a> {
             if let Some(p) = self.state_pdu(&ty.to_string(), sk)? {
                 auth_events.push(p.event_id.clone());
             }
-        }
-        if !self.rules.authorization.room_create_event_id_as_room_id {
-            // Already among the auth types; nothing to add.
         }
         let depth = self.record.depth + 1;
         let ts = new.timestamp.unwrap_or_else(MilliSecondsSinceUnixEpoch::now);
@@ -620,7 +617,11 @@ impl<'a> Draft<'a> {
         let db = self.tl.db.clone();
         self.batch.put(&db, "rooms", &self.room_short.to_be_bytes(), &serde_json::to_vec(&self.record)?);
         let batch = std::mem::take(&mut self.batch);
-        tokio::task::spawn_blocking(move || db.commit(batch))
+        // Apply under the room lock, so the next event of the room builds on this one;
+        // then let the next writer in while this one waits for the log to reach disk.
+        let seq = db.write(batch)?;
+        self.guard.take();
+        tokio::task::spawn_blocking(move || db.sync_to(seq))
             .await
             .map_err(|e| Error::internal(format!("commit task failed: {e}")))??;
         // Dropping the tickets publishes the new stream position; then wake the
