@@ -84,6 +84,7 @@ fn init_logging(config: &Config) {
 }
 
 fn main() -> std::process::ExitCode {
+    salon::tune_allocator();
     let cli = Cli::parse();
     let config = match load_config(cli.config.as_deref()) {
         Ok(c) => c,

@@ -98,6 +98,16 @@ pub fn router(services: Arc<Services>) -> Router {
     let r = route(r, api::ephemeral::read_markers);
     let r = route(r, api::ephemeral::get_status);
     let r = route(r, api::ephemeral::set_status);
+    // Push rules
+    let r = route(r, api::push::all);
+    let r = route(r, api::push::global);
+    let r = route(r, api::push::get);
+    let r = route(r, api::push::set);
+    let r = route(r, api::push::delete);
+    let r = route(r, api::push::get_enabled);
+    let r = route(r, api::push::set_enabled);
+    let r = route(r, api::push::get_actions);
+    let r = route(r, api::push::set_actions);
 
     let r = r
         .route("/_synapse/admin/v1/register", get(api::admin::nonce).post(api::admin::register))

@@ -4,6 +4,7 @@
 pub mod ephemeral;
 pub mod globals;
 pub mod notifier;
+pub mod push;
 pub mod ratelimit;
 pub mod rooms;
 pub mod sync;

@@ -131,6 +131,17 @@ pub async fn sync(s: &Services, user: &UserId, device: &str, req: SyncRequest) -
         if req.since.is_none() || has_content || req.full_state || timeout.is_zero() {
             return Ok(response);
         }
+        // Something for this user may have been announced but not be readable yet,
+        // because a write with an earlier position is still committing: wait for it to
+        // become visible and look again, rather than for a further announcement.
+        let announced = *user_rx.borrow_and_update();
+        if announced > now {
+            let wait = visible_rx.wait_for(|v| *v >= announced);
+            if tokio::time::timeout_at(deadline, wait).await.is_err() {
+                return Ok(build(s, user, device, &req, s.db.stream.visible())?.0);
+            }
+            continue;
+        }
         // Nothing yet: wait for a commit that concerns this user.
         tokio::select! {
             changed = user_rx.changed() => {
@@ -274,10 +285,16 @@ fn build(s: &Services, user: &UserId, device: &str, req: &SyncRequest, now: u64)
     let mut account_data = Vec::new();
     match req.since {
         None => {
+            let mut has_push_rules = false;
             for (room, kind, content) in s.users.all_account_data(user)? {
                 if room.is_none() && type_allowed(&req.filter.account_data, &kind) {
+                    has_push_rules |= kind == super::push::ACCOUNT_DATA_TYPE;
                     account_data.push(json!({ "type": kind, "content": content }));
                 }
+            }
+            // Every user has push rules, if only the server defaults.
+            if !has_push_rules && type_allowed(&req.filter.account_data, super::push::ACCOUNT_DATA_TYPE) {
+                account_data.push(json!({ "type": super::push::ACCOUNT_DATA_TYPE, "content": super::push::account_data_content(&s.users, user)? }));
             }
         }
         Some(_) => {

@@ -178,6 +178,7 @@ impl Users {
         };
         let Some(hash) = record.password_hash.filter(|_| !record.deactivated) else { return Ok(false) };
         let password = password.to_owned();
+        let _permit = HASHING.acquire().await.map_err(Error::internal)?;
         tokio::task::spawn_blocking(move || {
             PasswordHash::new(&hash).map(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok()).unwrap_or(false)
         })
@@ -448,7 +449,12 @@ impl Users {
     }
 }
 
+/// Password hashing costs 19 MiB and tens of milliseconds each; a burst of logins must
+/// not turn into gigabytes. At most two run at once, the rest queue.
+static HASHING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
 async fn hash_password(password: String) -> Result<String> {
+    let _permit = HASHING.acquire().await.map_err(Error::internal)?;
     tokio::task::spawn_blocking(move || {
         let salt = SaltString::generate(&mut OsRng);
         Argon2::default()

@@ -10,6 +10,7 @@ pub mod ephemeral;
 pub mod membership;
 pub mod message;
 pub mod profile;
+pub mod push;
 pub mod room;
 pub mod session;
 pub mod state;
