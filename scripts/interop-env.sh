@@ -34,44 +34,10 @@ if command -v flock >/dev/null 2>&1; then
     flock 9
 fi
 
-venv_ok() {
-    [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1 \
-        && "$VENV/bin/python" -m pip --version >/dev/null 2>&1
-}
-
-apt_install_venv() {
-    command -v apt-get >/dev/null 2>&1 || die "'$PY -m venv' failed and apt-get is not available"
-    export DEBIAN_FRONTEND=noninteractive
-    log "installing python3-venv with apt-get"
-    if ! apt-get install -y -q python3-venv >&2; then
-        # Package lists missing or stale: update once, then retry.
-        log "apt-get update"
-        apt-get update -q >&2
-        apt-get install -y -q python3-venv >&2 || die "apt-get install python3-venv failed"
-    fi
-}
-
-make_venv() {
-    local py="$1"
-    rm -rf "$VENV"
-    "$py" -m venv "$VENV" >&2 && venv_ok
-}
+. "$ROOT/scripts/venv.sh"
 
 if ! venv_ok; then
-    log "creating venv at $VENV with $(command -v "$PY")"
-    if ! make_venv "$PY"; then
-        apt_install_venv
-        if ! make_venv "$PY"; then
-            # python3-venv serves Debian's own interpreter; fall back to it when
-            # the python3 on PATH is another build (pyenv, /usr/local).
-            if [ -x /usr/bin/python3 ] && make_venv /usr/bin/python3; then
-                log "using /usr/bin/python3 for the venv"
-            else
-                rm -rf "$VENV"
-                die "could not create a venv at $VENV"
-            fi
-        fi
-    fi
+    create_venv
     rm -f "$STAMP"
 fi
 

@@ -42,29 +42,10 @@ usage() {
 
 # --- install ---------------------------------------------------------------
 
-venv_ok() {
-    [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1 \
-        && "$VENV/bin/python" -m pip --version >/dev/null 2>&1
-}
+. "$(dirname "${BASH_SOURCE[0]}")/venv.sh"
 
 installed() {
     venv_ok && [ "$(cat "$STAMP" 2>/dev/null || true)" = "$SYNAPSE_VERSION" ]
-}
-
-make_venv() {
-    rm -rf "$VENV"
-    "$1" -m venv "$VENV" >&2 && venv_ok
-}
-
-apt_install_venv() {
-    command -v apt-get >/dev/null 2>&1 || die "'$PY -m venv' failed and apt-get is not available"
-    export DEBIAN_FRONTEND=noninteractive
-    log "installing python3-venv with apt-get"
-    if ! apt-get install -y -q python3-venv >&2; then
-        log "apt-get update"
-        apt-get update -q >&2
-        apt-get install -y -q python3-venv >&2 || die "apt-get install python3-venv failed"
-    fi
 }
 
 cmd_install() {
@@ -80,23 +61,7 @@ cmd_install() {
 }
 
 do_install() {
-    if ! venv_ok; then
-        command -v "$PY" >/dev/null 2>&1 || die "no '$PY' on PATH"
-        log "creating venv at $VENV with $(command -v "$PY")"
-        if ! make_venv "$PY"; then
-            apt_install_venv
-            if ! make_venv "$PY"; then
-                # python3-venv serves Debian's own interpreter; fall back to it
-                # when the python3 on PATH is another build (pyenv, /usr/local).
-                if [ -x /usr/bin/python3 ] && make_venv /usr/bin/python3; then
-                    log "using /usr/bin/python3 for the venv"
-                else
-                    rm -rf "$VENV"
-                    die "could not create a venv at $VENV"
-                fi
-            fi
-        fi
-    fi
+    create_venv
     rm -f "$STAMP"
     log "pip install matrix-synapse==$SYNAPSE_VERSION into $VENV"
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
