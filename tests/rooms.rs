@@ -396,3 +396,21 @@ async fn room_upgrade_moves_the_room_on() {
     let (status, body) = bob.join(new).await;
     assert_eq!(status, StatusCode::OK, "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_rooms_created_at_once_get_distinct_ids() {
+    // Version 12 room ids are the hash of the create event; identical requests in the
+    // same millisecond must still make distinct rooms.
+    let server = TestServer::start().await;
+    let alice = server.user("alice").await;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let alice = alice.clone();
+        tasks.push(tokio::spawn(async move { alice.create_room(json!({})).await }));
+    }
+    let mut ids = std::collections::BTreeSet::new();
+    for t in tasks {
+        ids.insert(t.await.unwrap());
+    }
+    assert_eq!(ids.len(), 8);
+}

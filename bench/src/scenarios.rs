@@ -94,9 +94,11 @@ fn stop(child: &mut Child) {
 }
 
 fn launch(cmd: &str) -> anyhow::Result<Child> {
+    // `exec`, so that the child is the server itself and its memory is what we read.
+    let line = if cmd.trim_start().starts_with("exec ") { cmd.to_owned() } else { format!("exec {cmd}") };
     Command::new("sh")
         .arg("-c")
-        .arg(format!("exec {cmd}"))
+        .arg(line)
         .stdin(Stdio::null())
         .spawn()
         .with_context(|| format!("cannot run {cmd}"))

@@ -122,45 +122,44 @@ impl Timeline {
         create_content: JsonValue,
     ) -> Result<Draft<'_>> {
         let rules = version.rules().ok_or_else(|| Error::unsupported_room_version(format!("room version {version} is not supported")))?;
-        let mut object = base_object(
-            &TimelineEventType::RoomCreate,
-            creator,
-            Some(""),
-            create_content,
-            MilliSecondsSinceUnixEpoch::now(),
-            1,
-            Vec::new(),
-            Vec::new(),
-        )?;
-        let room_id = if rules.authorization.room_create_event_id_as_room_id {
-            None
-        } else {
-            let id: OwnedRoomId = RoomId::parse(format!("!{}:{}", random_string(18), self.globals.server_name()))?;
-            object.insert("room_id".into(), CanonicalJsonValue::String(id.to_string()));
-            Some(id)
-        };
-        hash_and_sign_event(self.globals.server_name().as_str(), &self.globals.keypair, &mut object, &rules.redaction)
-            .map_err(|e| Error::internal(format!("cannot sign event: {e}")))?;
-        let hash = reference_hash(&object, &rules).map_err(|e| Error::internal(format!("cannot hash event: {e}")))?;
-        let event_id: OwnedEventId = EventId::parse(format!("${hash}"))?;
-        let room_id = match room_id {
-            Some(id) => id,
-            None => RoomId::parse(format!("!{hash}"))?,
-        };
-        check_size(&object)?;
-        let pdu = Pdu::from_canonical(event_id.clone(), &object)?;
-        state_res::check_state_independent_auth_rules(&rules.authorization, &pdu, |_: &EventId| None::<Arc<Pdu>>)
-            .map_err(|e| Error::bad_json(format!("invalid create event: {e}")))?;
+        // From room version 12 the room id is the create event's hash, so two identical
+        // create events in the same millisecond would name the same room: the later
+        // one moves its timestamp on until its id is free.
+        let start = MilliSecondsSinceUnixEpoch::now();
+        for attempt in 0..64u64 {
+            let ts = MilliSecondsSinceUnixEpoch(start.0.saturating_add(ruma::UInt::from(attempt as u32)));
+            let mut object = base_object(&TimelineEventType::RoomCreate, creator, Some(""), create_content.clone(), ts, 1, Vec::new(), Vec::new())?;
+            let room_id = if rules.authorization.room_create_event_id_as_room_id {
+                None
+            } else {
+                let id: OwnedRoomId = RoomId::parse(format!("!{}:{}", random_string(18), self.globals.server_name()))?;
+                object.insert("room_id".into(), CanonicalJsonValue::String(id.to_string()));
+                Some(id)
+            };
+            hash_and_sign_event(self.globals.server_name().as_str(), &self.globals.keypair, &mut object, &rules.redaction)
+                .map_err(|e| Error::internal(format!("cannot sign event: {e}")))?;
+            let hash = reference_hash(&object, &rules).map_err(|e| Error::internal(format!("cannot hash event: {e}")))?;
+            let event_id: OwnedEventId = EventId::parse(format!("${hash}"))?;
+            let room_id = match room_id {
+                Some(id) => id,
+                None => RoomId::parse(format!("!{hash}"))?,
+            };
+            check_size(&object)?;
+            let pdu = Pdu::from_canonical(event_id.clone(), &object)?;
+            state_res::check_state_independent_auth_rules(&rules.authorization, &pdu, |_: &EventId| None::<Arc<Pdu>>)
+                .map_err(|e| Error::bad_json(format!("invalid create event: {e}")))?;
 
-        let guard = self.lock(&room_id).await;
-        if self.room_short(&room_id)?.is_some() {
-            return Err(Error::room_in_use("a room with this id already exists"));
+            let guard = self.lock(&room_id).await;
+            if self.room_short(&room_id)?.is_some() {
+                continue;
+            }
+            let room_short = self.db.get_or_create_short_id(IdKind::Room, room_id.as_str())?;
+            let record = RoomRecord { room_id, version, extremities: Vec::new(), depth: 0, state_group: EMPTY_GROUP };
+            let mut draft = Draft::new(self, guard, room_short, record, rules);
+            draft.store(object, Arc::new(pdu), None)?;
+            return Ok(draft);
         }
-        let room_short = self.db.get_or_create_short_id(IdKind::Room, room_id.as_str())?;
-        let record = RoomRecord { room_id, version, extremities: Vec::new(), depth: 0, state_group: EMPTY_GROUP };
-        let mut draft = Draft::new(self, guard, room_short, record, rules);
-        draft.store(object, Arc::new(pdu), None)?;
-        Ok(draft)
+        Err(Error::room_in_use("could not find a free room id; try again"))
     }
 
     pub fn event_short(&self, event_id: &EventId) -> Result<Option<u64>> {
