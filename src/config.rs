@@ -93,7 +93,7 @@ pub struct RegistrationConfig {
     /// Secret for Synapse-compatible `/_synapse/admin/v1/register`. When unset, one is
     /// generated on first start and kept in the data directory.
     pub shared_secret: Option<String>,
-    /// Whether guests may register (`kind=guest`).
+    /// Whether guests may register (`kind=guest`); not supported yet, so it must stay off.
     pub guest_access: bool,
     /// Shortest password accepted on registration and password change.
     pub min_password_length: usize,
@@ -231,6 +231,11 @@ impl Config {
         if !matches!(self.rooms.default_version.as_str(), "10" | "11" | "12") {
             return Err("rooms.default_version: Salon creates rooms of version 10, 11 or 12".to_owned());
         }
+        if self.registration.guest_access {
+            // Guests would need their own restrictions (read-only rooms, no account data
+            // from others…), which Salon does not enforce yet: refuse rather than pretend.
+            return Err("registration.guest_access: guest accounts are not supported yet".to_owned());
+        }
         if self.limits.max_request_bytes < 65_536 {
             return Err("limits.max_request_bytes: must be at least 65536 so that a full event fits".to_owned());
         }
@@ -345,5 +350,8 @@ mod tests {
 
         let err = Config::load(None, env(&[("SALON_ROOMS__DEFAULT_VERSION", "\"1\"")])).unwrap_err().to_string();
         assert!(err.contains("SALON_ROOMS__DEFAULT_VERSION"), "{err}");
+
+        let err = Config::load(None, env(&[("SALON_REGISTRATION__GUEST_ACCESS", "true")])).unwrap_err().to_string();
+        assert!(err.contains("guest_access"), "{err}");
     }
 }

@@ -304,3 +304,57 @@ async fn context_and_timestamp_lookup() {
     let found = alice.ok(Method::GET, &format!("/_matrix/client/v1/rooms/{}/timestamp_to_event?ts={}&dir=b", enc(&room), ts - 1), None).await;
     assert_eq!(found["event_id"], ids[5].as_str());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_events_paginate_back_exactly_once_in_order() {
+    let server = TestServer::start().await;
+    let alice = server.user("alice").await;
+    let room = alice.create_room(json!({ "preset": "public_chat" })).await;
+    let writers: Vec<Client> = {
+        let mut w = vec![alice.clone()];
+        for i in 0..9 {
+            let c = server.user(&format!("writer{i}")).await;
+            c.join(&room).await;
+            w.push(c);
+        }
+        w
+    };
+    // 10 writers × 1,000 messages, concurrently; each body names its writer and index.
+    let mut tasks = Vec::new();
+    for (w, c) in writers.iter().enumerate() {
+        let (c, room) = (c.clone(), room.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..1000 {
+                c.send_text(&room, &format!("t{w}-{i}"), &format!("{w}:{i}")).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Page back through everything, 500 at a time.
+    let mut seen: Vec<String> = Vec::new();
+    let mut from: Option<String> = None;
+    loop {
+        let q = match &from { Some(f) => format!("dir=b&limit=500&from={f}"), None => "dir=b&limit=500".into() };
+        let page = alice.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{}/messages?{q}", enc(&room)), None).await;
+        for e in page["chunk"].as_array().unwrap() {
+            if e["type"] == "m.room.message" {
+                seen.push(e["content"]["body"].as_str().unwrap().to_owned());
+            }
+        }
+        match page["end"].as_str() {
+            Some(e) => from = Some(e.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 10_000, "every event exactly once");
+    let unique: std::collections::HashSet<&String> = seen.iter().collect();
+    assert_eq!(unique.len(), 10_000, "no event twice");
+    // Newest first, and each writer's own messages in strictly decreasing order.
+    for w in 0..10 {
+        let mine: Vec<u32> = seen.iter().filter_map(|b| b.strip_prefix(&format!("{w}:"))).map(|i| i.parse().unwrap()).collect();
+        assert_eq!(mine.len(), 1000);
+        assert!(mine.windows(2).all(|p| p[0] > p[1]), "writer {w} out of order");
+    }
+}
