@@ -628,9 +628,7 @@ impl<'a> Draft<'a> {
         let last = self.tickets.iter().map(|t| t.position).max().unwrap_or(0);
         self.tickets.clear();
         let mut users = self.affected.clone();
-        for membership in ["join", "invite", "knock"] {
-            users.extend(members_with(&self.tl.db, self.room_short, membership)?);
-        }
+        users.extend(members_in(&self.tl.db, self.room_short, &["join", "invite", "knock"])?);
         self.tl.notifier.notify_all(users.iter().map(|u| &**u), last);
         Ok(self.record)
     }
@@ -638,11 +636,16 @@ impl<'a> Draft<'a> {
 
 /// Users whose membership in a room is `membership`, from the membership table.
 pub fn members_with(db: &Db, room_short: u64, membership: &str) -> Result<Vec<OwnedUserId>> {
+    members_in(db, room_short, &[membership])
+}
+
+/// Users whose membership in a room is any of `memberships`, in one scan.
+pub fn members_in(db: &Db, room_short: u64, memberships: &[&str]) -> Result<Vec<OwnedUserId>> {
     let prefix = room_short.to_be_bytes();
     let mut out = Vec::new();
     for item in db.scan_prefix("room_members", &prefix) {
         let (k, v) = item?;
-        if v.as_ref() == membership.as_bytes()
+        if memberships.iter().any(|m| v.as_ref() == m.as_bytes())
             && let Some(id) = db.long_id(u64_at(&k, 1))?
         {
             out.push(UserId::parse(id)?);
