@@ -144,8 +144,8 @@ impl Timeline {
                 Some(id) => id,
                 None => RoomId::parse(format!("!{hash}"))?,
             };
-            check_size(&object)?;
-            let pdu = Pdu::from_canonical(event_id.clone(), &object)?;
+            let json = signed_json(&object)?;
+            let pdu = Pdu::from_json(event_id.clone(), &json)?;
             state_res::check_state_independent_auth_rules(&rules.authorization, &pdu, |_: &EventId| None::<Arc<Pdu>>)
                 .map_err(|e| Error::bad_json(format!("invalid create event: {e}")))?;
 
@@ -156,7 +156,7 @@ impl Timeline {
             let room_short = self.db.get_or_create_short_id(IdKind::Room, room_id.as_str())?;
             let record = RoomRecord { room_id, version, extremities: Vec::new(), depth: 0, state_group: EMPTY_GROUP };
             let mut draft = Draft::new(self, guard, room_short, record, rules);
-            draft.store(object, Arc::new(pdu), None)?;
+            draft.store(object, json, Arc::new(pdu), None)?;
             return Ok(draft);
         }
         Err(Error::room_in_use("could not find a free room id; try again"))
@@ -331,6 +331,19 @@ pub struct Draft<'a> {
     touched: bool,
 }
 
+/// The signed PDU as stored, serialised once; refused when over the size limit.
+fn signed_json(object: &CanonicalJsonObject) -> Result<Vec<u8>> {
+    let json = serde_json::to_vec(object)?;
+    if json.len() > super::pdu::MAX_PDU_BYTES {
+        return Err(Error::too_large(format!(
+            "the event is {} bytes; events may be at most {} bytes",
+            json.len(),
+            super::pdu::MAX_PDU_BYTES
+        )));
+    }
+    Ok(json)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn base_object(
     kind: &TimelineEventType,
@@ -485,8 +498,8 @@ impl<'a> Draft<'a> {
             other => Error::internal(format!("cannot hash event: {other}")),
         })?;
         let event_id: OwnedEventId = EventId::parse(format!("${hash}"))?;
-        check_size(&object)?;
-        let pdu = Arc::new(Pdu::from_canonical(event_id, &object)?);
+        let json = signed_json(&object)?;
+        let pdu = Arc::new(Pdu::from_json(event_id, &json)?);
 
         state_res::check_state_independent_auth_rules(&self.rules.authorization, &*pdu, |id: &EventId| self.fetch_event(id))
             .map_err(Error::forbidden)?;
@@ -497,7 +510,7 @@ impl<'a> Draft<'a> {
         if pdu.kind == TimelineEventType::RoomRedaction {
             self.check_redaction(&pdu)?;
         }
-        self.store(object, pdu.clone(), new.txn)?;
+        self.store(object, json, pdu.clone(), new.txn)?;
         Ok(pdu)
     }
 
@@ -519,7 +532,7 @@ impl<'a> Draft<'a> {
     }
 
     /// Stage an authorised event: PDU, metadata, timeline and stream entries, state.
-    fn store(&mut self, object: CanonicalJsonObject, pdu: Arc<Pdu>, txn: Option<(String, String)>) -> Result<()> {
+    fn store(&mut self, object: CanonicalJsonObject, json: Vec<u8>, pdu: Arc<Pdu>, txn: Option<(String, String)>) -> Result<()> {
         let db = &self.tl.db;
         let short = db.get_or_create_short_id(IdKind::Event, pdu.event_id.as_str())?;
         let ticket = db.stream.reserve();
@@ -562,7 +575,7 @@ impl<'a> Draft<'a> {
         if let Some((device, txn_id)) = &txn {
             self.batch.put(db, "txn_ids", &str_key(&[pdu.sender.as_str(), device, txn_id]), pdu.event_id.as_bytes());
         }
-        self.batch.put(db, "pdus", &short.to_be_bytes(), &serde_json::to_vec(&object)?);
+        self.batch.put(db, "pdus", &short.to_be_bytes(), &json);
         self.batch.put(db, "timeline", &u64_key(&[self.room_short, pos]), &short.to_be_bytes());
         self.batch.put(db, "stream", &pos.to_be_bytes(), &short.to_be_bytes());
         self.batch.put(db, "event_meta", &short.to_be_bytes(), &serde_json::to_vec(&meta)?);
