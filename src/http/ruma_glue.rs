@@ -1,12 +1,12 @@
 //! Glue between axum and ruma: every endpoint takes a ruma request type and returns a
 //! ruma response type, so handlers read like the spec.
 
-use std::{any::TypeId, future::Future, net::SocketAddr, sync::Arc};
+use std::{any::TypeId, collections::HashMap, future::Future, net::SocketAddr, sync::Arc};
 
 use axum::{
     Router,
     body::Body,
-    extract::{ConnectInfo, FromRequest, Path, Request, State},
+    extract::{ConnectInfo, FromRequest, Path, Query, Request, State},
     response::{IntoResponse, Response},
     routing::{MethodFilter, on},
 };
@@ -57,29 +57,9 @@ fn access_token(parts: &http::request::Parts) -> Option<String> {
     {
         return Some(t.trim().to_owned());
     }
-    parts.uri.query().and_then(|q| {
-        q.split('&').find_map(|kv| kv.strip_prefix("access_token=")).map(|t| {
-            percent_decode(t)
-        })
-    })
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    // The deprecated query parameter.
+    let Query(mut query) = Query::<HashMap<String, String>>::try_from_uri(&parts.uri).ok()?;
+    query.remove("access_token")
 }
 
 impl<T> FromRequest<Arc<Services>> for Ruma<T>
@@ -192,7 +172,22 @@ impl IntoResponse for Error {
     }
 }
 
-/// Register a handler for every path (stable and legacy) of a ruma endpoint.
+/// Every path (stable and legacy) of a ruma endpoint. An empty state key travels as a
+/// trailing slash or no segment at all, so those forms are routed too.
+fn paths_of<T: IncomingRequest>() -> Vec<String> {
+    let mut paths: Vec<String> = T::PATH_BUILDER.all_paths().map(str::to_owned).collect();
+    for p in paths.clone() {
+        if let Some(base) = p.strip_suffix("/{state_key}") {
+            paths.push(format!("{base}/"));
+            paths.push(base.to_owned());
+        }
+    }
+    paths.sort();
+    paths.dedup();
+    paths
+}
+
+/// Register a handler for every path of a ruma endpoint.
 pub fn route<T, F, Fut>(router: Router<Arc<Services>>, handler: F) -> Router<Arc<Services>>
 where
     T: IncomingRequest + Send + 'static,
@@ -202,17 +197,7 @@ where
 {
     let filter = MethodFilter::try_from(T::METHOD).expect("ruma endpoints use standard methods");
     let mut router = router;
-    let mut paths: Vec<String> = T::PATH_BUILDER.all_paths().map(str::to_owned).collect();
-    // An empty state key travels as a trailing slash or no segment at all.
-    for p in paths.clone() {
-        if let Some(base) = p.strip_suffix("/{state_key}") {
-            paths.push(format!("{base}/"));
-            paths.push(base.to_owned());
-        }
-    }
-    paths.sort();
-    paths.dedup();
-    for path in paths {
+    for path in paths_of::<T>() {
         let h = handler.clone();
         router = router.route(
             &path,
@@ -235,10 +220,10 @@ where
 {
     let filter = MethodFilter::try_from(T::METHOD).expect("ruma endpoints use standard methods");
     let mut router = router;
-    for path in T::PATH_BUILDER.all_paths() {
+    for path in paths_of::<T>() {
         let h = handler.clone();
         router = router.route(
-            path,
+            &path,
             on(filter, move |State(s): State<Arc<Services>>, req: Ruma<T>| {
                 let h = h.clone();
                 async move { h(s, req).await }

@@ -3,7 +3,7 @@
 //! wait on the notifier and wake the moment a commit concerns the user.
 
 use std::{
-    collections::{BTreeSet, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     time::Duration,
 };
 
@@ -191,7 +191,7 @@ pub fn peers(s: &Services, user: &UserId) -> Result<Vec<OwnedUserId>> {
 /// Whether anything happened in a room in `(since, now]`: an event (membership changes
 /// included), typing, a receipt, or room account data. Cheap seeks, so that an
 /// incremental sync skips quiet rooms without loading anything.
-fn room_has_news(s: &Services, room_short: u64, room_id: &RoomId, since: u64, now: u64, changes: &[(u64, UserStreamEntry)]) -> Result<bool> {
+fn room_has_news(s: &Services, room_short: u64, room_id: &RoomId, since: u64, now: u64, account_data: &AccountDataByRoom) -> Result<bool> {
     if s.rooms.timeline.timeline_positions(room_short, since, false, 1)?.first().is_some_and(|(pos, _)| *pos <= now) {
         return Ok(true);
     }
@@ -202,7 +202,44 @@ fn room_has_news(s: &Services, room_short: u64, room_id: &RoomId, since: u64, no
     if !s.ephemeral.receipts_since(room_short, since, now)?.is_empty() {
         return Ok(true);
     }
-    Ok(changes.iter().any(|(_, c)| matches!(c, UserStreamEntry::AccountData { room: Some(r), .. } if r == room_id.as_str())))
+    Ok(account_data.contains_key(&Some(room_id.to_string())))
+}
+
+/// Account data to send, by room (`None` for global): `(type, content)` pairs.
+type AccountDataByRoom = HashMap<Option<String>, Vec<(String, JsonValue)>>;
+
+/// All of the user's account data on an initial sync; on an incremental one, the
+/// current content of what changed in `(since, now]`. Read once per sync.
+fn account_data_to_send(s: &Services, user: &UserId, since: Option<u64>, now: u64) -> Result<AccountDataByRoom> {
+    let mut out: AccountDataByRoom = HashMap::new();
+    match since {
+        None => {
+            for (room, kind, content) in s.users.all_account_data(user)? {
+                out.entry(room).or_default().push((kind, content));
+            }
+        }
+        Some(since) => {
+            let mut seen = HashSet::new();
+            for (_, change) in s.users.stream_changes(user, since, now)?.into_iter().rev() {
+                let UserStreamEntry::AccountData { room, kind } = change;
+                if seen.insert((room.clone(), kind.clone()))
+                    && let Some(content) = s.users.account_data(user, room.as_deref(), &kind)?
+                {
+                    out.entry(room).or_default().push((kind, content));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn account_data_events(entries: Option<&Vec<(String, JsonValue)>>, filter: &EventFilter) -> Vec<JsonValue> {
+    entries
+        .into_iter()
+        .flatten()
+        .filter(|(kind, _)| type_allowed(filter, kind))
+        .map(|(kind, content)| json!({ "type": kind, "content": content }))
+        .collect()
 }
 
 /// The user's rooms and their current membership (forgotten rooms left out).
@@ -228,10 +265,7 @@ fn build(s: &Services, user: &UserId, device: &str, req: &SyncRequest, now: u64)
     let mut invite = serde_json::Map::new();
     let mut knock = serde_json::Map::new();
     let mut leave = serde_json::Map::new();
-    let changes = match req.since {
-        Some(since) => s.users.stream_changes(user, since, now)?,
-        None => Vec::new(),
-    };
+    let all_account_data = account_data_to_send(s, user, req.since, now)?;
     let tl = &s.rooms.timeline;
 
     for (room_short, room_id, membership) in memberships(s, user)? {
@@ -240,7 +274,7 @@ fn build(s: &Services, user: &UserId, device: &str, req: &SyncRequest, now: u64)
         }
         if let Some(since) = req.since
             && !req.full_state
-            && !room_has_news(s, room_short, &room_id, since, now, &changes)?
+            && !room_has_news(s, room_short, &room_id, since, now, &all_account_data)?
         {
             continue;
         }
@@ -252,7 +286,8 @@ fn build(s: &Services, user: &UserId, device: &str, req: &SyncRequest, now: u64)
         let changed_since = req.since.is_none_or(|since| member_pos > since);
         match membership.as_str() {
             "join" => {
-                if let Some(room) = joined_room(s, user, device, req, now, room_short, &member, &changes)? {
+                let room_account_data = all_account_data.get(&Some(room_id.to_string()));
+                if let Some(room) = joined_room(s, user, device, req, now, room_short, &member, room_account_data)? {
                     join.insert(room_id.to_string(), room);
                 }
             }
@@ -282,33 +317,11 @@ fn build(s: &Services, user: &UserId, device: &str, req: &SyncRequest, now: u64)
     }
 
     // Global account data.
-    let mut account_data = Vec::new();
-    match req.since {
-        None => {
-            let mut has_push_rules = false;
-            for (room, kind, content) in s.users.all_account_data(user)? {
-                if room.is_none() && type_allowed(&req.filter.account_data, &kind) {
-                    has_push_rules |= kind == super::push::ACCOUNT_DATA_TYPE;
-                    account_data.push(json!({ "type": kind, "content": content }));
-                }
-            }
-            // Every user has push rules, if only the server defaults.
-            if !has_push_rules && type_allowed(&req.filter.account_data, super::push::ACCOUNT_DATA_TYPE) {
-                account_data.push(json!({ "type": super::push::ACCOUNT_DATA_TYPE, "content": super::push::account_data_content(&s.users, user)? }));
-            }
-        }
-        Some(_) => {
-            let mut seen = HashSet::new();
-            for (_, change) in changes.iter().rev() {
-                let UserStreamEntry::AccountData { room: None, kind } = change else { continue };
-                if seen.insert(kind.clone())
-                    && type_allowed(&req.filter.account_data, kind)
-                    && let Some(content) = s.users.account_data(user, None, kind)?
-                {
-                    account_data.push(json!({ "type": kind, "content": content }));
-                }
-            }
-        }
+    let mut account_data = account_data_events(all_account_data.get(&None), &req.filter.account_data);
+    // Every user has push rules, if only the server defaults.
+    let has_push_rules = account_data.iter().any(|e| e["type"] == super::push::ACCOUNT_DATA_TYPE);
+    if req.since.is_none() && !has_push_rules && type_allowed(&req.filter.account_data, super::push::ACCOUNT_DATA_TYPE) {
+        account_data.push(json!({ "type": super::push::ACCOUNT_DATA_TYPE, "content": super::push::account_data_content(&s.users, user)? }));
     }
 
     // Presence of the people the user shares rooms with.
@@ -429,7 +442,7 @@ fn joined_room(
     now: u64,
     room_short: u64,
     member: &StoredEvent,
-    changes: &[(u64, UserStreamEntry)],
+    room_account_data: Option<&Vec<(String, JsonValue)>>,
 ) -> Result<Option<JsonValue>> {
     let tl = &s.rooms.timeline;
     let room_id = member.room_id.clone();
@@ -461,30 +474,7 @@ fn joined_room(
         }
     }
 
-    // Room account data.
-    let mut account_data = Vec::new();
-    match since {
-        None => {
-            for (room, kind, content) in s.users.all_account_data(user)? {
-                if room.as_deref() == Some(room_id.as_str()) && type_allowed(&req.filter.room_account_data, &kind) {
-                    account_data.push(json!({ "type": kind, "content": content }));
-                }
-            }
-        }
-        Some(_) => {
-            let mut seen = HashSet::new();
-            for (_, change) in changes.iter().rev() {
-                let UserStreamEntry::AccountData { room: Some(room), kind } = change else { continue };
-                if room == room_id.as_str()
-                    && seen.insert(kind.clone())
-                    && type_allowed(&req.filter.room_account_data, kind)
-                    && let Some(content) = s.users.account_data(user, Some(room), kind)?
-                {
-                    account_data.push(json!({ "type": kind, "content": content }));
-                }
-            }
-        }
-    }
+    let account_data = account_data_events(room_account_data, &req.filter.room_account_data);
 
     if !full && timeline.is_empty() && ephemeral.is_empty() && account_data.is_empty() {
         return Ok(None);

@@ -19,7 +19,7 @@ use std::{
 use parking_lot::Mutex;
 use rust_rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options,
-    ReadOptions, WriteBatch, WriteOptions,
+    WriteBatch, WriteOptions,
 };
 
 pub use self::{keys::*, stream::{StreamAllocator, StreamTicket}};
@@ -179,15 +179,6 @@ impl Db {
         Ok(self.db.get_pinned_cf(self.cf(cf), key)?.is_some())
     }
 
-    pub fn multi_get(&self, cf: &str, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>> {
-        let handle = self.cf(cf);
-        self.db
-            .multi_get_cf(keys.iter().map(|k| (handle, k.as_slice())))
-            .into_iter()
-            .map(|r| r.map_err(Error::from))
-            .collect()
-    }
-
     /// A single durable write, outside any batch.
     pub fn put_durable(&self, cf: &str, key: &[u8], value: &[u8]) -> Result<()> {
         let mut b = Batch::default();
@@ -248,10 +239,8 @@ impl Db {
         cf: &str,
         prefix: &'a [u8],
     ) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>)>> + 'a {
-        let mut ro = ReadOptions::default();
-        ro.set_prefix_same_as_start(false);
         self.db
-            .iterator_cf_opt(self.cf(cf), ro, IteratorMode::From(prefix, Direction::Forward))
+            .iterator_cf(self.cf(cf), IteratorMode::From(prefix, Direction::Forward))
             .map(|r| r.map_err(Error::from))
             .take_while(move |r| r.as_ref().map(|(k, _)| k.starts_with(prefix)).unwrap_or(true))
     }
@@ -332,9 +321,6 @@ impl Batch {
     }
     pub fn delete(&mut self, db: &Db, cf: &str, key: &[u8]) {
         self.inner.delete_cf(db.cf(cf), key);
-    }
-    pub fn is_empty(&self) -> bool {
-        self.inner.is_empty()
     }
 }
 

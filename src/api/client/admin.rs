@@ -37,6 +37,10 @@ pub struct SharedSecretRegistration {
 
 /// The MAC Synapse defines: HMAC-SHA1 over `nonce NUL username NUL password NUL admin|notadmin`.
 pub fn registration_mac(secret: &str, nonce: &str, username: &str, password: &str, admin: bool) -> String {
+    hex::encode(registration_hmac(secret, nonce, username, password, admin).finalize().into_bytes())
+}
+
+fn registration_hmac(secret: &str, nonce: &str, username: &str, password: &str, admin: bool) -> Hmac<Sha1> {
     let mut mac = Hmac::<Sha1>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
     mac.update(nonce.as_bytes());
     mac.update(b"\0");
@@ -45,7 +49,7 @@ pub fn registration_mac(secret: &str, nonce: &str, username: &str, password: &st
     mac.update(password.as_bytes());
     mac.update(b"\0");
     mac.update(if admin { b"admin" } else { b"notadmin" });
-    hex::encode(mac.finalize().into_bytes())
+    mac
 }
 
 pub async fn register(State(s): State<Arc<Services>>, body: axum::body::Bytes) -> Result<Json<JsonValue>> {
@@ -54,15 +58,11 @@ pub async fn register(State(s): State<Arc<Services>>, body: axum::body::Bytes) -
     if !known {
         return Err(Error::forbidden("Unknown or expired nonce"));
     }
-    let expected = registration_mac(&s.globals.shared_secret, &req.nonce, &req.username, &req.password, req.admin);
     let given = hex::decode(req.mac.as_bytes()).unwrap_or_default();
-    let mut check = Hmac::<Sha1>::new_from_slice(b"compare").expect("any key");
-    check.update(&hex::decode(&expected).unwrap_or_default());
-    let mut other = Hmac::<Sha1>::new_from_slice(b"compare").expect("any key");
-    other.update(&given);
-    if check.finalize().into_bytes() != other.finalize().into_bytes() {
-        return Err(Error::forbidden("HMAC incorrect"));
-    }
+    // verify_slice compares in constant time.
+    registration_hmac(&s.globals.shared_secret, &req.nonce, &req.username, &req.password, req.admin)
+        .verify_slice(&given)
+        .map_err(|_| Error::forbidden("HMAC incorrect"))?;
     let user_id = crate::service::users::new_local_user_id(&req.username, s.globals.server_name())?;
     if s.users.exists(&user_id)? {
         return Err(Error::user_in_use("This username is taken"));

@@ -58,8 +58,7 @@ pub async fn send(s: Arc<Services>, req: Ruma<send_state_event::v3::Request>) ->
             }
         }
     }
-    let mut event = NewEvent::state(kind, req.state_key.clone(), content);
-    event.timestamp = None;
+    let event = NewEvent::state(kind, req.state_key.clone(), content);
     let event_id = s.rooms.send(&req.room_id, req.user(), event).await?;
     Ok(send_state_event::v3::Response::new(event_id))
 }

@@ -240,15 +240,9 @@ impl Rooms {
 
     /// Send an event into a room on behalf of `sender` (messages and state alike).
     pub async fn send(&self, room_id: &RoomId, sender: &UserId, event: NewEvent) -> Result<OwnedEventId> {
-        if let Some((device, txn)) = &event.txn
-            && let Some(existing) = self.timeline.txn_event(sender, device, txn)?
-        {
-            // The original may still be on its way to disk: answer only once it is there.
-            self.db.sync_all()?;
-            return Ok(existing);
-        }
         let mut draft = self.timeline.begin(room_id).await?;
-        // Repeat the check under the room lock: two identical retries may race.
+        // A retried transaction (checked under the room lock, so two identical retries
+        // cannot both pass) gets the original event, once that is on disk.
         if let Some((device, txn)) = &event.txn
             && let Some(existing) = self.timeline.txn_event(sender, device, txn)?
         {

@@ -50,11 +50,6 @@ impl Pdu {
         Ok(pdu)
     }
 
-    pub fn from_canonical(event_id: OwnedEventId, object: &CanonicalJsonObject) -> Result<Self> {
-        let bytes = serde_json::to_vec(object)?;
-        Self::from_json(event_id, &bytes)
-    }
-
     pub fn content_json(&self) -> JsonValue {
         serde_json::from_str(self.content.get()).unwrap_or(JsonValue::Object(Default::default()))
     }
@@ -187,10 +182,11 @@ impl StoredEvent {
 /// Maximum size of a PDU in bytes, as the spec sets it.
 pub const MAX_PDU_BYTES: usize = 65_536;
 
-pub fn check_size(object: &CanonicalJsonObject) -> Result<()> {
-    let len = serde_json::to_vec(object)?.len();
-    if len > MAX_PDU_BYTES {
-        return Err(Error::too_large(format!("the event is {len} bytes; events may be at most {MAX_PDU_BYTES} bytes")));
+/// The PDU serialised as stored; refused when over the size limit.
+pub fn to_json_checked(object: &CanonicalJsonObject) -> Result<Vec<u8>> {
+    let json = serde_json::to_vec(object)?;
+    if json.len() > MAX_PDU_BYTES {
+        return Err(Error::too_large(format!("the event is {} bytes; events may be at most {MAX_PDU_BYTES} bytes", json.len())));
     }
-    Ok(())
+    Ok(json)
 }

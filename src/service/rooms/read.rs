@@ -221,8 +221,7 @@ impl Rooms {
             let mut cursor = event.meta.pos;
             let mut edge = event.meta.pos;
             while out.len() < want {
-                let from = if backward { cursor } else { cursor };
-                let batch = self.timeline.timeline_positions(room_short, from, backward, 64)?;
+                let batch = self.timeline.timeline_positions(room_short, cursor, backward, 64)?;
                 if batch.is_empty() {
                     break;
                 }

@@ -43,10 +43,6 @@ pub fn state_key_long(event_type: &str, state_key: &str) -> String {
     s
 }
 
-pub fn split_state_key_long(long: &str) -> (&str, &str) {
-    long.split_once('\0').unwrap_or((long, ""))
-}
-
 impl StateService {
     pub fn new(db: Arc<Db>) -> Self {
         Self { db, cache: Mutex::new(HashMap::new()) }
@@ -58,13 +54,6 @@ impl StateService {
 
     pub fn key_short_or_create(&self, event_type: &str, state_key: &str) -> Result<u64> {
         self.db.get_or_create_short_id(IdKind::StateKey, &state_key_long(event_type, state_key))
-    }
-
-    /// `(type, state_key)` of a state-key short id.
-    pub fn key_long(&self, short: u64) -> Result<(String, String)> {
-        let long = self.db.long_id(short)?.ok_or_else(|| Error::internal(format!("unknown state key {short}")))?;
-        let (t, k) = split_state_key_long(&long);
-        Ok((t.to_owned(), k.to_owned()))
     }
 
     /// The full state of a group.

@@ -22,7 +22,7 @@ use serde_json::Value as JsonValue;
 use tokio::sync::OwnedMutexGuard;
 
 use super::{
-    pdu::{EventMeta, Pdu, StoredEvent, check_size},
+    pdu::{EventMeta, Pdu, StoredEvent, to_json_checked},
     power::PowerLevels,
     state::{EMPTY_GROUP, StateService},
 };
@@ -144,7 +144,7 @@ impl Timeline {
                 Some(id) => id,
                 None => RoomId::parse(format!("!{hash}"))?,
             };
-            let json = signed_json(&object)?;
+            let json = to_json_checked(&object)?;
             let pdu = Pdu::from_json(event_id.clone(), &json)?;
             state_res::check_state_independent_auth_rules(&rules.authorization, &pdu, |_: &EventId| None::<Arc<Pdu>>)
                 .map_err(|e| Error::bad_json(format!("invalid create event: {e}")))?;
@@ -331,19 +331,6 @@ pub struct Draft<'a> {
     touched: bool,
 }
 
-/// The signed PDU as stored, serialised once; refused when over the size limit.
-fn signed_json(object: &CanonicalJsonObject) -> Result<Vec<u8>> {
-    let json = serde_json::to_vec(object)?;
-    if json.len() > super::pdu::MAX_PDU_BYTES {
-        return Err(Error::too_large(format!(
-            "the event is {} bytes; events may be at most {} bytes",
-            json.len(),
-            super::pdu::MAX_PDU_BYTES
-        )));
-    }
-    Ok(json)
-}
-
 #[allow(clippy::too_many_arguments)]
 fn base_object(
     kind: &TimelineEventType,
@@ -487,7 +474,7 @@ impl<'a> Draft<'a> {
             object.insert("redacts".into(), CanonicalJsonValue::String(target.to_string()));
         }
         // Refuse oversized events before spending a signature on them.
-        check_size(&object)?;
+        to_json_checked(&object)?;
         let server = self.tl.globals.server_name().as_str().to_owned();
         hash_and_sign_event(&server, &self.tl.globals.keypair, &mut object, &self.rules.redaction).map_err(|e| match e {
             ruma::signatures::JsonError::PduTooLarge => Error::too_large("the event is larger than 65536 bytes"),
@@ -498,7 +485,7 @@ impl<'a> Draft<'a> {
             other => Error::internal(format!("cannot hash event: {other}")),
         })?;
         let event_id: OwnedEventId = EventId::parse(format!("${hash}"))?;
-        let json = signed_json(&object)?;
+        let json = to_json_checked(&object)?;
         let pdu = Arc::new(Pdu::from_json(event_id, &json)?);
 
         state_res::check_state_independent_auth_rules(&self.rules.authorization, &*pdu, |id: &EventId| self.fetch_event(id))
