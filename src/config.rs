@@ -70,7 +70,10 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { format: LogFormat::Pretty, level: "info".to_owned() }
+        Self {
+            format: LogFormat::Pretty,
+            level: "info".to_owned(),
+        }
     }
 }
 
@@ -101,7 +104,12 @@ pub struct RegistrationConfig {
 
 impl Default for RegistrationConfig {
     fn default() -> Self {
-        Self { mode: RegistrationMode::Token, shared_secret: None, guest_access: false, min_password_length: 8 }
+        Self {
+            mode: RegistrationMode::Token,
+            shared_secret: None,
+            guest_access: false,
+            min_password_length: 8,
+        }
     }
 }
 
@@ -114,7 +122,9 @@ pub struct RoomsConfig {
 
 impl Default for RoomsConfig {
     fn default() -> Self {
-        Self { default_version: RoomVersionId::V12 }
+        Self {
+            default_version: RoomVersionId::V12,
+        }
     }
 }
 
@@ -127,7 +137,9 @@ pub struct LimitsConfig {
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self { max_request_bytes: 1024 * 1024 }
+        Self {
+            max_request_bytes: 1024 * 1024,
+        }
     }
 }
 
@@ -153,8 +165,14 @@ impl Default for RateLimitsConfig {
     fn default() -> Self {
         Self {
             enabled: true,
-            login: RateLimit { per_second: 0.2, burst: 5 },
-            register: RateLimit { per_second: 0.2, burst: 5 },
+            login: RateLimit {
+                per_second: 0.2,
+                burst: 5,
+            },
+            register: RateLimit {
+                per_second: 0.2,
+                burst: 5,
+            },
         }
     }
 }
@@ -176,7 +194,10 @@ impl Default for DatabaseConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{origin}: {message}")]
     Invalid { origin: String, message: String },
 }
@@ -191,19 +212,24 @@ impl Config {
     ) -> Result<Self, ConfigError> {
         let (mut value, origin) = match path {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-                let value: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
-                    origin: path.display().to_string(),
-                    message: e.to_string(),
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
                 })?;
+                let value: toml::Table =
+                    toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+                        origin: path.display().to_string(),
+                        message: e.to_string(),
+                    })?;
                 (value, path.display().to_string())
             }
             None => (toml::Table::new(), "built-in defaults".to_owned()),
         };
         let mut overridden = Vec::new();
         for (key, raw) in env {
-            let Some(rest) = key.strip_prefix(ENV_PREFIX) else { continue };
+            let Some(rest) = key.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
             let segments: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
             if !TOP_LEVEL_KEYS.contains(&segments[0].as_str()) {
                 // Other tools' variables that share the prefix are not ours to judge.
@@ -217,31 +243,52 @@ impl Config {
         } else {
             format!("{origin} with {}", overridden.join(", "))
         };
-        let config: Config = toml::Value::Table(value).try_into().map_err(|e: toml::de::Error| {
-            ConfigError::Invalid { origin: origin.clone(), message: e.to_string().trim().to_owned() }
-        })?;
-        config.validate().map_err(|message| ConfigError::Invalid { origin, message })?;
+        let config: Config =
+            toml::Value::Table(value)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Invalid {
+                    origin: origin.clone(),
+                    message: e.to_string().trim().to_owned(),
+                })?;
+        config
+            .validate()
+            .map_err(|message| ConfigError::Invalid { origin, message })?;
         Ok(config)
     }
 
     fn validate(&self) -> Result<(), String> {
         if self.rooms.default_version.rules().is_none() {
-            return Err(format!("rooms.default_version: room version {} is not supported", self.rooms.default_version));
+            return Err(format!(
+                "rooms.default_version: room version {} is not supported",
+                self.rooms.default_version
+            ));
         }
         if !matches!(self.rooms.default_version.as_str(), "10" | "11" | "12") {
-            return Err("rooms.default_version: Salon creates rooms of version 10, 11 or 12".to_owned());
+            return Err(
+                "rooms.default_version: Salon creates rooms of version 10, 11 or 12".to_owned(),
+            );
         }
         if self.registration.guest_access {
             // Guests would need their own restrictions (read-only rooms, no account data
             // from others…), which Salon does not enforce yet: refuse rather than pretend.
-            return Err("registration.guest_access: guest accounts are not supported yet".to_owned());
+            return Err(
+                "registration.guest_access: guest accounts are not supported yet".to_owned(),
+            );
         }
         if self.limits.max_request_bytes < 65_536 {
-            return Err("limits.max_request_bytes: must be at least 65536 so that a full event fits".to_owned());
+            return Err(
+                "limits.max_request_bytes: must be at least 65536 so that a full event fits"
+                    .to_owned(),
+            );
         }
-        for (name, limit) in [("login", self.rate_limits.login), ("register", self.rate_limits.register)] {
+        for (name, limit) in [
+            ("login", self.rate_limits.login),
+            ("register", self.rate_limits.register),
+        ] {
             if !(limit.per_second > 0.0) || limit.burst == 0 {
-                return Err(format!("rate_limits.{name}: per_second and burst must be positive"));
+                return Err(format!(
+                    "rate_limits.{name}: per_second and burst must be positive"
+                ));
             }
         }
         if let Some(url) = &self.public_baseurl
@@ -279,7 +326,9 @@ const TOP_LEVEL_KEYS: &[&str] = &[
 fn parse_env_value(raw: &str) -> toml::Value {
     let wrapped = format!("v = {raw}");
     match toml::from_str::<toml::Table>(&wrapped) {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.to_owned())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.to_owned())),
         Err(_) => toml::Value::String(raw.to_owned()),
     }
 }
@@ -304,7 +353,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -339,7 +391,11 @@ mod tests {
     fn errors_name_the_key_and_origin() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("salon.toml");
-        std::fs::write(&path, "server_name = \"example.org\"\n[registration]\nmode = \"sometimes\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "server_name = \"example.org\"\n[registration]\nmode = \"sometimes\"\n",
+        )
+        .unwrap();
         let err = Config::load(Some(&path), env(&[])).unwrap_err().to_string();
         assert!(err.contains("salon.toml"), "{err}");
         assert!(err.contains("sometimes") || err.contains("mode"), "{err}");
@@ -348,10 +404,14 @@ mod tests {
         let err = Config::load(Some(&path), env(&[])).unwrap_err().to_string();
         assert!(err.contains("sever_name"), "{err}");
 
-        let err = Config::load(None, env(&[("SALON_ROOMS__DEFAULT_VERSION", "\"1\"")])).unwrap_err().to_string();
+        let err = Config::load(None, env(&[("SALON_ROOMS__DEFAULT_VERSION", "\"1\"")]))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("SALON_ROOMS__DEFAULT_VERSION"), "{err}");
 
-        let err = Config::load(None, env(&[("SALON_REGISTRATION__GUEST_ACCESS", "true")])).unwrap_err().to_string();
+        let err = Config::load(None, env(&[("SALON_REGISTRATION__GUEST_ACCESS", "true")]))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("guest_access"), "{err}");
     }
 }

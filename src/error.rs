@@ -8,7 +8,9 @@ use std::time::Duration;
 use http::StatusCode;
 use ruma::api::{
     client::uiaa::UiaaInfo,
-    error::{ErrorKind, LimitExceededErrorData, RetryAfter, StandardErrorBody, UnknownTokenErrorData},
+    error::{
+        ErrorKind, LimitExceededErrorData, RetryAfter, StandardErrorBody, UnknownTokenErrorData,
+    },
 };
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -17,7 +19,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     /// A failure with a Matrix error code, caused by the request.
     #[error("{message}")]
-    Matrix { status: StatusCode, kind: ErrorKind, message: String },
+    Matrix {
+        status: StatusCode,
+        kind: ErrorKind,
+        message: String,
+    },
 
     /// The request needs (more) user-interactive authentication.
     #[error("user-interactive authentication required")]
@@ -30,7 +36,11 @@ pub enum Error {
 
 impl Error {
     fn matrix(status: StatusCode, kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self::Matrix { status, kind, message: message.into() }
+        Self::Matrix {
+            status,
+            kind,
+            message: message.into(),
+        }
     }
 
     pub fn forbidden(message: impl Into<String>) -> Self {
@@ -83,7 +93,11 @@ impl Error {
         Self::matrix(StatusCode::BAD_REQUEST, ErrorKind::Exclusive, message)
     }
     pub fn user_deactivated() -> Self {
-        Self::matrix(StatusCode::FORBIDDEN, ErrorKind::UserDeactivated, "This account has been deactivated")
+        Self::matrix(
+            StatusCode::FORBIDDEN,
+            ErrorKind::UserDeactivated,
+            "This account has been deactivated",
+        )
     }
     pub fn limit_exceeded(retry_after: Duration) -> Self {
         let mut data = LimitExceededErrorData::new();
@@ -95,7 +109,11 @@ impl Error {
         )
     }
     pub fn unsupported_room_version(message: impl Into<String>) -> Self {
-        Self::matrix(StatusCode::BAD_REQUEST, ErrorKind::UnsupportedRoomVersion, message)
+        Self::matrix(
+            StatusCode::BAD_REQUEST,
+            ErrorKind::UnsupportedRoomVersion,
+            message,
+        )
     }
     pub fn room_in_use(message: impl Into<String>) -> Self {
         Self::matrix(StatusCode::BAD_REQUEST, ErrorKind::RoomInUse, message)
@@ -128,10 +146,15 @@ impl Error {
     /// Status code and JSON body of the error as sent to a client.
     pub fn to_response_parts(&self) -> (StatusCode, serde_json::Value) {
         match self {
-            Self::Matrix { status, kind, message } => {
+            Self::Matrix {
+                status,
+                kind,
+                message,
+            } => {
                 let body = StandardErrorBody::new(kind.clone(), message.clone());
-                let json = serde_json::to_value(&body)
-                    .unwrap_or_else(|_| serde_json::json!({"errcode": "M_UNKNOWN", "error": message}));
+                let json = serde_json::to_value(&body).unwrap_or_else(
+                    |_| serde_json::json!({"errcode": "M_UNKNOWN", "error": message}),
+                );
                 (*status, json)
             }
             Self::Uiaa(info) => (

@@ -9,7 +9,11 @@ use salon::{
 };
 
 #[derive(Parser)]
-#[command(name = "salon", version, about = "A Matrix homeserver for an organisation's own staff")]
+#[command(
+    name = "salon",
+    version,
+    about = "A Matrix homeserver for an organisation's own staff"
+)]
 struct Cli {
     /// TOML configuration file; without one, every key has its default.
     #[arg(long, short, global = true, env = "SALON_CONFIG")]
@@ -63,7 +67,9 @@ enum TokenCommand {
         valid_hours: Option<u64>,
     },
     List,
-    Delete { token: String },
+    Delete {
+        token: String,
+    },
 }
 
 fn load_config(path: Option<&std::path::Path>) -> Result<Config, String> {
@@ -71,12 +77,15 @@ fn load_config(path: Option<&std::path::Path>) -> Result<Config, String> {
 }
 
 fn init_logging(config: &Config) {
-    use tracing_subscriber::{EnvFilter, fmt};
     use std::io::IsTerminal;
+    use tracing_subscriber::{EnvFilter, fmt};
     // The authorisation rules log every decision at info; that is debugging detail.
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(format!("ruma_state_res=warn,{}", config.log.level)));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Pretty => builder.init(),
@@ -95,12 +104,20 @@ fn main() -> std::process::ExitCode {
     };
     match cli.command {
         Command::CheckConfig => {
-            println!("configuration is valid: server_name = {}, listening on {}, data in {}", config.server_name, config.listen, config.data_dir.display());
+            println!(
+                "configuration is valid: server_name = {}, listening on {}, data in {}",
+                config.server_name,
+                config.listen,
+                config.data_dir.display()
+            );
             std::process::ExitCode::SUCCESS
         }
         Command::Serve => {
             init_logging(&config);
-            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
             let result = runtime.block_on(async move {
                 let listener = tokio::net::TcpListener::bind(config.listen)
                     .await
@@ -117,7 +134,10 @@ fn main() -> std::process::ExitCode {
             }
         }
         Command::Admin { command } => {
-            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
             match runtime.block_on(admin(config, command)) {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(e) => {
@@ -132,30 +152,60 @@ fn main() -> std::process::ExitCode {
 async fn admin(config: Config, command: AdminCommand) -> anyhow::Result<()> {
     let services = Services::build(config)?;
     match command {
-        AdminCommand::CreateUser { name, password, admin } => {
-            let user_id = salon::service::users::new_local_user_id(&name, services.globals.server_name())
-                .map_err(|e| anyhow::anyhow!("invalid user name {name:?}: {e}"))?;
+        AdminCommand::CreateUser {
+            name,
+            password,
+            admin,
+        } => {
+            let user_id =
+                salon::service::users::new_local_user_id(&name, services.globals.server_name())
+                    .map_err(|e| anyhow::anyhow!("invalid user name {name:?}: {e}"))?;
             if services.users.exists(&user_id)? {
                 anyhow::bail!("{user_id} already exists");
             }
             let generated = password.is_none();
             let password = password.unwrap_or_else(|| salon::service::globals::random_string(20));
-            services.users.create(&user_id, Some(&password), admin, false).await?;
-            println!("created {user_id}{}", if admin { " (server admin)" } else { "" });
+            services
+                .users
+                .create(&user_id, Some(&password), admin, false)
+                .await?;
+            println!(
+                "created {user_id}{}",
+                if admin { " (server admin)" } else { "" }
+            );
             if generated {
                 println!("password: {password}");
             }
         }
         AdminCommand::RegistrationToken { command } => match command {
-            TokenCommand::Create { token, uses, valid_hours } => {
+            TokenCommand::Create {
+                token,
+                uses,
+                valid_hours,
+            } => {
                 let expiry = valid_hours.map(|h| salon::service::users::now_ms() + h * 3_600_000);
-                let t = services.users.create_registration_token(token, uses, expiry)?;
+                let t = services
+                    .users
+                    .create_registration_token(token, uses, expiry)?;
                 println!("{}", t.token);
             }
             TokenCommand::List => {
                 for t in services.users.registration_tokens()? {
-                    let uses = t.uses_allowed.map(|u| u.to_string()).unwrap_or_else(|| "unlimited".into());
-                    println!("{}\tused {}/{}\t{}", t.token, t.completed, uses, if t.is_valid(salon::service::users::now_ms()) { "valid" } else { "expired" });
+                    let uses = t
+                        .uses_allowed
+                        .map(|u| u.to_string())
+                        .unwrap_or_else(|| "unlimited".into());
+                    println!(
+                        "{}\tused {}/{}\t{}",
+                        t.token,
+                        t.completed,
+                        uses,
+                        if t.is_valid(salon::service::users::now_ms()) {
+                            "valid"
+                        } else {
+                            "expired"
+                        }
+                    );
                 }
             }
             TokenCommand::Delete { token } => {
@@ -176,7 +226,8 @@ async fn shutdown_signal() {
     };
     #[cfg(unix)]
     let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
             s.recv().await;
         }
     };

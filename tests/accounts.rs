@@ -12,15 +12,31 @@ async fn discovery_endpoints_describe_the_server() {
     let c = server.client();
     let (status, versions) = c.get("/_matrix/client/versions").await;
     assert_eq!(status, StatusCode::OK);
-    let list: Vec<&str> = versions["versions"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    let list: Vec<&str> = versions["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
     assert!(list.contains(&"v1.12"), "{versions}");
     let (_, wk) = c.get("/.well-known/matrix/client").await;
-    assert_eq!(wk["m.homeserver"]["base_url"], json!(format!("http://127.0.0.1:8008")));
+    assert_eq!(
+        wk["m.homeserver"]["base_url"],
+        json!(format!("http://127.0.0.1:8008"))
+    );
     let alice = server.user("alice").await;
-    let caps = alice.ok(Method::GET, "/_matrix/client/v3/capabilities", None).await;
+    let caps = alice
+        .ok(Method::GET, "/_matrix/client/v3/capabilities", None)
+        .await;
     assert_eq!(caps["capabilities"]["m.room_versions"]["default"], "12");
-    assert_eq!(caps["capabilities"]["m.room_versions"]["available"]["10"], "stable");
-    assert_ne!(caps["capabilities"]["m.change_password"]["enabled"], false, "password changes are allowed (absent means true)");
+    assert_eq!(
+        caps["capabilities"]["m.room_versions"]["available"]["10"],
+        "stable"
+    );
+    assert_ne!(
+        caps["capabilities"]["m.change_password"]["enabled"], false,
+        "password changes are allowed (absent means true)"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -28,23 +44,46 @@ async fn registration_uses_interactive_auth_and_checks_names() {
     let server = TestServer::start().await;
     let c = server.client();
     // Without auth: 401 with the flows and a session.
-    let (status, body) = c.post("/_matrix/client/v3/register", json!({ "username": "bob", "password": "long enough pw" })).await;
+    let (status, body) = c
+        .post(
+            "/_matrix/client/v3/register",
+            json!({ "username": "bob", "password": "long enough pw" }),
+        )
+        .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
     let flows = body["flows"].as_array().unwrap();
-    assert!(flows.iter().any(|f| f["stages"] == json!(["m.login.dummy"])), "{body}");
+    assert!(
+        flows
+            .iter()
+            .any(|f| f["stages"] == json!(["m.login.dummy"])),
+        "{body}"
+    );
     let session = body["session"].as_str().unwrap().to_owned();
     // Completing the dummy stage in that session registers.
     let (status, body) = c
         .post("/_matrix/client/v3/register", json!({ "username": "Bob", "password": "long enough pw", "auth": { "type": "m.login.dummy", "session": session } }))
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(body["user_id"], "@bob:localhost", "usernames are lower-cased");
+    assert_eq!(
+        body["user_id"], "@bob:localhost",
+        "usernames are lower-cased"
+    );
     assert!(body["access_token"].as_str().unwrap().len() >= 32);
 
-    let (status, body) = c.get("/_matrix/client/v3/register/available?username=bob").await;
-    assert_eq!((status, errcode(&body)), (StatusCode::BAD_REQUEST, "M_USER_IN_USE"));
-    let (status, body) = c.get("/_matrix/client/v3/register/available?username=carol").await;
-    assert_eq!((status, body["available"].clone()), (StatusCode::OK, json!(true)));
+    let (status, body) = c
+        .get("/_matrix/client/v3/register/available?username=bob")
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::BAD_REQUEST, "M_USER_IN_USE")
+    );
+    let (status, body) = c
+        .get("/_matrix/client/v3/register/available?username=carol")
+        .await;
+    assert_eq!(
+        (status, body["available"].clone()),
+        (StatusCode::OK, json!(true))
+    );
 
     let (_, body) = c.post("/_matrix/client/v3/register", json!({ "username": "bob", "password": "long enough pw", "auth": { "type": "m.login.dummy" } })).await;
     assert_eq!(errcode(&body), "M_USER_IN_USE");
@@ -52,10 +91,20 @@ async fn registration_uses_interactive_auth_and_checks_names() {
     assert_eq!(errcode(&body), "M_INVALID_USERNAME");
     let (_, body) = c.post("/_matrix/client/v3/register", json!({ "username": "_email_x", "password": "long enough pw", "auth": { "type": "m.login.dummy" } })).await;
     assert_eq!(errcode(&body), "M_EXCLUSIVE");
-    let (_, body) = c.post("/_matrix/client/v3/register", json!({ "username": "dave", "password": "short", "auth": { "type": "m.login.dummy" } })).await;
+    let (_, body) = c
+        .post(
+            "/_matrix/client/v3/register",
+            json!({ "username": "dave", "password": "short", "auth": { "type": "m.login.dummy" } }),
+        )
+        .await;
     assert_eq!(errcode(&body), "M_WEAK_PASSWORD");
-    let (status, body) = c.post("/_matrix/client/v3/register?kind=guest", json!({})).await;
-    assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_GUEST_ACCESS_FORBIDDEN"));
+    let (status, body) = c
+        .post("/_matrix/client/v3/register?kind=guest", json!({}))
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::FORBIDDEN, "M_GUEST_ACCESS_FORBIDDEN")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,8 +112,15 @@ async fn registration_tokens_gate_registration() {
     let server = TestServer::start_with(&[("SALON_REGISTRATION__MODE", "token")]).await;
     let c = server.client();
     let (status, body) = c.post("/_matrix/client/v3/register", json!({ "username": "eve", "password": "long enough pw", "auth": { "type": "m.login.dummy" } })).await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED, "dummy is not enough in token mode: {body}");
-    assert_eq!(body["flows"], json!([{ "stages": ["m.login.registration_token"] }]));
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "dummy is not enough in token mode: {body}"
+    );
+    assert_eq!(
+        body["flows"],
+        json!([{ "stages": ["m.login.registration_token"] }])
+    );
 
     // An admin creates a one-use token.
     let services_dir = server.dir.path().to_owned();
@@ -72,25 +128,38 @@ async fn registration_tokens_gate_registration() {
     {
         let config = common::test_config(&services_dir, &[("SALON_REGISTRATION__MODE", "token")]);
         let services = salon::services(config).unwrap();
-        services.users.create_registration_token(Some("let-me-in".into()), Some(1), None).unwrap();
+        services
+            .users
+            .create_registration_token(Some("let-me-in".into()), Some(1), None)
+            .unwrap();
     }
     let server = TestServer::start_in(dir, &[("SALON_REGISTRATION__MODE", "token")]).await;
     let c = server.client();
-    let (_, body) = c.get("/_matrix/client/v1/register/m.login.registration_token/validity?token=let-me-in").await;
+    let (_, body) = c
+        .get("/_matrix/client/v1/register/m.login.registration_token/validity?token=let-me-in")
+        .await;
     assert_eq!(body["valid"], true);
-    let (_, body) = c.get("/_matrix/client/v1/register/m.login.registration_token/validity?token=nope").await;
+    let (_, body) = c
+        .get("/_matrix/client/v1/register/m.login.registration_token/validity?token=nope")
+        .await;
     assert_eq!(body["valid"], false);
 
     let (status, body) = c
         .post("/_matrix/client/v3/register", json!({ "username": "eve", "password": "long enough pw", "auth": { "type": "m.login.registration_token", "token": "nope" } }))
         .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    assert_eq!(errcode(&body), "M_FORBIDDEN", "a wrong token is reported in the UIA response: {body}");
+    assert_eq!(
+        errcode(&body),
+        "M_FORBIDDEN",
+        "a wrong token is reported in the UIA response: {body}"
+    );
     let (status, body) = c
         .post("/_matrix/client/v3/register", json!({ "username": "eve", "password": "long enough pw", "auth": { "type": "m.login.registration_token", "token": "let-me-in" } }))
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let (_, body) = c.get("/_matrix/client/v1/register/m.login.registration_token/validity?token=let-me-in").await;
+    let (_, body) = c
+        .get("/_matrix/client/v1/register/m.login.registration_token/validity?token=let-me-in")
+        .await;
     assert_eq!(body["valid"], false, "the token allowed one use");
 }
 
@@ -100,8 +169,16 @@ async fn login_logout_and_tokens() {
     let alice = server.user("alice").await;
     let c = server.client();
     let types = c.ok(Method::GET, "/_matrix/client/v3/login", None).await;
-    let kinds: Vec<&str> = types["flows"].as_array().unwrap().iter().map(|f| f["type"].as_str().unwrap()).collect();
-    assert!(kinds.contains(&"m.login.password") && kinds.contains(&"m.login.token"), "{types}");
+    let kinds: Vec<&str> = types["flows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["type"].as_str().unwrap())
+        .collect();
+    assert!(
+        kinds.contains(&"m.login.password") && kinds.contains(&"m.login.token"),
+        "{types}"
+    );
 
     for user in ["alice", "@alice:localhost", "ALICE"] {
         let (status, body) = c
@@ -114,14 +191,22 @@ async fn login_logout_and_tokens() {
     let (status, body) = c
         .post("/_matrix/client/v3/login", json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": "alice" }, "password": "wrong" }))
         .await;
-    assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"));
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::FORBIDDEN, "M_FORBIDDEN")
+    );
     let (status, body) = c
         .post("/_matrix/client/v3/login", json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": "nobody" }, "password": "whatever" }))
         .await;
-    assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"));
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::FORBIDDEN, "M_FORBIDDEN")
+    );
 
     // A login token, obtained with the password, logs in once.
-    let (status, body) = alice.post("/_matrix/client/v1/login/get_token", json!({})).await;
+    let (status, body) = alice
+        .post("/_matrix/client/v1/login/get_token", json!({}))
+        .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
     let session = body["session"].as_str().unwrap();
     let body = alice
@@ -131,22 +216,45 @@ async fn login_logout_and_tokens() {
         .await;
     let login_token = body["login_token"].as_str().unwrap().to_owned();
     assert!(body["expires_in_ms"].as_u64().unwrap() > 0);
-    let (status, body) = c.post("/_matrix/client/v3/login", json!({ "type": "m.login.token", "token": login_token })).await;
+    let (status, body) = c
+        .post(
+            "/_matrix/client/v3/login",
+            json!({ "type": "m.login.token", "token": login_token }),
+        )
+        .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["user_id"], "@alice:localhost");
-    let (status, _) = c.post("/_matrix/client/v3/login", json!({ "type": "m.login.token", "token": login_token })).await;
+    let (status, _) = c
+        .post(
+            "/_matrix/client/v3/login",
+            json!({ "type": "m.login.token", "token": login_token }),
+        )
+        .await;
     assert_eq!(status, StatusCode::FORBIDDEN, "login tokens are single-use");
 
     // whoami, then logout invalidates exactly that token.
-    let who = alice.ok(Method::GET, "/_matrix/client/v3/account/whoami", None).await;
+    let who = alice
+        .ok(Method::GET, "/_matrix/client/v3/account/whoami", None)
+        .await;
     assert_eq!(who["user_id"], "@alice:localhost");
     assert_eq!(who["device_id"], alice.device_id.as_str());
-    alice.ok(Method::POST, "/_matrix/client/v3/logout", Some(json!({}))).await;
+    alice
+        .ok(Method::POST, "/_matrix/client/v3/logout", Some(json!({})))
+        .await;
     let (status, body) = alice.get("/_matrix/client/v3/account/whoami").await;
-    assert_eq!((status, errcode(&body)), (StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN"));
-    assert_ne!(body["soft_logout"], true, "a logged-out token is not a soft logout");
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN")
+    );
+    assert_ne!(
+        body["soft_logout"], true,
+        "a logged-out token is not a soft logout"
+    );
     let (status, body) = c.get("/_matrix/client/v3/account/whoami").await;
-    assert_eq!((status, errcode(&body)), (StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN"));
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN")
+    );
 
     // logout/all ends every session.
     let a1 = server.user("bob").await;
@@ -155,10 +263,23 @@ async fn login_logout_and_tokens() {
         .ok(Method::POST, "/_matrix/client/v3/login", Some(json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": "bob" }, "password": "correct horse battery" })))
         .await;
     a2.token = Some(body["access_token"].as_str().unwrap().into());
-    a1.ok(Method::POST, "/_matrix/client/v3/logout/all", Some(json!({}))).await;
-    assert_eq!(a2.get("/_matrix/client/v3/account/whoami").await.0, StatusCode::UNAUTHORIZED);
+    a1.ok(
+        Method::POST,
+        "/_matrix/client/v3/logout/all",
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(
+        a2.get("/_matrix/client/v3/account/whoami").await.0,
+        StatusCode::UNAUTHORIZED
+    );
     // The token may also come as a query parameter.
-    let (status, _) = c.get(&format!("/_matrix/client/v3/account/whoami?access_token={}", enc(a1.token.as_deref().unwrap()))).await;
+    let (status, _) = c
+        .get(&format!(
+            "/_matrix/client/v3/account/whoami?access_token={}",
+            enc(a1.token.as_deref().unwrap())
+        ))
+        .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 }
 
@@ -172,25 +293,44 @@ async fn password_change_and_deactivation() {
         .await;
     other.token = Some(body["access_token"].as_str().unwrap().into());
 
-    let (status, body) = alice.post("/_matrix/client/v3/account/password", json!({ "new_password": "a brand new secret" })).await;
+    let (status, body) = alice
+        .post(
+            "/_matrix/client/v3/account/password",
+            json!({ "new_password": "a brand new secret" }),
+        )
+        .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     let session = body["session"].as_str().unwrap();
     let (status, body) = alice
         .post("/_matrix/client/v3/account/password", json!({ "new_password": "a brand new secret", "auth": {
             "type": "m.login.password", "session": session, "identifier": { "type": "m.id.user", "user": "alice" }, "password": "wrong" } }))
         .await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED, "wrong password keeps the flow open: {body}");
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "wrong password keeps the flow open: {body}"
+    );
     assert_eq!(errcode(&body), "M_FORBIDDEN");
     alice
         .ok(Method::POST, "/_matrix/client/v3/account/password", Some(json!({ "new_password": "a brand new secret", "auth": {
             "type": "m.login.password", "session": session, "identifier": { "type": "m.id.user", "user": "alice" }, "password": "correct horse battery" } })))
         .await;
-    assert_eq!(other.get("/_matrix/client/v3/account/whoami").await.0, StatusCode::UNAUTHORIZED, "other devices are logged out");
-    assert_eq!(alice.get("/_matrix/client/v3/account/whoami").await.0, StatusCode::OK, "this device stays");
+    assert_eq!(
+        other.get("/_matrix/client/v3/account/whoami").await.0,
+        StatusCode::UNAUTHORIZED,
+        "other devices are logged out"
+    );
+    assert_eq!(
+        alice.get("/_matrix/client/v3/account/whoami").await.0,
+        StatusCode::OK,
+        "this device stays"
+    );
     let c = server.client();
     let login = |pw: &'static str| {
         let c = c.clone();
-        async move { c.post("/_matrix/client/v3/login", json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": "alice" }, "password": pw })).await.0 }
+        async move {
+            c.post("/_matrix/client/v3/login", json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": "alice" }, "password": pw })).await.0
+        }
     };
     assert_eq!(login("correct horse battery").await, StatusCode::FORBIDDEN);
     assert_eq!(login("a brand new secret").await, StatusCode::OK);
@@ -202,13 +342,31 @@ async fn password_change_and_deactivation() {
             "type": "m.login.password", "identifier": { "type": "m.id.user", "user": "alice" }, "password": "a brand new secret" } })))
         .await;
     assert_eq!(login("a brand new secret").await, StatusCode::FORBIDDEN);
-    assert_eq!(alice.get("/_matrix/client/v3/account/whoami").await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        alice.get("/_matrix/client/v3/account/whoami").await.0,
+        StatusCode::UNAUTHORIZED
+    );
     let bob = server.user("bob").await;
-    let (status, body) = bob.get(&format!("/_matrix/client/v3/profile/{}", enc("@alice:localhost"))).await;
-    assert_eq!((status, errcode(&body)), (StatusCode::NOT_FOUND, "M_NOT_FOUND"));
+    let (status, body) = bob
+        .get(&format!(
+            "/_matrix/client/v3/profile/{}",
+            enc("@alice:localhost")
+        ))
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::NOT_FOUND, "M_NOT_FOUND")
+    );
     let _ = room;
-    let (_, body) = server.client().get("/_matrix/client/v3/register/available?username=alice").await;
-    assert_eq!(errcode(&body), "M_USER_IN_USE", "deactivated names are never reused");
+    let (_, body) = server
+        .client()
+        .get("/_matrix/client/v3/register/available?username=alice")
+        .await;
+    assert_eq!(
+        errcode(&body),
+        "M_USER_IN_USE",
+        "deactivated names are never reused"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -223,31 +381,61 @@ async fn devices_list_rename_delete() {
     assert_eq!(body["device_id"], "PHONE");
     phone.token = Some(body["access_token"].as_str().unwrap().into());
 
-    let list = alice.ok(Method::GET, "/_matrix/client/v3/devices", None).await;
-    let ids: Vec<&str> = list["devices"].as_array().unwrap().iter().map(|d| d["device_id"].as_str().unwrap()).collect();
+    let list = alice
+        .ok(Method::GET, "/_matrix/client/v3/devices", None)
+        .await;
+    let ids: Vec<&str> = list["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["device_id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids.len(), 2);
     assert!(ids.contains(&"PHONE"));
-    let d = alice.ok(Method::GET, "/_matrix/client/v3/devices/PHONE", None).await;
+    let d = alice
+        .ok(Method::GET, "/_matrix/client/v3/devices/PHONE", None)
+        .await;
     assert_eq!(d["display_name"], "Alice's phone");
-    alice.ok(Method::PUT, "/_matrix/client/v3/devices/PHONE", Some(json!({ "display_name": "Work phone" }))).await;
-    let d = alice.ok(Method::GET, "/_matrix/client/v3/devices/PHONE", None).await;
+    alice
+        .ok(
+            Method::PUT,
+            "/_matrix/client/v3/devices/PHONE",
+            Some(json!({ "display_name": "Work phone" })),
+        )
+        .await;
+    let d = alice
+        .ok(Method::GET, "/_matrix/client/v3/devices/PHONE", None)
+        .await;
     assert_eq!(d["display_name"], "Work phone");
     let (status, body) = alice.get("/_matrix/client/v3/devices/NOPE").await;
-    assert_eq!((status, errcode(&body)), (StatusCode::NOT_FOUND, "M_NOT_FOUND"));
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::NOT_FOUND, "M_NOT_FOUND")
+    );
 
     let (status, body) = alice.delete("/_matrix/client/v3/devices/PHONE").await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED, "deleting a device needs the password: {body}");
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "deleting a device needs the password: {body}"
+    );
     alice
         .ok(Method::DELETE, "/_matrix/client/v3/devices/PHONE", Some(json!({ "auth": {
             "type": "m.login.password", "session": body["session"], "identifier": { "type": "m.id.user", "user": "alice" }, "password": "correct horse battery" } })))
         .await;
-    assert_eq!(phone.get("/_matrix/client/v3/account/whoami").await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        phone.get("/_matrix/client/v3/account/whoami").await.0,
+        StatusCode::UNAUTHORIZED
+    );
 
     alice
         .ok(Method::POST, "/_matrix/client/v3/delete_devices", Some(json!({ "devices": [alice.device_id], "auth": {
             "type": "m.login.password", "identifier": { "type": "m.id.user", "user": "alice" }, "password": "correct horse battery" } })))
         .await;
-    assert_eq!(alice.get("/_matrix/client/v3/account/whoami").await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        alice.get("/_matrix/client/v3/account/whoami").await.0,
+        StatusCode::UNAUTHORIZED
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,22 +443,75 @@ async fn profile_changes_reach_member_events() {
     let server = TestServer::start().await;
     let alice = server.user("alice").await;
     let room = alice.create_room(json!({})).await;
-    let (_, member) = alice.state(&room, "m.room.member", "@alice:localhost").await;
-    assert_eq!(member["displayname"], "alice", "the localpart is the first display name");
+    let (_, member) = alice
+        .state(&room, "m.room.member", "@alice:localhost")
+        .await;
+    assert_eq!(
+        member["displayname"], "alice",
+        "the localpart is the first display name"
+    );
 
-    alice.ok(Method::PUT, &format!("/_matrix/client/v3/profile/{}/displayname", enc(&alice.user_id)), Some(json!({ "displayname": "Alice Martin" }))).await;
-    alice.ok(Method::PUT, &format!("/_matrix/client/v3/profile/{}/avatar_url", enc(&alice.user_id)), Some(json!({ "avatar_url": "mxc://localhost/abc" }))).await;
-    let p = alice.ok(Method::GET, &format!("/_matrix/client/v3/profile/{}", enc(&alice.user_id)), None).await;
-    assert_eq!(p, json!({ "displayname": "Alice Martin", "avatar_url": "mxc://localhost/abc" }));
-    let (_, member) = alice.state(&room, "m.room.member", "@alice:localhost").await;
+    alice
+        .ok(
+            Method::PUT,
+            &format!(
+                "/_matrix/client/v3/profile/{}/displayname",
+                enc(&alice.user_id)
+            ),
+            Some(json!({ "displayname": "Alice Martin" })),
+        )
+        .await;
+    alice
+        .ok(
+            Method::PUT,
+            &format!(
+                "/_matrix/client/v3/profile/{}/avatar_url",
+                enc(&alice.user_id)
+            ),
+            Some(json!({ "avatar_url": "mxc://localhost/abc" })),
+        )
+        .await;
+    let p = alice
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/profile/{}", enc(&alice.user_id)),
+            None,
+        )
+        .await;
+    assert_eq!(
+        p,
+        json!({ "displayname": "Alice Martin", "avatar_url": "mxc://localhost/abc" })
+    );
+    let (_, member) = alice
+        .state(&room, "m.room.member", "@alice:localhost")
+        .await;
     assert_eq!(member["displayname"], "Alice Martin");
     assert_eq!(member["avatar_url"], "mxc://localhost/abc");
     assert_eq!(member["membership"], "join");
 
     let bob = server.user("bob").await;
-    let (status, body) = bob.put(&format!("/_matrix/client/v3/profile/{}/displayname", enc(&alice.user_id)), json!({ "displayname": "Mallory" })).await;
-    assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"));
-    let (status, body) = alice.put(&format!("/_matrix/client/v3/profile/{}/avatar_url", enc(&alice.user_id)), json!({ "avatar_url": "https://example.org/a.png" })).await;
+    let (status, body) = bob
+        .put(
+            &format!(
+                "/_matrix/client/v3/profile/{}/displayname",
+                enc(&alice.user_id)
+            ),
+            json!({ "displayname": "Mallory" }),
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::FORBIDDEN, "M_FORBIDDEN")
+    );
+    let (status, body) = alice
+        .put(
+            &format!(
+                "/_matrix/client/v3/profile/{}/avatar_url",
+                enc(&alice.user_id)
+            ),
+            json!({ "avatar_url": "https://example.org/a.png" }),
+        )
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
 }
 
@@ -280,36 +521,121 @@ async fn account_data_tags_and_filters() {
     let alice = server.user("alice").await;
     let bob = server.user("bob").await;
     let u = enc(&alice.user_id);
-    alice.ok(Method::PUT, &format!("/_matrix/client/v3/user/{u}/account_data/org.example.settings"), Some(json!({ "theme": "dark" }))).await;
-    let v = alice.ok(Method::GET, &format!("/_matrix/client/v3/user/{u}/account_data/org.example.settings"), None).await;
+    alice
+        .ok(
+            Method::PUT,
+            &format!("/_matrix/client/v3/user/{u}/account_data/org.example.settings"),
+            Some(json!({ "theme": "dark" })),
+        )
+        .await;
+    let v = alice
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/user/{u}/account_data/org.example.settings"),
+            None,
+        )
+        .await;
     assert_eq!(v, json!({ "theme": "dark" }));
-    let (status, body) = bob.get(&format!("/_matrix/client/v3/user/{u}/account_data/org.example.settings")).await;
-    assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"));
-    let (status, body) = alice.get(&format!("/_matrix/client/v3/user/{u}/account_data/org.example.missing")).await;
-    assert_eq!((status, errcode(&body)), (StatusCode::NOT_FOUND, "M_NOT_FOUND"));
+    let (status, body) = bob
+        .get(&format!(
+            "/_matrix/client/v3/user/{u}/account_data/org.example.settings"
+        ))
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::FORBIDDEN, "M_FORBIDDEN")
+    );
+    let (status, body) = alice
+        .get(&format!(
+            "/_matrix/client/v3/user/{u}/account_data/org.example.missing"
+        ))
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::NOT_FOUND, "M_NOT_FOUND")
+    );
 
     let room = alice.create_room(json!({})).await;
     let r = enc(&room);
-    alice.ok(Method::PUT, &format!("/_matrix/client/v3/user/{u}/rooms/{r}/account_data/org.example.room"), Some(json!({ "pinned": true }))).await;
-    let v = alice.ok(Method::GET, &format!("/_matrix/client/v3/user/{u}/rooms/{r}/account_data/org.example.room"), None).await;
+    alice
+        .ok(
+            Method::PUT,
+            &format!("/_matrix/client/v3/user/{u}/rooms/{r}/account_data/org.example.room"),
+            Some(json!({ "pinned": true })),
+        )
+        .await;
+    let v = alice
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/user/{u}/rooms/{r}/account_data/org.example.room"),
+            None,
+        )
+        .await;
     assert_eq!(v, json!({ "pinned": true }));
 
-    alice.ok(Method::PUT, &format!("/_matrix/client/v3/user/{u}/rooms/{r}/tags/m.favourite"), Some(json!({ "order": 0.25 }))).await;
-    alice.ok(Method::PUT, &format!("/_matrix/client/v3/user/{u}/rooms/{r}/tags/u.work"), Some(json!({}))).await;
-    let tags = alice.ok(Method::GET, &format!("/_matrix/client/v3/user/{u}/rooms/{r}/tags"), None).await;
+    alice
+        .ok(
+            Method::PUT,
+            &format!("/_matrix/client/v3/user/{u}/rooms/{r}/tags/m.favourite"),
+            Some(json!({ "order": 0.25 })),
+        )
+        .await;
+    alice
+        .ok(
+            Method::PUT,
+            &format!("/_matrix/client/v3/user/{u}/rooms/{r}/tags/u.work"),
+            Some(json!({})),
+        )
+        .await;
+    let tags = alice
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/user/{u}/rooms/{r}/tags"),
+            None,
+        )
+        .await;
     assert_eq!(tags["tags"]["m.favourite"]["order"], 0.25);
     assert!(tags["tags"]["u.work"].is_object());
-    alice.ok(Method::DELETE, &format!("/_matrix/client/v3/user/{u}/rooms/{r}/tags/u.work"), None).await;
-    let tags = alice.ok(Method::GET, &format!("/_matrix/client/v3/user/{u}/rooms/{r}/tags"), None).await;
+    alice
+        .ok(
+            Method::DELETE,
+            &format!("/_matrix/client/v3/user/{u}/rooms/{r}/tags/u.work"),
+            None,
+        )
+        .await;
+    let tags = alice
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/user/{u}/rooms/{r}/tags"),
+            None,
+        )
+        .await;
     assert!(tags["tags"].get("u.work").is_none(), "{tags}");
 
     let filter = json!({ "room": { "timeline": { "limit": 7, "types": ["m.room.message"] } }, "event_fields": ["content.body"] });
-    let created = alice.ok(Method::POST, &format!("/_matrix/client/v3/user/{u}/filter"), Some(filter.clone())).await;
+    let created = alice
+        .ok(
+            Method::POST,
+            &format!("/_matrix/client/v3/user/{u}/filter"),
+            Some(filter.clone()),
+        )
+        .await;
     let id = created["filter_id"].as_str().unwrap();
-    let back = alice.ok(Method::GET, &format!("/_matrix/client/v3/user/{u}/filter/{id}"), None).await;
+    let back = alice
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/user/{u}/filter/{id}"),
+            None,
+        )
+        .await;
     assert_eq!(back["room"]["timeline"]["limit"], 7);
     assert_eq!(back["room"]["timeline"]["types"], json!(["m.room.message"]));
-    let (status, _) = bob.get(&format!("/_matrix/client/v3/user/{}/filter/{id}", enc(&bob.user_id))).await;
+    let (status, _) = bob
+        .get(&format!(
+            "/_matrix/client/v3/user/{}/filter/{id}",
+            enc(&bob.user_id)
+        ))
+        .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
@@ -317,21 +643,39 @@ async fn account_data_tags_and_filters() {
 async fn shared_secret_registration_is_synapse_compatible() {
     let server = TestServer::start().await;
     let c = server.client();
-    let nonce = c.ok(Method::GET, "/_synapse/admin/v1/register", None).await["nonce"].as_str().unwrap().to_owned();
-    let mac = salon::api::client::admin::registration_mac(&server.shared_secret, &nonce, "ops", "an admin password", true);
+    let nonce = c.ok(Method::GET, "/_synapse/admin/v1/register", None).await["nonce"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mac = salon::api::client::admin::registration_mac(
+        &server.shared_secret,
+        &nonce,
+        "ops",
+        "an admin password",
+        true,
+    );
     let body = c
         .ok(Method::POST, "/_synapse/admin/v1/register", Some(json!({ "nonce": nonce, "username": "ops", "password": "an admin password", "admin": true, "mac": mac })))
         .await;
     assert_eq!(body["user_id"], "@ops:localhost");
     let mut ops = server.client();
     ops.token = Some(body["access_token"].as_str().unwrap().into());
-    assert_eq!(ops.get("/_matrix/client/v3/account/whoami").await.0, StatusCode::OK);
+    assert_eq!(
+        ops.get("/_matrix/client/v3/account/whoami").await.0,
+        StatusCode::OK
+    );
     // A nonce is single-use and the MAC must match.
     let (status, _) = c.post("/_synapse/admin/v1/register", json!({ "nonce": nonce, "username": "ops2", "password": "x", "admin": false, "mac": mac })).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    let nonce = c.ok(Method::GET, "/_synapse/admin/v1/register", None).await["nonce"].as_str().unwrap().to_owned();
+    let nonce = c.ok(Method::GET, "/_synapse/admin/v1/register", None).await["nonce"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let (status, body) = c.post("/_synapse/admin/v1/register", json!({ "nonce": nonce, "username": "ops3", "password": "x", "admin": false, "mac": "00" })).await;
-    assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"));
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::FORBIDDEN, "M_FORBIDDEN")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

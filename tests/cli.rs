@@ -4,12 +4,18 @@ use std::process::Command;
 
 fn salon(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_salon"));
-    cmd.args(args).env("SALON_DATA_DIR", dir).env_remove("SALON_CONFIG");
+    cmd.args(args)
+        .env("SALON_DATA_DIR", dir)
+        .env_remove("SALON_CONFIG");
     for (k, v) in env {
         cmd.env(k, v);
     }
     let out = cmd.output().expect("salon runs");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -17,19 +23,38 @@ fn check_config_explains_mistakes() {
     let dir = tempfile::tempdir().unwrap();
     let (code, out, _) = salon(dir.path(), &["check-config"], &[]);
     assert_eq!(code, 0);
-    assert!(out.contains("server_name = localhost") && out.contains("127.0.0.1:8008"), "{out}");
+    assert!(
+        out.contains("server_name = localhost") && out.contains("127.0.0.1:8008"),
+        "{out}"
+    );
 
     let file = dir.path().join("salon.toml");
-    std::fs::write(&file, "server_name = \"example.org\"\n[registration]\nmode = \"maybe\"\n").unwrap();
-    let (code, _, err) = salon(dir.path(), &["check-config", "--config", file.to_str().unwrap()], &[]);
+    std::fs::write(
+        &file,
+        "server_name = \"example.org\"\n[registration]\nmode = \"maybe\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = salon(
+        dir.path(),
+        &["check-config", "--config", file.to_str().unwrap()],
+        &[],
+    );
     assert_eq!(code, 2);
     assert!(err.contains("salon.toml") && err.contains("maybe"), "{err}");
 
-    let (code, _, err) = salon(dir.path(), &["check-config"], &[("SALON_LISTEN", "not an address")]);
+    let (code, _, err) = salon(
+        dir.path(),
+        &["check-config"],
+        &[("SALON_LISTEN", "not an address")],
+    );
     assert_eq!(code, 2);
     assert!(err.contains("SALON_LISTEN"), "{err}");
 
-    let (code, _, err) = salon(dir.path(), &["check-config", "--config", "/nonexistent/salon.toml"], &[]);
+    let (code, _, err) = salon(
+        dir.path(),
+        &["check-config", "--config", "/nonexistent/salon.toml"],
+        &[],
+    );
     assert_eq!(code, 2);
     assert!(err.contains("/nonexistent/salon.toml"), "{err}");
 }
@@ -37,10 +62,20 @@ fn check_config_explains_mistakes() {
 #[test]
 fn admin_creates_users_and_registration_tokens() {
     let dir = tempfile::tempdir().unwrap();
-    let (code, out, err) = salon(dir.path(), &["admin", "create-user", "Alice", "--admin"], &[]);
+    let (code, out, err) = salon(
+        dir.path(),
+        &["admin", "create-user", "Alice", "--admin"],
+        &[],
+    );
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("@alice:localhost") && out.contains("server admin"), "{out}");
-    let password = out.lines().find_map(|l| l.strip_prefix("password: ")).expect("a generated password is printed");
+    assert!(
+        out.contains("@alice:localhost") && out.contains("server admin"),
+        "{out}"
+    );
+    let password = out
+        .lines()
+        .find_map(|l| l.strip_prefix("password: "))
+        .expect("a generated password is printed");
     assert!(password.len() >= 16);
     let (code, _, err) = salon(dir.path(), &["admin", "create-user", "alice"], &[]);
     assert_eq!(code, 1);
@@ -49,7 +84,19 @@ fn admin_creates_users_and_registration_tokens() {
     assert_eq!(code, 1);
     assert!(err.contains("invalid"), "{err}");
 
-    let (code, out, _) = salon(dir.path(), &["admin", "registration-token", "create", "--token", "welcome-2026", "--uses", "3"], &[]);
+    let (code, out, _) = salon(
+        dir.path(),
+        &[
+            "admin",
+            "registration-token",
+            "create",
+            "--token",
+            "welcome-2026",
+            "--uses",
+            "3",
+        ],
+        &[],
+    );
     assert_eq!(code, 0);
     assert_eq!(out.trim(), "welcome-2026");
     let (_, out, _) = salon(dir.path(), &["admin", "registration-token", "create"], &[]);
@@ -58,15 +105,36 @@ fn admin_creates_users_and_registration_tokens() {
     let (_, out, _) = salon(dir.path(), &["admin", "registration-token", "list"], &[]);
     assert!(out.contains("welcome-2026\tused 0/3\tvalid"), "{out}");
     assert!(out.contains(&random));
-    let (code, _, _) = salon(dir.path(), &["admin", "registration-token", "delete", "welcome-2026"], &[]);
+    let (code, _, _) = salon(
+        dir.path(),
+        &["admin", "registration-token", "delete", "welcome-2026"],
+        &[],
+    );
     assert_eq!(code, 0);
-    let (code, _, err) = salon(dir.path(), &["admin", "registration-token", "delete", "welcome-2026"], &[]);
+    let (code, _, err) = salon(
+        dir.path(),
+        &["admin", "registration-token", "delete", "welcome-2026"],
+        &[],
+    );
     assert_eq!(code, 1, "{err}");
 
     // The account works: the server starts on that data and the password logs in.
-    let services = salon::services(salon::config::Config::load(None, vec![("SALON_DATA_DIR".to_owned(), dir.path().display().to_string())]).unwrap()).unwrap();
+    let services = salon::services(
+        salon::config::Config::load(
+            None,
+            vec![(
+                "SALON_DATA_DIR".to_owned(),
+                dir.path().display().to_string(),
+            )],
+        )
+        .unwrap(),
+    )
+    .unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let user = ruma::UserId::parse("@alice:localhost").unwrap();
-    assert!(rt.block_on(services.users.check_password(&user, password)).unwrap());
+    assert!(
+        rt.block_on(services.users.check_password(&user, password))
+            .unwrap()
+    );
     assert!(services.users.get(&user).unwrap().unwrap().admin);
 }

@@ -13,7 +13,11 @@ use reqwest::{Method, StatusCode};
 use serde_json::json;
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn spawn(dir: &std::path::Path, port: u16) -> Child {
@@ -35,7 +39,10 @@ async fn wait_ready(base: &str) {
     let http = reqwest::Client::new();
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(30) {
-        if let Ok(r) = http.get(format!("{base}/_matrix/client/versions")).send().await
+        if let Ok(r) = http
+            .get(format!("{base}/_matrix/client/versions"))
+            .send()
+            .await
             && r.status().is_success()
         {
             return;
@@ -53,7 +60,13 @@ async fn acknowledged_events_survive_kill_9() {
     let mut child = spawn(dir.path(), port);
     wait_ready(&base).await;
 
-    let mut alice = Client { base: base.clone(), http: reqwest::Client::new(), token: None, user_id: String::new(), device_id: String::new() };
+    let mut alice = Client {
+        base: base.clone(),
+        http: reqwest::Client::new(),
+        token: None,
+        user_id: String::new(),
+        device_id: String::new(),
+    };
     let body = alice
         .ok(Method::POST, "/_matrix/client/v3/register", Some(json!({ "username": "alice", "password": "correct horse battery", "auth": { "type": "m.login.dummy" } })))
         .await;
@@ -70,7 +83,11 @@ async fn acknowledged_events_survive_kill_9() {
                 let text = format!("worker {w} message {i}");
                 let res = c
                     .http
-                    .put(format!("{}/_matrix/client/v3/rooms/{}/send/m.room.message/w{w}-{i}", c.base, enc(&room)))
+                    .put(format!(
+                        "{}/_matrix/client/v3/rooms/{}/send/m.room.message/w{w}-{i}",
+                        c.base,
+                        enc(&room)
+                    ))
                     .bearer_auth(c.token.as_deref().unwrap())
                     .json(&json!({ "msgtype": "m.text", "body": text }))
                     .send()
@@ -79,8 +96,13 @@ async fn acknowledged_events_survive_kill_9() {
                 if res.status() != StatusCode::OK {
                     break;
                 }
-                let Ok(body) = res.json::<serde_json::Value>().await else { break };
-                acked.lock().unwrap().push((body["event_id"].as_str().unwrap().to_owned(), text));
+                let Ok(body) = res.json::<serde_json::Value>().await else {
+                    break;
+                };
+                acked
+                    .lock()
+                    .unwrap()
+                    .push((body["event_id"].as_str().unwrap().to_owned(), text));
             }
         }));
     }
@@ -95,7 +117,11 @@ async fn acknowledged_events_survive_kill_9() {
         let _ = t.await;
     }
     let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() >= 300, "the burst was sent ({} acknowledged)", acked.len());
+    assert!(
+        acked.len() >= 300,
+        "the burst was sent ({} acknowledged)",
+        acked.len()
+    );
 
     // Restart on the same data: every acknowledged event is there, with its content.
     let port = free_port();
@@ -104,12 +130,24 @@ async fn acknowledged_events_survive_kill_9() {
     wait_ready(&base).await;
     alice.base = base;
     for (event_id, text) in &acked {
-        let (status, e) = alice.get(&format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room), enc(event_id))).await;
-        assert_eq!(status, StatusCode::OK, "acknowledged event {event_id} was lost");
+        let (status, e) = alice
+            .get(&format!(
+                "/_matrix/client/v3/rooms/{}/event/{}",
+                enc(&room),
+                enc(event_id)
+            ))
+            .await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "acknowledged event {event_id} was lost"
+        );
         assert_eq!(e["content"]["body"], text.as_str());
     }
     // The room still accepts events after the crash, on top of what survived.
-    alice.send_text(&room, "after-restart", "after the crash").await;
+    alice
+        .send_text(&room, "after-restart", "after the crash")
+        .await;
     let _ = child.kill();
     let _ = child.wait();
 }

@@ -17,7 +17,9 @@ fn arb_json() -> impl Strategy<Value = Value> {
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
         any::<i64>().prop_map(|n| json!(n)),
-        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| json!(f)),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(|f| json!(f)),
         ".{0,30}".prop_map(Value::String),
         Just(json!("@alice:localhost")),
         Just(json!("!room:localhost")),
@@ -55,20 +57,56 @@ async fn random_bodies_and_ids_get_matrix_errors() {
     let endpoints: Vec<(reqwest::Method, String)> = vec![
         (reqwest::Method::POST, "/_matrix/client/v3/register".into()),
         (reqwest::Method::POST, "/_matrix/client/v3/login".into()),
-        (reqwest::Method::POST, "/_matrix/client/v3/createRoom".into()),
-        (reqwest::Method::PUT, format!("/_matrix/client/v3/rooms/{r}/send/m.room.message/fuzz")),
-        (reqwest::Method::PUT, format!("/_matrix/client/v3/rooms/{r}/state/m.room.member/{}", enc("@alice:localhost"))),
-        (reqwest::Method::PUT, format!("/_matrix/client/v3/rooms/{r}/state/m.room.power_levels/")),
-        (reqwest::Method::PUT, format!("/_matrix/client/v3/rooms/{r}/state/m.room.join_rules/")),
-        (reqwest::Method::POST, format!("/_matrix/client/v3/rooms/{r}/invite")),
-        (reqwest::Method::POST, format!("/_matrix/client/v3/rooms/{r}/kick")),
-        (reqwest::Method::POST, "/_matrix/client/v3/publicRooms".into()),
-        (reqwest::Method::POST, "/_matrix/client/v3/user_directory/search".into()),
-        (reqwest::Method::POST, format!("/_matrix/client/v3/user/{}/filter", enc(&alice.user_id))),
+        (
+            reqwest::Method::POST,
+            "/_matrix/client/v3/createRoom".into(),
+        ),
+        (
+            reqwest::Method::PUT,
+            format!("/_matrix/client/v3/rooms/{r}/send/m.room.message/fuzz"),
+        ),
+        (
+            reqwest::Method::PUT,
+            format!(
+                "/_matrix/client/v3/rooms/{r}/state/m.room.member/{}",
+                enc("@alice:localhost")
+            ),
+        ),
+        (
+            reqwest::Method::PUT,
+            format!("/_matrix/client/v3/rooms/{r}/state/m.room.power_levels/"),
+        ),
+        (
+            reqwest::Method::PUT,
+            format!("/_matrix/client/v3/rooms/{r}/state/m.room.join_rules/"),
+        ),
+        (
+            reqwest::Method::POST,
+            format!("/_matrix/client/v3/rooms/{r}/invite"),
+        ),
+        (
+            reqwest::Method::POST,
+            format!("/_matrix/client/v3/rooms/{r}/kick"),
+        ),
+        (
+            reqwest::Method::POST,
+            "/_matrix/client/v3/publicRooms".into(),
+        ),
+        (
+            reqwest::Method::POST,
+            "/_matrix/client/v3/user_directory/search".into(),
+        ),
+        (
+            reqwest::Method::POST,
+            format!("/_matrix/client/v3/user/{}/filter", enc(&alice.user_id)),
+        ),
         (reqwest::Method::PUT, "/_matrix/client/v3/devices/X".into()),
         (reqwest::Method::POST, "/_synapse/admin/v1/register".into()),
     ];
-    let mut runner = TestRunner::new(Config { cases: 400, ..Config::default() });
+    let mut runner = TestRunner::new(Config {
+        cases: 400,
+        ..Config::default()
+    });
     let strategy = (0..endpoints.len(), arb_json());
     let mut txn = 0;
     for _ in 0..400 {
@@ -76,17 +114,39 @@ async fn random_bodies_and_ids_get_matrix_errors() {
         let (method, path) = &endpoints[i];
         let path = path.replace("/fuzz", &format!("/fuzz{txn}"));
         txn += 1;
-        let (status, reply) = alice.request(method.clone(), &path, Some(body.clone())).await;
-        assert!(status != StatusCode::INTERNAL_SERVER_ERROR, "{method} {path} with {body} gave 500: {reply}");
+        let (status, reply) = alice
+            .request(method.clone(), &path, Some(body.clone()))
+            .await;
+        assert!(
+            status != StatusCode::INTERNAL_SERVER_ERROR,
+            "{method} {path} with {body} gave 500: {reply}"
+        );
         if !status.is_success() && status != StatusCode::UNAUTHORIZED {
-            assert!(reply["errcode"].as_str().is_some_and(|c| c.starts_with("M_")), "{method} {path} with {body}: {status} {reply}");
+            assert!(
+                reply["errcode"]
+                    .as_str()
+                    .is_some_and(|c| c.starts_with("M_")),
+                "{method} {path} with {body}: {status} {reply}"
+            );
         }
     }
     // Hostile identifiers in paths.
-    for bad in ["%00", "..%2F..", "!", "%40", "@x", "%F0%28%8C%BC", &"a".repeat(5000)] {
-        let (status, reply) = alice.get(&format!("/_matrix/client/v3/rooms/{bad}/state")).await;
+    for bad in [
+        "%00",
+        "..%2F..",
+        "!",
+        "%40",
+        "@x",
+        "%F0%28%8C%BC",
+        &"a".repeat(5000),
+    ] {
+        let (status, reply) = alice
+            .get(&format!("/_matrix/client/v3/rooms/{bad}/state"))
+            .await;
         assert!(status.is_client_error(), "{bad}: {status} {reply}");
-        let (status, _) = alice.get(&format!("/_matrix/client/v3/profile/{bad}")).await;
+        let (status, _) = alice
+            .get(&format!("/_matrix/client/v3/profile/{bad}"))
+            .await;
         assert!(status.is_client_error(), "{bad}: {status}");
     }
     // And it still works (the fuzzing may well have made alice kick herself).

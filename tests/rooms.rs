@@ -7,11 +7,21 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 async fn messages(c: &common::Client, room: &str, query: &str) -> Value {
-    c.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{}/messages?{query}", enc(room)), None).await
+    c.ok(
+        Method::GET,
+        &format!("/_matrix/client/v3/rooms/{}/messages?{query}", enc(room)),
+        None,
+    )
+    .await
 }
 
 fn types(chunk: &Value) -> Vec<String> {
-    chunk.as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap().to_owned()).collect()
+    chunk
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap().to_owned())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -29,42 +39,105 @@ async fn create_room_applies_every_option() {
         }))
         .await;
     assert!(room.starts_with('!'));
-    let state = alice.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{}/state", enc(&room)), None).await;
-    let find = |t: &str| state.as_array().unwrap().iter().find(|e| e["type"] == t).cloned().unwrap_or(Value::Null);
+    let state = alice
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/rooms/{}/state", enc(&room)),
+            None,
+        )
+        .await;
+    let find = |t: &str| {
+        state
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["type"] == t)
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
     assert_eq!(find("m.room.create")["content"]["room_version"], "12");
-    assert_eq!(find("m.room.create")["content"]["type"], "org.example.workspace");
+    assert_eq!(
+        find("m.room.create")["content"]["type"],
+        "org.example.workspace"
+    );
     assert_eq!(find("m.room.name")["content"]["name"], "Cabinet");
-    assert_eq!(find("m.room.topic")["content"]["topic"], "Weekly cabinet meeting");
+    assert_eq!(
+        find("m.room.topic")["content"]["topic"],
+        "Weekly cabinet meeting"
+    );
     assert_eq!(find("m.room.join_rules")["content"]["join_rule"], "public");
-    assert_eq!(find("m.room.history_visibility")["content"]["history_visibility"], "joined", "initial_state overrides the preset");
-    assert_eq!(find("m.room.canonical_alias")["content"]["alias"], "#cabinet:localhost");
+    assert_eq!(
+        find("m.room.history_visibility")["content"]["history_visibility"],
+        "joined",
+        "initial_state overrides the preset"
+    );
+    assert_eq!(
+        find("m.room.canonical_alias")["content"]["alias"],
+        "#cabinet:localhost"
+    );
     let pl = find("m.room.power_levels");
     assert_eq!(pl["content"]["events_default"], 10);
-    assert!(pl["content"]["users"].get(&alice.user_id).is_none(), "v12 creators are implicit: {pl}");
+    assert!(
+        pl["content"]["users"].get(&alice.user_id).is_none(),
+        "v12 creators are implicit: {pl}"
+    );
     for e in state.as_array().unwrap() {
         assert_eq!(e["room_id"], room.as_str());
         assert!(e["event_id"].as_str().unwrap().starts_with('$'));
     }
     let (_, inv) = alice.state(&room, "m.room.member", &bob.user_id).await;
     assert_eq!(inv["membership"], "invite");
-    let alias = bob.ok(Method::GET, &format!("/_matrix/client/v3/directory/room/{}", enc("#cabinet:localhost")), None).await;
+    let alias = bob
+        .ok(
+            Method::GET,
+            &format!(
+                "/_matrix/client/v3/directory/room/{}",
+                enc("#cabinet:localhost")
+            ),
+            None,
+        )
+        .await;
     assert_eq!(alias["room_id"], room.as_str());
     assert_eq!(alias["servers"], json!(["localhost"]));
-    let public = bob.ok(Method::GET, "/_matrix/client/v3/publicRooms", None).await;
+    let public = bob
+        .ok(Method::GET, "/_matrix/client/v3/publicRooms", None)
+        .await;
     assert_eq!(public["chunk"][0]["room_id"], room.as_str());
     assert_eq!(public["chunk"][0]["name"], "Cabinet");
     assert_eq!(public["chunk"][0]["num_joined_members"], 1);
-    assert_ne!(public["chunk"][0]["join_rule"], "invite", "public is the default and may be omitted");
+    assert_ne!(
+        public["chunk"][0]["join_rule"], "invite",
+        "public is the default and may be omitted"
+    );
 
     // Older room versions work too, with the creator in the power levels.
     let v10 = alice.create_room(json!({ "room_version": "10" })).await;
-    assert!(v10.ends_with(":localhost"), "pre-v12 room ids carry the server name");
+    assert!(
+        v10.ends_with(":localhost"),
+        "pre-v12 room ids carry the server name"
+    );
     let (_, pl) = alice.state(&v10, "m.room.power_levels", "").await;
     assert_eq!(pl["users"][&alice.user_id], 100);
-    let (status, body) = alice.post("/_matrix/client/v3/createRoom", json!({ "room_version": "1" })).await;
-    assert_eq!((status, errcode(&body)), (StatusCode::BAD_REQUEST, "M_UNSUPPORTED_ROOM_VERSION"));
-    let (status, body) = alice.post("/_matrix/client/v3/createRoom", json!({ "room_alias_name": "cabinet" })).await;
-    assert_eq!((status, errcode(&body)), (StatusCode::BAD_REQUEST, "M_ROOM_IN_USE"));
+    let (status, body) = alice
+        .post(
+            "/_matrix/client/v3/createRoom",
+            json!({ "room_version": "1" }),
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::BAD_REQUEST, "M_UNSUPPORTED_ROOM_VERSION")
+    );
+    let (status, body) = alice
+        .post(
+            "/_matrix/client/v3/createRoom",
+            json!({ "room_alias_name": "cabinet" }),
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::BAD_REQUEST, "M_ROOM_IN_USE")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,58 +150,200 @@ async fn membership_lifecycle() {
     let r = enc(&room);
 
     let (status, body) = bob.join(&room).await;
-    assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"), "invite-only: {body}");
-    let (status, body) = bob.post(&format!("/_matrix/client/v3/rooms/{r}/invite"), json!({ "user_id": carol.user_id })).await;
-    assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"), "outsiders cannot invite");
-    let (status, body) = alice.post(&format!("/_matrix/client/v3/rooms/{r}/invite"), json!({ "user_id": "@ghost:localhost" })).await;
-    assert_eq!((status, errcode(&body)), (StatusCode::NOT_FOUND, "M_NOT_FOUND"));
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::FORBIDDEN, "M_FORBIDDEN"),
+        "invite-only: {body}"
+    );
+    let (status, body) = bob
+        .post(
+            &format!("/_matrix/client/v3/rooms/{r}/invite"),
+            json!({ "user_id": carol.user_id }),
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::FORBIDDEN, "M_FORBIDDEN"),
+        "outsiders cannot invite"
+    );
+    let (status, body) = alice
+        .post(
+            &format!("/_matrix/client/v3/rooms/{r}/invite"),
+            json!({ "user_id": "@ghost:localhost" }),
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::NOT_FOUND, "M_NOT_FOUND")
+    );
 
-    alice.ok(Method::POST, &format!("/_matrix/client/v3/rooms/{r}/invite"), Some(json!({ "user_id": bob.user_id, "reason": "welcome" }))).await;
-    let body = bob.ok(Method::POST, &format!("/_matrix/client/v3/rooms/{r}/join"), Some(json!({}))).await;
+    alice
+        .ok(
+            Method::POST,
+            &format!("/_matrix/client/v3/rooms/{r}/invite"),
+            Some(json!({ "user_id": bob.user_id, "reason": "welcome" })),
+        )
+        .await;
+    let body = bob
+        .ok(
+            Method::POST,
+            &format!("/_matrix/client/v3/rooms/{r}/join"),
+            Some(json!({})),
+        )
+        .await;
     assert_eq!(body["room_id"], room.as_str());
-    let joined = bob.ok(Method::GET, "/_matrix/client/v3/joined_rooms", None).await;
+    let joined = bob
+        .ok(Method::GET, "/_matrix/client/v3/joined_rooms", None)
+        .await;
     assert_eq!(joined["joined_rooms"], json!([room]));
-    let members = alice.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{r}/joined_members"), None).await;
+    let members = alice
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/rooms/{r}/joined_members"),
+            None,
+        )
+        .await;
     assert_eq!(members["joined"].as_object().unwrap().len(), 2);
     assert_eq!(members["joined"][&bob.user_id]["display_name"], "bob");
 
     // Kick, re-invite, ban, unban.
-    let (status, _) = bob.post(&format!("/_matrix/client/v3/rooms/{r}/kick"), json!({ "user_id": alice.user_id })).await;
-    assert_eq!(status, StatusCode::FORBIDDEN, "members cannot kick the creator");
-    alice.ok(Method::POST, &format!("/_matrix/client/v3/rooms/{r}/kick"), Some(json!({ "user_id": bob.user_id, "reason": "noise" }))).await;
+    let (status, _) = bob
+        .post(
+            &format!("/_matrix/client/v3/rooms/{r}/kick"),
+            json!({ "user_id": alice.user_id }),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "members cannot kick the creator"
+    );
+    alice
+        .ok(
+            Method::POST,
+            &format!("/_matrix/client/v3/rooms/{r}/kick"),
+            Some(json!({ "user_id": bob.user_id, "reason": "noise" })),
+        )
+        .await;
     let (_, m) = alice.state(&room, "m.room.member", &bob.user_id).await;
-    assert_eq!((m["membership"].as_str(), m["reason"].as_str()), (Some("leave"), Some("noise")));
-    alice.ok(Method::POST, &format!("/_matrix/client/v3/rooms/{r}/ban"), Some(json!({ "user_id": bob.user_id }))).await;
-    alice.ok(Method::POST, &format!("/_matrix/client/v3/rooms/{r}/invite"), Some(json!({ "user_id": carol.user_id }))).await;
-    let (status, _) = alice.post(&format!("/_matrix/client/v3/rooms/{r}/invite"), json!({ "user_id": bob.user_id })).await;
-    assert_eq!(status, StatusCode::FORBIDDEN, "banned users cannot be invited");
+    assert_eq!(
+        (m["membership"].as_str(), m["reason"].as_str()),
+        (Some("leave"), Some("noise"))
+    );
+    alice
+        .ok(
+            Method::POST,
+            &format!("/_matrix/client/v3/rooms/{r}/ban"),
+            Some(json!({ "user_id": bob.user_id })),
+        )
+        .await;
+    alice
+        .ok(
+            Method::POST,
+            &format!("/_matrix/client/v3/rooms/{r}/invite"),
+            Some(json!({ "user_id": carol.user_id })),
+        )
+        .await;
+    let (status, _) = alice
+        .post(
+            &format!("/_matrix/client/v3/rooms/{r}/invite"),
+            json!({ "user_id": bob.user_id }),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "banned users cannot be invited"
+    );
     let (status, _) = bob.join(&room).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    alice.ok(Method::POST, &format!("/_matrix/client/v3/rooms/{r}/unban"), Some(json!({ "user_id": bob.user_id }))).await;
+    alice
+        .ok(
+            Method::POST,
+            &format!("/_matrix/client/v3/rooms/{r}/unban"),
+            Some(json!({ "user_id": bob.user_id })),
+        )
+        .await;
     let (_, m) = alice.state(&room, "m.room.member", &bob.user_id).await;
     assert_eq!(m["membership"], "leave");
 
     // Members list filters.
-    let all = alice.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{r}/members"), None).await;
+    let all = alice
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/rooms/{r}/members"),
+            None,
+        )
+        .await;
     assert_eq!(all["chunk"].as_array().unwrap().len(), 3);
-    let invited = alice.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{r}/members?membership=invite"), None).await;
+    let invited = alice
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/rooms/{r}/members?membership=invite"),
+            None,
+        )
+        .await;
     assert_eq!(invited["chunk"][0]["state_key"], carol.user_id.as_str());
-    let not_leave = alice.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{r}/members?not_membership=leave"), None).await;
+    let not_leave = alice
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/rooms/{r}/members?not_membership=leave"),
+            None,
+        )
+        .await;
     assert_eq!(not_leave["chunk"].as_array().unwrap().len(), 2);
     // `at` a token from before bob's invite: only alice.
-    let early = alice.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{r}/messages?dir=f&limit=1"), None).await;
+    let early = alice
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/rooms/{r}/messages?dir=f&limit=1"),
+            None,
+        )
+        .await;
     let at = early["end"].as_str().unwrap();
-    let then = alice.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{r}/members?at={at}"), None).await;
-    assert_eq!(then["chunk"].as_array().unwrap().len(), 0, "after the create event nobody had joined yet: {then}");
+    let then = alice
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/rooms/{r}/members?at={at}"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        then["chunk"].as_array().unwrap().len(),
+        0,
+        "after the create event nobody had joined yet: {then}"
+    );
 
     // Carol rejects her invite; leaving and forgetting.
-    carol.ok(Method::POST, &format!("/_matrix/client/v3/rooms/{r}/leave"), Some(json!({}))).await;
-    let (status, body) = carol.post(&format!("/_matrix/client/v3/rooms/{r}/leave"), json!({})).await;
+    carol
+        .ok(
+            Method::POST,
+            &format!("/_matrix/client/v3/rooms/{r}/leave"),
+            Some(json!({})),
+        )
+        .await;
+    let (status, body) = carol
+        .post(&format!("/_matrix/client/v3/rooms/{r}/leave"), json!({}))
+        .await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
-    let (status, _) = alice.post(&format!("/_matrix/client/v3/rooms/{r}/forget"), json!({})).await;
-    assert_eq!(status, StatusCode::BAD_REQUEST, "joined rooms cannot be forgotten");
-    carol.ok(Method::POST, &format!("/_matrix/client/v3/rooms/{r}/forget"), Some(json!({}))).await;
-    let (status, _) = carol.get(&format!("/_matrix/client/v3/rooms/{r}/members")).await;
+    let (status, _) = alice
+        .post(&format!("/_matrix/client/v3/rooms/{r}/forget"), json!({}))
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "joined rooms cannot be forgotten"
+    );
+    carol
+        .ok(
+            Method::POST,
+            &format!("/_matrix/client/v3/rooms/{r}/forget"),
+            Some(json!({})),
+        )
+        .await;
+    let (status, _) = carol
+        .get(&format!("/_matrix/client/v3/rooms/{r}/members"))
+        .await;
     assert_eq!(status, StatusCode::FORBIDDEN, "forgotten rooms are closed");
 }
 
@@ -137,20 +352,59 @@ async fn knocking_and_public_joins() {
     let server = TestServer::start().await;
     let alice = server.user("alice").await;
     let bob = server.user("bob").await;
-    let room = alice.create_room(json!({ "preset": "public_chat", "room_alias_name": "lobby" })).await;
-    let body = bob.ok(Method::POST, &format!("/_matrix/client/v3/join/{}", enc("#lobby:localhost")), Some(json!({}))).await;
+    let room = alice
+        .create_room(json!({ "preset": "public_chat", "room_alias_name": "lobby" }))
+        .await;
+    let body = bob
+        .ok(
+            Method::POST,
+            &format!("/_matrix/client/v3/join/{}", enc("#lobby:localhost")),
+            Some(json!({})),
+        )
+        .await;
     assert_eq!(body["room_id"], room.as_str());
 
     let knock_room = alice.create_room(json!({ "initial_state": [{ "type": "m.room.join_rules", "state_key": "", "content": { "join_rule": "knock" } }] })).await;
     let carol = server.user("carol").await;
-    let body = carol.ok(Method::POST, &format!("/_matrix/client/v3/knock/{}", enc(&knock_room)), Some(json!({ "reason": "let me in" }))).await;
+    let body = carol
+        .ok(
+            Method::POST,
+            &format!("/_matrix/client/v3/knock/{}", enc(&knock_room)),
+            Some(json!({ "reason": "let me in" })),
+        )
+        .await;
     assert_eq!(body["room_id"], knock_room.as_str());
-    let (_, m) = alice.state(&knock_room, "m.room.member", &carol.user_id).await;
+    let (_, m) = alice
+        .state(&knock_room, "m.room.member", &carol.user_id)
+        .await;
     assert_eq!(m["membership"], "knock");
-    alice.ok(Method::POST, &format!("/_matrix/client/v3/rooms/{}/invite", enc(&knock_room)), Some(json!({ "user_id": carol.user_id }))).await;
-    carol.ok(Method::POST, &format!("/_matrix/client/v3/rooms/{}/join", enc(&knock_room)), Some(json!({}))).await;
-    let (status, _) = server.user("dave").await.post(&format!("/_matrix/client/v3/knock/{}", enc(&room)), json!({})).await;
-    assert_eq!(status, StatusCode::FORBIDDEN, "public rooms are joined, not knocked");
+    alice
+        .ok(
+            Method::POST,
+            &format!("/_matrix/client/v3/rooms/{}/invite", enc(&knock_room)),
+            Some(json!({ "user_id": carol.user_id })),
+        )
+        .await;
+    carol
+        .ok(
+            Method::POST,
+            &format!("/_matrix/client/v3/rooms/{}/join", enc(&knock_room)),
+            Some(json!({})),
+        )
+        .await;
+    let (status, _) = server
+        .user("dave")
+        .await
+        .post(
+            &format!("/_matrix/client/v3/knock/{}", enc(&room)),
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "public rooms are joined, not knocked"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -169,7 +423,10 @@ async fn restricted_rooms_admit_members_of_allowed_rooms() {
     let (status, body) = bob.join(&room).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let (_, m) = alice.state(&room, "m.room.member", &bob.user_id).await;
-    assert_eq!(m["join_authorised_via_users_server"], alice.user_id.as_str());
+    assert_eq!(
+        m["join_authorised_via_users_server"],
+        alice.user_id.as_str()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -179,22 +436,35 @@ async fn sending_is_idempotent_and_pagination_is_exact() {
     let room = alice.create_room(json!({ "name": "History" })).await;
     let mut ids = Vec::new();
     for i in 0..45 {
-        ids.push(alice.send_text(&room, &format!("txn{i}"), &format!("message {i}")).await);
+        ids.push(
+            alice
+                .send_text(&room, &format!("txn{i}"), &format!("message {i}"))
+                .await,
+        );
     }
     // Retrying a transaction returns the same event and sends nothing new.
-    assert_eq!(alice.send_text(&room, "txn7", "message 7 again").await, ids[7]);
+    assert_eq!(
+        alice.send_text(&room, "txn7", "message 7 again").await,
+        ids[7]
+    );
 
     // Backwards from the end, 10 at a time: every message exactly once, newest first.
     let mut seen = Vec::new();
     let mut from: Option<String> = None;
     loop {
-        let q = match &from { Some(f) => format!("dir=b&limit=10&from={f}"), None => "dir=b&limit=10".into() };
+        let q = match &from {
+            Some(f) => format!("dir=b&limit=10&from={f}"),
+            None => "dir=b&limit=10".into(),
+        };
         let page = messages(&alice, &room, &q).await;
         for e in page["chunk"].as_array().unwrap() {
             if e["type"] == "m.room.message" {
                 seen.push(e["content"]["body"].as_str().unwrap().to_owned());
                 if e["content"]["body"] == "message 3" {
-                    assert_eq!(e["unsigned"]["transaction_id"], "txn3", "the sending device sees its txn id");
+                    assert_eq!(
+                        e["unsigned"]["transaction_id"], "txn3",
+                        "the sending device sees its txn id"
+                    );
                 }
             }
         }
@@ -207,25 +477,87 @@ async fn sending_is_idempotent_and_pagination_is_exact() {
     assert_eq!(seen, expected);
 
     // Forwards from the start, with a type filter.
-    let page = messages(&alice, &room, &format!("dir=f&limit=5&filter={}", enc(r#"{"types":["m.room.message"]}"#))).await;
-    let bodies: Vec<&str> = page["chunk"].as_array().unwrap().iter().map(|e| e["content"]["body"].as_str().unwrap()).collect();
-    assert_eq!(bodies, ["message 0", "message 1", "message 2", "message 3", "message 4"]);
-    let page = messages(&alice, &room, &format!("dir=f&limit=100&filter={}", enc(r#"{"not_types":["m.room.message"]}"#))).await;
+    let page = messages(
+        &alice,
+        &room,
+        &format!(
+            "dir=f&limit=5&filter={}",
+            enc(r#"{"types":["m.room.message"]}"#)
+        ),
+    )
+    .await;
+    let bodies: Vec<&str> = page["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["content"]["body"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        bodies,
+        [
+            "message 0",
+            "message 1",
+            "message 2",
+            "message 3",
+            "message 4"
+        ]
+    );
+    let page = messages(
+        &alice,
+        &room,
+        &format!(
+            "dir=f&limit=100&filter={}",
+            enc(r#"{"not_types":["m.room.message"]}"#)
+        ),
+    )
+    .await;
     assert_eq!(types(&page["chunk"])[0], "m.room.create");
     assert!(!types(&page["chunk"]).contains(&"m.room.message".to_owned()));
     // `to` bounds a page.
     let first = messages(&alice, &room, "dir=b&limit=3").await;
     let to = first["end"].as_str().unwrap();
-    let bounded = messages(&alice, &room, &format!("dir=f&limit=100&from={to}&to={}", first["start"].as_str().unwrap())).await;
+    let bounded = messages(
+        &alice,
+        &room,
+        &format!(
+            "dir=f&limit=100&from={to}&to={}",
+            first["start"].as_str().unwrap()
+        ),
+    )
+    .await;
     assert_eq!(bounded["chunk"].as_array().unwrap().len(), 3);
     // Other users' view has no transaction ids; outsiders see nothing.
     let bob = server.user("bob").await;
-    let (status, body) = bob.get(&format!("/_matrix/client/v3/rooms/{}/messages?dir=b", enc(&room))).await;
-    assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"));
-    let (status, body) = alice.get(&format!("/_matrix/client/v3/rooms/{}/messages?dir=b&from=garbage", enc(&room))).await;
-    assert_eq!((status, errcode(&body)), (StatusCode::BAD_REQUEST, "M_INVALID_PARAM"));
+    let (status, body) = bob
+        .get(&format!(
+            "/_matrix/client/v3/rooms/{}/messages?dir=b",
+            enc(&room)
+        ))
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::FORBIDDEN, "M_FORBIDDEN")
+    );
+    let (status, body) = alice
+        .get(&format!(
+            "/_matrix/client/v3/rooms/{}/messages?dir=b&from=garbage",
+            enc(&room)
+        ))
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::BAD_REQUEST, "M_INVALID_PARAM")
+    );
     // Lazy loading returns the senders' member events.
-    let page = messages(&alice, &room, &format!("dir=b&limit=2&filter={}", enc(r#"{"lazy_load_members":true}"#))).await;
+    let page = messages(
+        &alice,
+        &room,
+        &format!(
+            "dir=b&limit=2&filter={}",
+            enc(r#"{"lazy_load_members":true}"#)
+        ),
+    )
+    .await;
     assert_eq!(page["state"][0]["state_key"], alice.user_id.as_str());
 }
 
@@ -240,26 +572,82 @@ async fn history_visibility_is_enforced() {
     let before = alice.send_text(&room, "t1", "before bob").await;
     bob.join(&room).await;
     let during = alice.send_text(&room, "t2", "while bob is here").await;
-    let (status, _) = bob.get(&format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room), enc(&before))).await;
-    assert_eq!(status, StatusCode::NOT_FOUND, "joined visibility hides earlier events");
-    let (status, e) = bob.get(&format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room), enc(&during))).await;
+    let (status, _) = bob
+        .get(&format!(
+            "/_matrix/client/v3/rooms/{}/event/{}",
+            enc(&room),
+            enc(&before)
+        ))
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "joined visibility hides earlier events"
+    );
+    let (status, e) = bob
+        .get(&format!(
+            "/_matrix/client/v3/rooms/{}/event/{}",
+            enc(&room),
+            enc(&during)
+        ))
+        .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(e["content"]["body"], "while bob is here");
-    bob.ok(Method::POST, &format!("/_matrix/client/v3/rooms/{}/leave", enc(&room)), Some(json!({}))).await;
+    bob.ok(
+        Method::POST,
+        &format!("/_matrix/client/v3/rooms/{}/leave", enc(&room)),
+        Some(json!({})),
+    )
+    .await;
     let after = alice.send_text(&room, "t3", "after bob left").await;
-    alice.ok(Method::PUT, &format!("/_matrix/client/v3/rooms/{}/state/m.room.topic/", enc(&room)), Some(json!({ "topic": "changed later" }))).await;
+    alice
+        .ok(
+            Method::PUT,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/state/m.room.topic/",
+                enc(&room)
+            ),
+            Some(json!({ "topic": "changed later" })),
+        )
+        .await;
     let page = messages(&bob, &room, "dir=b&limit=50").await;
-    let bodies: Vec<&str> = page["chunk"].as_array().unwrap().iter().filter_map(|e| e["content"]["body"].as_str()).collect();
+    let bodies: Vec<&str> = page["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["content"]["body"].as_str())
+        .collect();
     assert_eq!(bodies, ["while bob is here"], "bob sees only his own stay");
-    let (status, _) = bob.get(&format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room), enc(&after))).await;
+    let (status, _) = bob
+        .get(&format!(
+            "/_matrix/client/v3/rooms/{}/event/{}",
+            enc(&room),
+            enc(&after)
+        ))
+        .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, _) = bob.state(&room, "m.room.topic", "").await;
-    assert_eq!(status, StatusCode::NOT_FOUND, "state is frozen at the moment bob left");
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "state is frozen at the moment bob left"
+    );
 
     // world_readable rooms can be read by anyone.
-    alice.ok(Method::PUT, &format!("/_matrix/client/v3/rooms/{}/state/m.room.history_visibility/", enc(&room)), Some(json!({ "history_visibility": "world_readable" }))).await;
+    alice
+        .ok(
+            Method::PUT,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/state/m.room.history_visibility/",
+                enc(&room)
+            ),
+            Some(json!({ "history_visibility": "world_readable" })),
+        )
+        .await;
     let carol = server.user("carol").await;
-    let (status, _) = carol.get(&format!("/_matrix/client/v3/rooms/{}/state", enc(&room))).await;
+    let (status, _) = carol
+        .get(&format!("/_matrix/client/v3/rooms/{}/state", enc(&room)))
+        .await;
     assert_eq!(status, StatusCode::OK);
 }
 
@@ -271,28 +659,82 @@ async fn state_and_power_levels() {
     let room = alice.create_room(json!({ "preset": "public_chat" })).await;
     let r = enc(&room);
     bob.join(&room).await;
-    alice.ok(Method::PUT, &format!("/_matrix/client/v3/rooms/{r}/state/org.example.config/k1"), Some(json!({ "a": 1 }))).await;
+    alice
+        .ok(
+            Method::PUT,
+            &format!("/_matrix/client/v3/rooms/{r}/state/org.example.config/k1"),
+            Some(json!({ "a": 1 })),
+        )
+        .await;
     let (_, v) = alice.state(&room, "org.example.config", "k1").await;
     assert_eq!(v, json!({ "a": 1 }));
-    let e = alice.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{r}/state/org.example.config/k1?format=event"), None).await;
+    let e = alice
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/rooms/{r}/state/org.example.config/k1?format=event"),
+            None,
+        )
+        .await;
     assert_eq!(e["sender"], alice.user_id.as_str());
-    alice.ok(Method::PUT, &format!("/_matrix/client/v3/rooms/{r}/state/org.example.config/k1"), Some(json!({ "a": 2 }))).await;
-    let e = alice.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{r}/state/org.example.config/k1?format=event"), None).await;
+    alice
+        .ok(
+            Method::PUT,
+            &format!("/_matrix/client/v3/rooms/{r}/state/org.example.config/k1"),
+            Some(json!({ "a": 2 })),
+        )
+        .await;
+    let e = alice
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/rooms/{r}/state/org.example.config/k1?format=event"),
+            None,
+        )
+        .await;
     assert_eq!(e["unsigned"]["prev_content"], json!({ "a": 1 }));
 
-    let (status, body) = bob.put(&format!("/_matrix/client/v3/rooms/{r}/state/m.room.name/"), json!({ "name": "Bob's room" })).await;
-    assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"));
-    assert!(body["error"].as_str().unwrap().len() > 10, "a reason is given: {body}");
+    let (status, body) = bob
+        .put(
+            &format!("/_matrix/client/v3/rooms/{r}/state/m.room.name/"),
+            json!({ "name": "Bob's room" }),
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::FORBIDDEN, "M_FORBIDDEN")
+    );
+    assert!(
+        body["error"].as_str().unwrap().len() > 10,
+        "a reason is given: {body}"
+    );
     let (status, _) = alice.state(&room, "m.room.name", "").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    let (status, body) = alice.put(&format!("/_matrix/client/v3/rooms/{r}/state/m.room.canonical_alias/"), json!({ "alias": "#nowhere:localhost" })).await;
-    assert_eq!((status, errcode(&body)), (StatusCode::BAD_REQUEST, "M_BAD_ALIAS"));
+    let (status, body) = alice
+        .put(
+            &format!("/_matrix/client/v3/rooms/{r}/state/m.room.canonical_alias/"),
+            json!({ "alias": "#nowhere:localhost" }),
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::BAD_REQUEST, "M_BAD_ALIAS")
+    );
 
     // Promote bob, then he may.
     let (_, mut pl) = alice.state(&room, "m.room.power_levels", "").await;
     pl["users"][&bob.user_id] = json!(50);
-    alice.ok(Method::PUT, &format!("/_matrix/client/v3/rooms/{r}/state/m.room.power_levels/"), Some(pl)).await;
-    bob.ok(Method::PUT, &format!("/_matrix/client/v3/rooms/{r}/state/m.room.name/"), Some(json!({ "name": "Bob's room" }))).await;
+    alice
+        .ok(
+            Method::PUT,
+            &format!("/_matrix/client/v3/rooms/{r}/state/m.room.power_levels/"),
+            Some(pl),
+        )
+        .await;
+    bob.ok(
+        Method::PUT,
+        &format!("/_matrix/client/v3/rooms/{r}/state/m.room.name/"),
+        Some(json!({ "name": "Bob's room" })),
+    )
+    .await;
     let (_, name) = alice.state(&room, "m.room.name", "").await;
     assert_eq!(name["name"], "Bob's room");
 }
@@ -307,21 +749,70 @@ async fn redaction_strips_content_by_the_room_version() {
     bob.join(&room).await;
     let mine = bob.send_text(&room, "b1", "oops, a secret").await;
     let theirs = alice.send_text(&room, "a1", "alice's words").await;
-    let (status, body) = bob.put(&format!("/_matrix/client/v3/rooms/{r}/redact/{}/r1", enc(&theirs)), json!({})).await;
-    assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"), "{body}");
-    let red = bob.ok(Method::PUT, &format!("/_matrix/client/v3/rooms/{r}/redact/{}/r2", enc(&mine)), Some(json!({ "reason": "typo" }))).await;
+    let (status, body) = bob
+        .put(
+            &format!("/_matrix/client/v3/rooms/{r}/redact/{}/r1", enc(&theirs)),
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::FORBIDDEN, "M_FORBIDDEN"),
+        "{body}"
+    );
+    let red = bob
+        .ok(
+            Method::PUT,
+            &format!("/_matrix/client/v3/rooms/{r}/redact/{}/r2", enc(&mine)),
+            Some(json!({ "reason": "typo" })),
+        )
+        .await;
     let redaction_id = red["event_id"].as_str().unwrap();
-    let again = bob.ok(Method::PUT, &format!("/_matrix/client/v3/rooms/{r}/redact/{}/r2", enc(&mine)), Some(json!({ "reason": "typo" }))).await;
-    assert_eq!(again["event_id"], redaction_id, "redactions are idempotent per transaction");
-    let e = alice.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{r}/event/{}", enc(&mine)), None).await;
+    let again = bob
+        .ok(
+            Method::PUT,
+            &format!("/_matrix/client/v3/rooms/{r}/redact/{}/r2", enc(&mine)),
+            Some(json!({ "reason": "typo" })),
+        )
+        .await;
+    assert_eq!(
+        again["event_id"], redaction_id,
+        "redactions are idempotent per transaction"
+    );
+    let e = alice
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/rooms/{r}/event/{}", enc(&mine)),
+            None,
+        )
+        .await;
     assert_eq!(e["content"], json!({}));
     assert_eq!(e["unsigned"]["redacted_because"]["event_id"], redaction_id);
-    assert_eq!(e["unsigned"]["redacted_because"]["content"]["reason"], "typo");
-    let redaction = alice.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{r}/event/{}", enc(redaction_id)), None).await;
+    assert_eq!(
+        e["unsigned"]["redacted_because"]["content"]["reason"],
+        "typo"
+    );
+    let redaction = alice
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/rooms/{r}/event/{}", enc(redaction_id)),
+            None,
+        )
+        .await;
     assert_eq!(redaction["redacts"], mine.as_str());
-    assert_eq!(redaction["content"]["redacts"], mine.as_str(), "room v11+ keeps redacts in the content");
+    assert_eq!(
+        redaction["content"]["redacts"],
+        mine.as_str(),
+        "room v11+ keeps redacts in the content"
+    );
     // A moderator may redact anyone's events.
-    alice.ok(Method::PUT, &format!("/_matrix/client/v3/rooms/{r}/redact/{}/r3", enc(&theirs)), Some(json!({}))).await;
+    alice
+        .ok(
+            Method::PUT,
+            &format!("/_matrix/client/v3/rooms/{r}/redact/{}/r3", enc(&theirs)),
+            Some(json!({})),
+        )
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -331,44 +822,138 @@ async fn aliases_directory_and_user_search() {
     let bob = server.user("bob").await;
     let room = alice.create_room(json!({ "name": "Press office" })).await;
     let a = enc("#press:localhost");
-    let (status, _) = bob.put(&format!("/_matrix/client/v3/directory/room/{a}"), json!({ "room_id": room })).await;
-    assert_eq!(status, StatusCode::FORBIDDEN, "only members may alias a room");
-    alice.ok(Method::PUT, &format!("/_matrix/client/v3/directory/room/{a}"), Some(json!({ "room_id": room }))).await;
-    let (status, _) = alice.put(&format!("/_matrix/client/v3/directory/room/{a}"), json!({ "room_id": room })).await;
+    let (status, _) = bob
+        .put(
+            &format!("/_matrix/client/v3/directory/room/{a}"),
+            json!({ "room_id": room }),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "only members may alias a room"
+    );
+    alice
+        .ok(
+            Method::PUT,
+            &format!("/_matrix/client/v3/directory/room/{a}"),
+            Some(json!({ "room_id": room })),
+        )
+        .await;
+    let (status, _) = alice
+        .put(
+            &format!("/_matrix/client/v3/directory/room/{a}"),
+            json!({ "room_id": room }),
+        )
+        .await;
     assert_eq!(status, StatusCode::CONFLICT);
-    let (status, body) = alice.put(&format!("/_matrix/client/v3/directory/room/{}", enc("#x:elsewhere.org")), json!({ "room_id": room })).await;
-    assert_eq!((status, errcode(&body)), (StatusCode::BAD_REQUEST, "M_INVALID_PARAM"));
-    let aliases = alice.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{}/aliases", enc(&room)), None).await;
+    let (status, body) = alice
+        .put(
+            &format!(
+                "/_matrix/client/v3/directory/room/{}",
+                enc("#x:elsewhere.org")
+            ),
+            json!({ "room_id": room }),
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::BAD_REQUEST, "M_INVALID_PARAM")
+    );
+    let aliases = alice
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/rooms/{}/aliases", enc(&room)),
+            None,
+        )
+        .await;
     assert_eq!(aliases["aliases"], json!(["#press:localhost"]));
-    let (status, _) = bob.delete(&format!("/_matrix/client/v3/directory/room/{a}")).await;
+    let (status, _) = bob
+        .delete(&format!("/_matrix/client/v3/directory/room/{a}"))
+        .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    alice.ok(Method::DELETE, &format!("/_matrix/client/v3/directory/room/{a}"), None).await;
-    let (status, body) = bob.get(&format!("/_matrix/client/v3/directory/room/{a}")).await;
-    assert_eq!((status, errcode(&body)), (StatusCode::NOT_FOUND, "M_NOT_FOUND"));
+    alice
+        .ok(
+            Method::DELETE,
+            &format!("/_matrix/client/v3/directory/room/{a}"),
+            None,
+        )
+        .await;
+    let (status, body) = bob
+        .get(&format!("/_matrix/client/v3/directory/room/{a}"))
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::NOT_FOUND, "M_NOT_FOUND")
+    );
 
     // Publishing to the directory, searching it, paginating it.
-    let v = alice.ok(Method::GET, &format!("/_matrix/client/v3/directory/list/room/{}", enc(&room)), None).await;
+    let v = alice
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/directory/list/room/{}", enc(&room)),
+            None,
+        )
+        .await;
     assert_eq!(v["visibility"], "private");
-    alice.ok(Method::PUT, &format!("/_matrix/client/v3/directory/list/room/{}", enc(&room)), Some(json!({ "visibility": "public" }))).await;
+    alice
+        .ok(
+            Method::PUT,
+            &format!("/_matrix/client/v3/directory/list/room/{}", enc(&room)),
+            Some(json!({ "visibility": "public" })),
+        )
+        .await;
     for i in 0..3 {
-        alice.create_room(json!({ "visibility": "public", "name": format!("Team {i}") })).await;
+        alice
+            .create_room(json!({ "visibility": "public", "name": format!("Team {i}") }))
+            .await;
     }
-    let found = bob.ok(Method::POST, "/_matrix/client/v3/publicRooms", Some(json!({ "filter": { "generic_search_term": "press" } }))).await;
+    let found = bob
+        .ok(
+            Method::POST,
+            "/_matrix/client/v3/publicRooms",
+            Some(json!({ "filter": { "generic_search_term": "press" } })),
+        )
+        .await;
     assert_eq!(found["chunk"].as_array().unwrap().len(), 1);
     assert_eq!(found["chunk"][0]["name"], "Press office");
-    let page1 = bob.ok(Method::GET, "/_matrix/client/v3/publicRooms?limit=3", None).await;
+    let page1 = bob
+        .ok(Method::GET, "/_matrix/client/v3/publicRooms?limit=3", None)
+        .await;
     assert_eq!(page1["total_room_count_estimate"], 4);
     let next = page1["next_batch"].as_str().unwrap();
-    let page2 = bob.ok(Method::GET, &format!("/_matrix/client/v3/publicRooms?limit=3&since={next}"), None).await;
+    let page2 = bob
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/publicRooms?limit=3&since={next}"),
+            None,
+        )
+        .await;
     assert_eq!(page2["chunk"].as_array().unwrap().len(), 1);
     assert!(page2.get("next_batch").is_none_or(Value::is_null));
 
     // The user directory: people who share a room or sit in public rooms.
     let carol = server.user("carol").await;
-    let found = carol.ok(Method::POST, "/_matrix/client/v3/user_directory/search", Some(json!({ "search_term": "ali" }))).await;
+    let found = carol
+        .ok(
+            Method::POST,
+            "/_matrix/client/v3/user_directory/search",
+            Some(json!({ "search_term": "ali" })),
+        )
+        .await;
     assert_eq!(found["results"][0]["user_id"], alice.user_id.as_str());
-    let found = carol.ok(Method::POST, "/_matrix/client/v3/user_directory/search", Some(json!({ "search_term": "bob" }))).await;
-    assert_eq!(found["results"], json!([]), "bob shares no room with carol and is in no public room");
+    let found = carol
+        .ok(
+            Method::POST,
+            "/_matrix/client/v3/user_directory/search",
+            Some(json!({ "search_term": "bob" })),
+        )
+        .await;
+    assert_eq!(
+        found["results"],
+        json!([]),
+        "bob shares no room with carol and is in no public room"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -378,9 +963,20 @@ async fn room_upgrade_moves_the_room_on() {
     let bob = server.user("bob").await;
     let old = alice.create_room(json!({ "room_version": "11", "preset": "public_chat", "name": "Legacy", "room_alias_name": "legacy" })).await;
     bob.join(&old).await;
-    let (status, _) = bob.post(&format!("/_matrix/client/v3/rooms/{}/upgrade", enc(&old)), json!({ "new_version": "12" })).await;
+    let (status, _) = bob
+        .post(
+            &format!("/_matrix/client/v3/rooms/{}/upgrade", enc(&old)),
+            json!({ "new_version": "12" }),
+        )
+        .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    let body = alice.ok(Method::POST, &format!("/_matrix/client/v3/rooms/{}/upgrade", enc(&old)), Some(json!({ "new_version": "12" }))).await;
+    let body = alice
+        .ok(
+            Method::POST,
+            &format!("/_matrix/client/v3/rooms/{}/upgrade", enc(&old)),
+            Some(json!({ "new_version": "12" })),
+        )
+        .await;
     let new = body["replacement_room"].as_str().unwrap();
     let (_, tomb) = alice.state(&old, "m.room.tombstone", "").await;
     assert_eq!(tomb["replacement_room"], new);
@@ -389,10 +985,31 @@ async fn room_upgrade_moves_the_room_on() {
     assert_eq!(create["predecessor"]["room_id"], old.as_str());
     let (_, name) = alice.state(new, "m.room.name", "").await;
     assert_eq!(name["name"], "Legacy");
-    let alias = bob.ok(Method::GET, &format!("/_matrix/client/v3/directory/room/{}", enc("#legacy:localhost")), None).await;
+    let alias = bob
+        .ok(
+            Method::GET,
+            &format!(
+                "/_matrix/client/v3/directory/room/{}",
+                enc("#legacy:localhost")
+            ),
+            None,
+        )
+        .await;
     assert_eq!(alias["room_id"], new);
-    let (status, _) = bob.put(&format!("/_matrix/client/v3/rooms/{}/send/m.room.message/x", enc(&old)), json!({ "msgtype": "m.text", "body": "hi" })).await;
-    assert_eq!(status, StatusCode::FORBIDDEN, "the old room is closed to talk");
+    let (status, _) = bob
+        .put(
+            &format!(
+                "/_matrix/client/v3/rooms/{}/send/m.room.message/x",
+                enc(&old)
+            ),
+            json!({ "msgtype": "m.text", "body": "hi" }),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "the old room is closed to talk"
+    );
     let (status, body) = bob.join(new).await;
     assert_eq!(status, StatusCode::OK, "{body}");
 }
@@ -406,7 +1023,9 @@ async fn identical_rooms_created_at_once_get_distinct_ids() {
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let alice = alice.clone();
-        tasks.push(tokio::spawn(async move { alice.create_room(json!({})).await }));
+        tasks.push(tokio::spawn(
+            async move { alice.create_room(json!({})).await },
+        ));
     }
     let mut ids = std::collections::BTreeSet::new();
     for t in tasks {

@@ -56,10 +56,15 @@ async fn json_or_error(res: reqwest::Response, what: &str) -> anyhow::Result<Val
 }
 
 pub async fn wait_ready(base: &str, limit: Duration) -> anyhow::Result<Duration> {
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()?;
     let start = Instant::now();
     loop {
-        if let Ok(r) = http.get(format!("{base}/_matrix/client/versions")).send().await
+        if let Ok(r) = http
+            .get(format!("{base}/_matrix/client/versions"))
+            .send()
+            .await
             && r.status().is_success()
         {
             return Ok(start.elapsed());
@@ -71,14 +76,28 @@ pub async fn wait_ready(base: &str, limit: Duration) -> anyhow::Result<Duration>
     }
 }
 
-pub async fn register(http: &reqwest::Client, base: &str, reg: &Registration, username: &str) -> anyhow::Result<Client> {
+pub async fn register(
+    http: &reqwest::Client,
+    base: &str,
+    reg: &Registration,
+    username: &str,
+) -> anyhow::Result<Client> {
     let password = "benchmark password 1";
     let body = match reg {
         Registration::SharedSecret(secret) => {
-            let nonce: Value = json_or_error(http.get(format!("{base}/_synapse/admin/v1/register")).send().await?, "nonce").await?;
+            let nonce: Value = json_or_error(
+                http.get(format!("{base}/_synapse/admin/v1/register"))
+                    .send()
+                    .await?,
+                "nonce",
+            )
+            .await?;
             let nonce = nonce["nonce"].as_str().context("nonce")?.to_owned();
             let mut mac = Hmac::<Sha1>::new_from_slice(secret.as_bytes())?;
-            for (i, part) in [nonce.as_str(), username, password, "notadmin"].iter().enumerate() {
+            for (i, part) in [nonce.as_str(), username, password, "notadmin"]
+                .iter()
+                .enumerate()
+            {
                 if i > 0 {
                     mac.update(b"\0");
                 }
@@ -86,11 +105,20 @@ pub async fn register(http: &reqwest::Client, base: &str, reg: &Registration, us
             }
             let mac = hex::encode(mac.finalize().into_bytes());
             let req = json!({ "nonce": nonce, "username": username, "password": password, "admin": false, "mac": mac });
-            json_or_error(http.post(format!("{base}/_synapse/admin/v1/register")).json(&req).send().await?, "shared-secret register").await?
+            json_or_error(
+                http.post(format!("{base}/_synapse/admin/v1/register"))
+                    .json(&req)
+                    .send()
+                    .await?,
+                "shared-secret register",
+            )
+            .await?
         }
         Registration::Open | Registration::Token(_) => {
             let auth = match reg {
-                Registration::Token(t) => json!({ "type": "m.login.registration_token", "token": t }),
+                Registration::Token(t) => {
+                    json!({ "type": "m.login.registration_token", "token": t })
+                }
                 _ => json!({ "type": "m.login.dummy" }),
             };
             // A first request opens the interactive-auth session; the second completes it.
@@ -99,19 +127,33 @@ pub async fn register(http: &reqwest::Client, base: &str, reg: &Registration, us
                 .json(&json!({ "username": username, "password": password }))
                 .send()
                 .await?;
-            let session = first.json::<Value>().await.ok().and_then(|v| v["session"].as_str().map(str::to_owned));
+            let session = first
+                .json::<Value>()
+                .await
+                .ok()
+                .and_then(|v| v["session"].as_str().map(str::to_owned));
             let mut auth = auth;
             if let Some(s) = session {
                 auth["session"] = Value::String(s);
             }
             let req = json!({ "username": username, "password": password, "auth": auth, "initial_device_display_name": "bench" });
-            json_or_error(http.post(format!("{base}/_matrix/client/v3/register")).json(&req).send().await?, "register").await?
+            json_or_error(
+                http.post(format!("{base}/_matrix/client/v3/register"))
+                    .json(&req)
+                    .send()
+                    .await?,
+                "register",
+            )
+            .await?
         }
     };
     Ok(Client {
         base: base.to_owned(),
         http: http.clone(),
-        token: body["access_token"].as_str().context("access_token")?.to_owned(),
+        token: body["access_token"]
+            .as_str()
+            .context("access_token")?
+            .to_owned(),
         user_id: body["user_id"].as_str().context("user_id")?.to_owned(),
     })
 }
@@ -124,22 +166,53 @@ impl Client {
             "identifier": { "type": "m.id.user", "user": self.user_id },
             "password": "benchmark password 1",
         });
-        let body = json_or_error(self.http.post(format!("{}/_matrix/client/v3/login", self.base)).json(&req).send().await?, "login").await?;
-        Ok(Client { token: body["access_token"].as_str().context("access_token")?.to_owned(), ..self.clone() })
+        let body = json_or_error(
+            self.http
+                .post(format!("{}/_matrix/client/v3/login", self.base))
+                .json(&req)
+                .send()
+                .await?,
+            "login",
+        )
+        .await?;
+        Ok(Client {
+            token: body["access_token"]
+                .as_str()
+                .context("access_token")?
+                .to_owned(),
+            ..self.clone()
+        })
     }
 
     pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
-        let res = self.http.get(format!("{}{path}", self.base)).bearer_auth(&self.token).send().await?;
+        let res = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await?;
         json_or_error(res, path).await
     }
 
     pub async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
-        let res = self.http.post(format!("{}{path}", self.base)).bearer_auth(&self.token).json(&body).send().await?;
+        let res = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await?;
         json_or_error(res, path).await
     }
 
     pub async fn put(&self, path: &str, body: Value) -> anyhow::Result<Value> {
-        let res = self.http.put(format!("{}{path}", self.base)).bearer_auth(&self.token).json(&body).send().await?;
+        let res = self
+            .http
+            .put(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await?;
         json_or_error(res, path).await
     }
 
@@ -149,17 +222,31 @@ impl Client {
     }
 
     pub async fn join(&self, room: &str) -> anyhow::Result<()> {
-        self.post(&format!("/_matrix/client/v3/join/{}", enc(room)), json!({})).await.map(|_| ())
+        self.post(&format!("/_matrix/client/v3/join/{}", enc(room)), json!({}))
+            .await
+            .map(|_| ())
     }
 
     pub async fn send_text(&self, room: &str, txn: &str, body: &str) -> anyhow::Result<String> {
         let v = self
-            .put(&format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{}", enc(room), enc(txn)), json!({ "msgtype": "m.text", "body": body }))
+            .put(
+                &format!(
+                    "/_matrix/client/v3/rooms/{}/send/m.room.message/{}",
+                    enc(room),
+                    enc(txn)
+                ),
+                json!({ "msgtype": "m.text", "body": body }),
+            )
             .await?;
         Ok(v["event_id"].as_str().context("event_id")?.to_owned())
     }
 
-    pub async fn sync(&self, since: Option<&str>, timeout_ms: u64, filter: Option<&str>) -> anyhow::Result<Value> {
+    pub async fn sync(
+        &self,
+        since: Option<&str>,
+        timeout_ms: u64,
+        filter: Option<&str>,
+    ) -> anyhow::Result<Value> {
         let mut path = format!("/_matrix/client/v3/sync?timeout={timeout_ms}");
         if let Some(s) = since {
             path.push_str(&format!("&since={}", enc(s)));

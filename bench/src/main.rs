@@ -13,7 +13,10 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "salon-bench", about = "Matrix homeserver load benchmark (client-server API only)")]
+#[command(
+    name = "salon-bench",
+    about = "Matrix homeserver load benchmark (client-server API only)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -24,13 +27,19 @@ enum Command {
     /// Measure one homeserver.
     Run(scenarios::RunArgs),
     /// Print two results side by side: `compare BASELINE.json CANDIDATE.json`.
-    Compare { baseline: PathBuf, candidate: PathBuf },
+    Compare {
+        baseline: PathBuf,
+        candidate: PathBuf,
+    },
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Run(args) => scenarios::run(args).await,
-        Command::Compare { baseline, candidate } => report::compare(&baseline, &candidate),
+        Command::Compare {
+            baseline,
+            candidate,
+        } => report::compare(&baseline, &candidate),
     }
 }

@@ -38,7 +38,11 @@ pub fn summarize(samples: &[f64]) -> (f64, f64, f64) {
     let mut s = samples.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
     let mid = s.len() / 2;
-    let median = if s.len() % 2 == 0 { (s[mid - 1] + s[mid]) / 2.0 } else { s[mid] };
+    let median = if s.len() % 2 == 0 {
+        (s[mid - 1] + s[mid]) / 2.0
+    } else {
+        s[mid]
+    };
     (median, s[0], s[s.len() - 1])
 }
 
@@ -56,8 +60,20 @@ pub fn percentile(samples: &[f64], p: f64) -> f64 {
 impl Report {
     pub fn add(&mut self, key: &str, name: &str, unit: &str, better: Better, samples: &[f64]) {
         let (median, min, max) = summarize(samples);
-        println!("  {name:<46} {median:>12.3} {unit:<8} (min {min:.3}, max {max:.3}, n={})", samples.len());
-        self.metrics.push(Metric { key: key.into(), name: name.into(), unit: unit.into(), better, median, min, max, samples: samples.len() });
+        println!(
+            "  {name:<46} {median:>12.3} {unit:<8} (min {min:.3}, max {max:.3}, n={})",
+            samples.len()
+        );
+        self.metrics.push(Metric {
+            key: key.into(),
+            name: name.into(),
+            unit: unit.into(),
+            better,
+            median,
+            min,
+            max,
+            samples: samples.len(),
+        });
     }
 }
 
@@ -76,7 +92,10 @@ fn fmt(v: f64) -> String {
 pub fn compare(baseline: &Path, candidate: &Path) -> anyhow::Result<()> {
     let a: Report = serde_json::from_slice(&std::fs::read(baseline)?)?;
     let b: Report = serde_json::from_slice(&std::fs::read(candidate)?)?;
-    println!("| figure | unit | {} (median, min–max) | {} (median, min–max) | {} advantage |", a.label, b.label, b.label);
+    println!(
+        "| figure | unit | {} (median, min–max) | {} (median, min–max) | {} advantage |",
+        a.label, b.label, b.label
+    );
     println!("| --- | --- | --- | --- | --- |");
     for m in &b.metrics {
         let base = a.metrics.iter().find(|x| x.key == m.key);
@@ -86,11 +105,27 @@ pub fn compare(baseline: &Path, candidate: &Path) -> anyhow::Result<()> {
                     Better::Higher => m.median / x.median,
                     Better::Lower => x.median / m.median,
                 };
-                (format!("{} ({}–{})", fmt(x.median), fmt(x.min), fmt(x.max)), if adv.is_finite() { format!("{adv:.1}×") } else { "—".into() })
+                (
+                    format!("{} ({}–{})", fmt(x.median), fmt(x.min), fmt(x.max)),
+                    if adv.is_finite() {
+                        format!("{adv:.1}×")
+                    } else {
+                        "—".into()
+                    },
+                )
             }
             None => ("—".into(), "—".into()),
         };
-        println!("| {} | {} | {} | {} ({}–{}) | {} |", m.name, m.unit, base_cell, fmt(m.median), fmt(m.min), fmt(m.max), advantage);
+        println!(
+            "| {} | {} | {} | {} ({}–{}) | {} |",
+            m.name,
+            m.unit,
+            base_cell,
+            fmt(m.median),
+            fmt(m.min),
+            fmt(m.max),
+            advantage
+        );
     }
     Ok(())
 }

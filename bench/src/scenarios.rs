@@ -65,7 +65,12 @@ impl Server {
         let pid = self.pid?;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
         let field = |name: &str| {
-            status.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)).and_then(|kb| kb.parse::<f64>().ok()).map(|kb| kb / 1024.0)
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+                .map(|kb| kb / 1024.0)
         };
         Some((field("VmRSS:")?, field("VmHWM:")?))
     }
@@ -81,7 +86,10 @@ impl Drop for Server {
 
 fn stop(child: &mut Child) {
     // SIGTERM for a clean shutdown; SIGKILL if it does not come.
-    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(30) {
         if let Ok(Some(_)) = child.try_wait() {
@@ -95,7 +103,11 @@ fn stop(child: &mut Child) {
 
 fn launch(cmd: &str) -> anyhow::Result<Child> {
     // `exec`, so that the child is the server itself and its memory is what we read.
-    let line = if cmd.trim_start().starts_with("exec ") { cmd.to_owned() } else { format!("exec {cmd}") };
+    let line = if cmd.trim_start().starts_with("exec ") {
+        cmd.to_owned()
+    } else {
+        format!("exec {cmd}")
+    };
     Command::new("sh")
         .arg("-c")
         .arg(line)
@@ -109,12 +121,19 @@ fn ms(d: Duration) -> f64 {
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let mut report = Report { label: args.label.clone(), url: args.url.clone(), ..Default::default() };
+    let mut report = Report {
+        label: args.label.clone(),
+        url: args.url.clone(),
+        ..Default::default()
+    };
     let repeat = if args.quick { 1 } else { args.repeat.max(1) };
     println!("== {} at {}", args.label, args.url);
 
     // Startup: process start until /versions answers.
-    let mut server = Server { child: None, pid: args.pid };
+    let mut server = Server {
+        child: None,
+        pid: args.pid,
+    };
     if let Some(cmd) = &args.launch {
         let mut samples = Vec::new();
         for i in 0..repeat {
@@ -129,13 +148,25 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 server.child = Some(child);
             }
         }
-        report.add("startup", "startup to /versions", "ms", Better::Lower, &samples);
+        report.add(
+            "startup",
+            "startup to /versions",
+            "ms",
+            Better::Lower,
+            &samples,
+        );
         tokio::time::sleep(Duration::from_secs(1)).await;
     } else {
         wait_ready(&args.url, Duration::from_secs(30)).await?;
     }
     if let Some((rss, _)) = server.rss_mib() {
-        report.add("rss_idle", "RSS idle after start", "MiB", Better::Lower, &[rss]);
+        report.add(
+            "rss_idle",
+            "RSS idle after start",
+            "MiB",
+            Better::Lower,
+            &[rss],
+        );
     }
 
     let http = http_client();
@@ -144,24 +175,69 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         (None, Some(t)) => Registration::Token(t.clone()),
         _ => Registration::Open,
     };
-    let run_id = format!("{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() % 0xffffff);
+    let run_id = format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis()
+            % 0xffffff
+    );
     let mut users = Vec::new();
     for i in 0..12 {
-        users.push(register(&http, &args.url, &reg, &format!("bench{run_id}u{i}")).await.context("registering benchmark users")?);
+        users.push(
+            register(&http, &args.url, &reg, &format!("bench{run_id}u{i}"))
+                .await
+                .context("registering benchmark users")?,
+        );
     }
 
-    send(&mut report, &users[..10], if args.quick { 200 } else { 2000 }, repeat).await?;
-    create(&mut report, &users[0], if args.quick { 20 } else { 100 }, repeat).await?;
+    send(
+        &mut report,
+        &users[..10],
+        if args.quick { 200 } else { 2000 },
+        repeat,
+    )
+    .await?;
+    create(
+        &mut report,
+        &users[0],
+        if args.quick { 20 } else { 100 },
+        repeat,
+    )
+    .await?;
     let (rooms, msgs) = if args.quick { (10, 5) } else { (50, 20) };
-    let (reader, since, a_room) = initial_sync(&mut report, &users[10], &users[11], rooms, msgs, repeat).await?;
-    incremental_and_wakeup(&mut report, &reader, &users[11], &a_room, since, if args.quick { 5 } else { 30 }).await?;
-    scale_longpolls(&mut report, &reader, &users[11], &a_room, if args.quick { 50 } else { args.longpolls }, &server).await?;
+    let (reader, since, a_room) =
+        initial_sync(&mut report, &users[10], &users[11], rooms, msgs, repeat).await?;
+    incremental_and_wakeup(
+        &mut report,
+        &reader,
+        &users[11],
+        &a_room,
+        since,
+        if args.quick { 5 } else { 30 },
+    )
+    .await?;
+    scale_longpolls(
+        &mut report,
+        &reader,
+        &users[11],
+        &a_room,
+        if args.quick { 50 } else { args.longpolls },
+        &server,
+    )
+    .await?;
     if let Some(n) = args.big_room {
         messages_scale(&mut report, &users[..10], n).await?;
     }
 
     if let Some((rss, peak)) = server.rss_mib() {
-        report.add("rss_after", "RSS after the load", "MiB", Better::Lower, &[rss]);
+        report.add(
+            "rss_after",
+            "RSS after the load",
+            "MiB",
+            Better::Lower,
+            &[rss],
+        );
         report.add("rss_peak", "RSS peak", "MiB", Better::Lower, &[peak]);
     }
     if let Some(path) = &args.json {
@@ -171,8 +247,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 /// Ten clients send into one room concurrently.
-async fn send(report: &mut Report, senders: &[Client], total: usize, repeat: usize) -> anyhow::Result<()> {
-    let room = senders[0].create_room(json!({ "preset": "public_chat", "name": "send benchmark" })).await?;
+async fn send(
+    report: &mut Report,
+    senders: &[Client],
+    total: usize,
+    repeat: usize,
+) -> anyhow::Result<()> {
+    let room = senders[0]
+        .create_room(json!({ "preset": "public_chat", "name": "send benchmark" }))
+        .await?;
     for s in &senders[1..] {
         s.join(&room).await?;
     }
@@ -188,7 +271,13 @@ async fn send(report: &mut Report, senders: &[Client], total: usize, repeat: usi
                 let mut lat = Vec::with_capacity(per_client);
                 for i in 0..per_client {
                     let t = Instant::now();
-                    client.send_text(&room, &format!("r{r}c{c}i{i}"), &format!("message {i} from client {c}")).await?;
+                    client
+                        .send_text(
+                            &room,
+                            &format!("r{r}c{c}i{i}"),
+                            &format!("message {i} from client {c}"),
+                        )
+                        .await?;
                     lat.push(ms(t.elapsed()));
                 }
                 anyhow::Ok(lat)
@@ -203,13 +292,27 @@ async fn send(report: &mut Report, senders: &[Client], total: usize, repeat: usi
         p50.push(percentile(&latencies, 50.0));
         p99.push(percentile(&latencies, 99.0));
     }
-    report.add("send_rate", &format!("send: {total} messages, {} clients, one room", senders.len()), "events/s", Better::Higher, &rates);
+    report.add(
+        "send_rate",
+        &format!(
+            "send: {total} messages, {} clients, one room",
+            senders.len()
+        ),
+        "events/s",
+        Better::Higher,
+        &rates,
+    );
     report.add("send_p50", "send latency p50", "ms", Better::Lower, &p50);
     report.add("send_p99", "send latency p99", "ms", Better::Lower, &p99);
     Ok(())
 }
 
-async fn create(report: &mut Report, client: &Client, count: usize, repeat: usize) -> anyhow::Result<()> {
+async fn create(
+    report: &mut Report,
+    client: &Client,
+    count: usize,
+    repeat: usize,
+) -> anyhow::Result<()> {
     let mut rates = Vec::new();
     let mut p50 = Vec::new();
     for _ in 0..repeat {
@@ -217,28 +320,57 @@ async fn create(report: &mut Report, client: &Client, count: usize, repeat: usiz
         let mut lat = Vec::with_capacity(count);
         for i in 0..count {
             let t = Instant::now();
-            client.create_room(json!({ "name": format!("room {i}"), "preset": "private_chat" })).await?;
+            client
+                .create_room(json!({ "name": format!("room {i}"), "preset": "private_chat" }))
+                .await?;
             lat.push(ms(t.elapsed()));
         }
         rates.push(count as f64 / start.elapsed().as_secs_f64());
         p50.push(percentile(&lat, 50.0));
     }
-    report.add("create_rate", &format!("createRoom: {count} rooms"), "rooms/s", Better::Higher, &rates);
-    report.add("create_p50", "createRoom latency p50", "ms", Better::Lower, &p50);
+    report.add(
+        "create_rate",
+        &format!("createRoom: {count} rooms"),
+        "rooms/s",
+        Better::Higher,
+        &rates,
+    );
+    report.add(
+        "create_p50",
+        "createRoom latency p50",
+        "ms",
+        Better::Lower,
+        &p50,
+    );
     Ok(())
 }
 
 /// A user in `rooms` rooms of `msgs` messages each syncs from scratch on a new device.
-async fn initial_sync(report: &mut Report, reader: &Client, other: &Client, rooms: usize, msgs: usize, repeat: usize) -> anyhow::Result<(Client, String, String)> {
+async fn initial_sync(
+    report: &mut Report,
+    reader: &Client,
+    other: &Client,
+    rooms: usize,
+    msgs: usize,
+    repeat: usize,
+) -> anyhow::Result<(Client, String, String)> {
     let mut first_room = String::new();
     for r in 0..rooms {
-        let room = reader.create_room(json!({ "preset": "public_chat", "name": format!("sync room {r}") })).await?;
+        let room = reader
+            .create_room(json!({ "preset": "public_chat", "name": format!("sync room {r}") }))
+            .await?;
         if r == 0 {
             other.join(&room).await?;
             first_room = room.clone();
         }
         for m in 0..msgs {
-            reader.send_text(&room, &format!("sync{r}-{m}"), &format!("history {m} of room {r}")).await?;
+            reader
+                .send_text(
+                    &room,
+                    &format!("sync{r}-{m}"),
+                    &format!("history {m} of room {r}"),
+                )
+                .await?;
         }
     }
     let filter = json!({ "room": { "timeline": { "limit": msgs } } }).to_string();
@@ -251,31 +383,74 @@ async fn initial_sync(report: &mut Report, reader: &Client, other: &Client, room
         let body = fresh.sync(None, 0, Some(&filter)).await?;
         samples.push(ms(t.elapsed()));
         let joined = body["rooms"]["join"].as_object().context("rooms.join")?;
-        ensure!(joined.len() >= rooms, "initial sync returned {} rooms, expected {rooms}", joined.len());
+        ensure!(
+            joined.len() >= rooms,
+            "initial sync returned {} rooms, expected {rooms}",
+            joined.len()
+        );
         let full = joined
             .values()
-            .filter(|r| r["timeline"]["events"].as_array().is_some_and(|e| e.iter().filter(|e| e["type"] == "m.room.message").count() == msgs))
+            .filter(|r| {
+                r["timeline"]["events"].as_array().is_some_and(|e| {
+                    e.iter().filter(|e| e["type"] == "m.room.message").count() == msgs
+                })
+            })
             .count();
-        ensure!(full >= rooms, "only {full} of {rooms} rooms came with their {msgs} messages");
-        since = body["next_batch"].as_str().context("next_batch")?.to_owned();
+        ensure!(
+            full >= rooms,
+            "only {full} of {rooms} rooms came with their {msgs} messages"
+        );
+        since = body["next_batch"]
+            .as_str()
+            .context("next_batch")?
+            .to_owned();
         last_client = fresh;
     }
-    report.add("initial_sync", &format!("initial sync, {rooms} rooms × {msgs} messages"), "ms", Better::Lower, &samples);
+    report.add(
+        "initial_sync",
+        &format!("initial sync, {rooms} rooms × {msgs} messages"),
+        "ms",
+        Better::Lower,
+        &samples,
+    );
     Ok((last_client, since, first_room))
 }
 
 /// Incremental sync after one message, and the wake-up of a waiting long-poll.
-async fn incremental_and_wakeup(report: &mut Report, reader: &Client, sender: &Client, room: &str, mut since: String, n: usize) -> anyhow::Result<()> {
+async fn incremental_and_wakeup(
+    report: &mut Report,
+    reader: &Client,
+    sender: &Client,
+    room: &str,
+    mut since: String,
+    n: usize,
+) -> anyhow::Result<()> {
     let mut incremental = Vec::new();
     for i in 0..n {
-        sender.send_text(room, &format!("inc{i}-{since}"), "one more").await?;
+        sender
+            .send_text(room, &format!("inc{i}-{since}"), "one more")
+            .await?;
         let t = Instant::now();
         let body = reader.sync(Some(&since), 0, None).await?;
         incremental.push(ms(t.elapsed()));
-        ensure!(body["rooms"]["join"][room]["timeline"]["events"].as_array().is_some_and(|e| !e.is_empty()), "incremental sync missed the message");
-        since = body["next_batch"].as_str().context("next_batch")?.to_owned();
+        ensure!(
+            body["rooms"]["join"][room]["timeline"]["events"]
+                .as_array()
+                .is_some_and(|e| !e.is_empty()),
+            "incremental sync missed the message"
+        );
+        since = body["next_batch"]
+            .as_str()
+            .context("next_batch")?
+            .to_owned();
     }
-    report.add("incremental_sync", "incremental sync after one message", "ms", Better::Lower, &incremental);
+    report.add(
+        "incremental_sync",
+        "incremental sync after one message",
+        "ms",
+        Better::Lower,
+        &incremental,
+    );
 
     let mut wake = Vec::new();
     let mut syncs_per_wake = Vec::new();
@@ -289,8 +464,14 @@ async fn incremental_and_wakeup(report: &mut Report, reader: &Client, sender: &C
                     let body = reader.sync(Some(&since), 30_000, None).await?;
                     syncs += 1;
                     let done = Instant::now();
-                    since = body["next_batch"].as_str().context("next_batch")?.to_owned();
-                    if body["rooms"]["join"][&room]["timeline"]["events"].as_array().is_some_and(|e| !e.is_empty()) {
+                    since = body["next_batch"]
+                        .as_str()
+                        .context("next_batch")?
+                        .to_owned();
+                    if body["rooms"]["join"][&room]["timeline"]["events"]
+                        .as_array()
+                        .is_some_and(|e| !e.is_empty())
+                    {
                         return anyhow::Ok((done, since, syncs));
                     }
                     if syncs > 10 {
@@ -300,30 +481,66 @@ async fn incremental_and_wakeup(report: &mut Report, reader: &Client, sender: &C
             })
         };
         tokio::time::sleep(Duration::from_millis(30)).await;
-        sender.send_text(room, &format!("wake{i}-{since}"), "wake up").await?;
+        sender
+            .send_text(room, &format!("wake{i}-{since}"), "wake up")
+            .await?;
         let sent = Instant::now();
         let (done, next, syncs) = waiter.await??;
         wake.push(ms(done.saturating_duration_since(sent)));
         syncs_per_wake.push(syncs as f64);
         since = next;
     }
-    report.add("wakeup_p50", "long-poll wake-up after send returns", "ms", Better::Lower, &wake);
-    report.add("wakeup_syncs", "syncs per wake-up", "syncs", Better::Lower, &syncs_per_wake);
+    report.add(
+        "wakeup_p50",
+        "long-poll wake-up after send returns",
+        "ms",
+        Better::Lower,
+        &wake,
+    );
+    report.add(
+        "wakeup_syncs",
+        "syncs per wake-up",
+        "syncs",
+        Better::Lower,
+        &syncs_per_wake,
+    );
     Ok(())
 }
 
 /// Many long-polls held at once, then one message wakes them all.
-async fn scale_longpolls(report: &mut Report, reader: &Client, sender: &Client, room: &str, count: usize, server: &Server) -> anyhow::Result<()> {
-    let since = reader.sync(None, 0, Some(r#"{"room":{"timeline":{"limit":1}}}"#)).await?["next_batch"].as_str().context("next_batch")?.to_owned();
+async fn scale_longpolls(
+    report: &mut Report,
+    reader: &Client,
+    sender: &Client,
+    room: &str,
+    count: usize,
+    server: &Server,
+) -> anyhow::Result<()> {
+    let since = reader
+        .sync(None, 0, Some(r#"{"room":{"timeline":{"limit":1}}}"#))
+        .await?["next_batch"]
+        .as_str()
+        .context("next_batch")?
+        .to_owned();
     let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::with_capacity(count);
     for _ in 0..count {
-        let (reader, since, room, started) = (reader.clone(), since.clone(), room.to_owned(), started.clone());
+        let (reader, since, room, started) = (
+            reader.clone(),
+            since.clone(),
+            room.to_owned(),
+            started.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let body = reader.sync(Some(&since), 60_000, None).await?;
             let done = Instant::now();
-            ensure!(body["rooms"]["join"][&room]["timeline"]["events"].as_array().is_some_and(|e| !e.is_empty()), "a long-poll woke without the message");
+            ensure!(
+                body["rooms"]["join"][&room]["timeline"]["events"]
+                    .as_array()
+                    .is_some_and(|e| !e.is_empty()),
+                "a long-poll woke without the message"
+            );
             anyhow::Ok(done)
         }));
     }
@@ -333,17 +550,37 @@ async fn scale_longpolls(report: &mut Report, reader: &Client, sender: &Client, 
     // Give the requests time to reach the server and park.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let held = server.rss_mib();
-    sender.send_text(room, &format!("scale-{since}"), "everyone wake up").await?;
+    sender
+        .send_text(room, &format!("scale-{since}"), "everyone wake up")
+        .await?;
     let sent = Instant::now();
     let mut wake = Vec::with_capacity(count);
     for t in join_all(tasks).await {
         wake.push(ms(t??.saturating_duration_since(sent)));
     }
     if let Some((rss, _)) = held {
-        report.add("longpoll_rss", &format!("RSS with {count} long-polls held"), "MiB", Better::Lower, &[rss]);
+        report.add(
+            "longpoll_rss",
+            &format!("RSS with {count} long-polls held"),
+            "MiB",
+            Better::Lower,
+            &[rss],
+        );
     }
-    report.add("longpoll_wake_p50", &format!("{count} long-polls: wake-up p50"), "ms", Better::Lower, &[percentile(&wake, 50.0)]);
-    report.add("longpoll_wake_p99", &format!("{count} long-polls: wake-up p99"), "ms", Better::Lower, &[percentile(&wake, 99.0)]);
+    report.add(
+        "longpoll_wake_p50",
+        &format!("{count} long-polls: wake-up p50"),
+        "ms",
+        Better::Lower,
+        &[percentile(&wake, 50.0)],
+    );
+    report.add(
+        "longpoll_wake_p99",
+        &format!("{count} long-polls: wake-up p99"),
+        "ms",
+        Better::Lower,
+        &[percentile(&wake, 99.0)],
+    );
     Ok(())
 }
 
@@ -351,7 +588,9 @@ async fn scale_longpolls(report: &mut Report, reader: &Client, sender: &Client, 
 async fn messages_scale(report: &mut Report, clients: &[Client], big: usize) -> anyhow::Result<()> {
     let mut costs = Vec::new();
     for size in [1000usize, big] {
-        let room = clients[0].create_room(json!({ "preset": "public_chat" })).await?;
+        let room = clients[0]
+            .create_room(json!({ "preset": "public_chat" }))
+            .await?;
         for c in &clients[1..] {
             c.join(&room).await?;
         }
@@ -360,7 +599,8 @@ async fn messages_scale(report: &mut Report, clients: &[Client], big: usize) -> 
             let (c, room) = (c.clone(), room.clone());
             tokio::spawn(async move {
                 for i in 0..per {
-                    c.send_text(&room, &format!("fill{ci}-{i}"), "filler").await?;
+                    c.send_text(&room, &format!("fill{ci}-{i}"), "filler")
+                        .await?;
                 }
                 anyhow::Ok(())
             })
@@ -373,7 +613,10 @@ async fn messages_scale(report: &mut Report, clients: &[Client], big: usize) -> 
         let mut from: Option<String> = None;
         let mut seen = 0;
         while seen < size / 2 {
-            let mut path = format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=100", enc(&room));
+            let mut path = format!(
+                "/_matrix/client/v3/rooms/{}/messages?dir=b&limit=100",
+                enc(&room)
+            );
             if let Some(f) = &from {
                 path.push_str(&format!("&from={}", enc(f)));
             }
@@ -392,9 +635,21 @@ async fn messages_scale(report: &mut Report, clients: &[Client], big: usize) -> 
             }
         }
         let label = format!("/messages page of 100 in a {size}-event room");
-        report.add(&format!("messages_{size}"), &label, "ms", Better::Lower, &samples);
+        report.add(
+            &format!("messages_{size}"),
+            &label,
+            "ms",
+            Better::Lower,
+            &samples,
+        );
         costs.push(percentile(&samples, 50.0));
     }
-    report.add("messages_ratio", &format!("/messages cost, {big}-event room ÷ 1,000-event room"), "×", Better::Lower, &[costs[1] / costs[0]]);
+    report.add(
+        "messages_ratio",
+        &format!("/messages cost, {big}-event room ÷ 1,000-event room"),
+        "×",
+        Better::Lower,
+        &[costs[1] / costs[0]],
+    );
     Ok(())
 }

@@ -4,12 +4,7 @@ mod ruma_glue;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use axum::{
-    Router,
-    extract::DefaultBodyLimit,
-    response::IntoResponse,
-    routing::get,
-};
+use axum::{Router, extract::DefaultBodyLimit, response::IntoResponse, routing::get};
 use tower_http::{
     catch_panic::CatchPanicLayer,
     cors::{Any, CorsLayer},
@@ -17,7 +12,11 @@ use tower_http::{
 };
 
 pub use self::ruma_glue::{Ruma, RumaResponse, route, route_json};
-use crate::{api::{client as api, server}, error::Error, service::Services};
+use crate::{
+    api::{client as api, server},
+    error::Error,
+    service::Services,
+};
 
 pub fn router(services: Arc<Services>) -> Router {
     let r = Router::new();
@@ -110,27 +109,48 @@ pub fn router(services: Arc<Services>) -> Router {
     let r = route(r, api::push::set_actions);
 
     let r = r
-        .route("/_synapse/admin/v1/register", get(api::admin::nonce).post(api::admin::register))
+        .route(
+            "/_synapse/admin/v1/register",
+            get(api::admin::nonce).post(api::admin::register),
+        )
         .route("/_matrix/key/v2/server", get(server::server_keys))
         .route("/_matrix/key/v2/server/{key_id}", get(server::server_keys))
         .route("/health", get(|| async { "OK" }));
 
     let limit = services.globals.config.limits.max_request_bytes;
-    r.fallback(|| async { Error::unrecognized(http::StatusCode::NOT_FOUND, "Unrecognized request").into_response() })
-        .method_not_allowed_fallback(|| async {
-            Error::unrecognized(http::StatusCode::METHOD_NOT_ALLOWED, "Method not allowed for this endpoint").into_response()
-        })
-        .layer(DefaultBodyLimit::max(limit))
-        .layer(
-            CorsLayer::new()
-                .allow_origin(Any)
-                .allow_methods([http::Method::GET, http::Method::POST, http::Method::PUT, http::Method::DELETE, http::Method::OPTIONS])
-                .allow_headers([http::header::AUTHORIZATION, http::header::CONTENT_TYPE, http::HeaderName::from_static("x-requested-with")])
-                .max_age(Duration::from_secs(86400)),
+    r.fallback(|| async {
+        Error::unrecognized(http::StatusCode::NOT_FOUND, "Unrecognized request").into_response()
+    })
+    .method_not_allowed_fallback(|| async {
+        Error::unrecognized(
+            http::StatusCode::METHOD_NOT_ALLOWED,
+            "Method not allowed for this endpoint",
         )
-        .layer(CatchPanicLayer::custom(|_| Error::internal("handler panicked").into_response()))
-        .layer(TraceLayer::new_for_http())
-        .with_state(services)
+        .into_response()
+    })
+    .layer(DefaultBodyLimit::max(limit))
+    .layer(
+        CorsLayer::new()
+            .allow_origin(Any)
+            .allow_methods([
+                http::Method::GET,
+                http::Method::POST,
+                http::Method::PUT,
+                http::Method::DELETE,
+                http::Method::OPTIONS,
+            ])
+            .allow_headers([
+                http::header::AUTHORIZATION,
+                http::header::CONTENT_TYPE,
+                http::HeaderName::from_static("x-requested-with"),
+            ])
+            .max_age(Duration::from_secs(86400)),
+    )
+    .layer(CatchPanicLayer::custom(|_| {
+        Error::internal("handler panicked").into_response()
+    }))
+    .layer(TraceLayer::new_for_http())
+    .with_state(services)
 }
 
 /// Serve until `shutdown` resolves.
@@ -140,5 +160,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = router(services).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
 }

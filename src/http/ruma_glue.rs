@@ -34,13 +34,19 @@ pub struct Ruma<T> {
 impl<T> Ruma<T> {
     /// The authenticated user; only call on endpoints that require a token.
     pub fn user(&self) -> &ruma::UserId {
-        self.user.as_deref().expect("endpoint requires authentication")
+        self.user
+            .as_deref()
+            .expect("endpoint requires authentication")
     }
     pub fn device(&self) -> &ruma::DeviceId {
-        self.device.as_deref().expect("endpoint requires authentication")
+        self.device
+            .as_deref()
+            .expect("endpoint requires authentication")
     }
     pub fn ip_key(&self) -> String {
-        self.ip.map(|i| i.to_string()).unwrap_or_else(|| "unknown".to_owned())
+        self.ip
+            .map(|i| i.to_string())
+            .unwrap_or_else(|| "unknown".to_owned())
     }
 }
 
@@ -52,7 +58,10 @@ impl<T> std::ops::Deref for Ruma<T> {
 }
 
 fn access_token(parts: &http::request::Parts) -> Option<String> {
-    if let Some(h) = parts.headers.get(http::header::AUTHORIZATION).and_then(|h| h.to_str().ok())
+    if let Some(h) = parts
+        .headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
         && let Some(t) = h.strip_prefix("Bearer ")
     {
         return Some(t.trim().to_owned());
@@ -70,12 +79,20 @@ where
 
     async fn from_request(req: Request, services: &Arc<Services>) -> Result<Self, Error> {
         let (mut parts, body) = req.into_parts();
-        let ip = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+        let ip = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip());
         let expected = T::PATH_BUILDER._path_parameters().len();
         let mut path_args: Vec<String> = if expected == 0 {
             Vec::new()
         } else {
-            match <Path<Vec<String>> as axum::extract::FromRequestParts<()>>::from_request_parts(&mut parts, &()).await {
+            match <Path<Vec<String>> as axum::extract::FromRequestParts<()>>::from_request_parts(
+                &mut parts,
+                &(),
+            )
+            .await
+            {
                 Ok(Path(args)) => args,
                 Err(_) => return Err(Error::invalid_param("a path parameter is not valid")),
             }
@@ -86,13 +103,15 @@ where
             path_args.push(String::new());
         }
         let limit = services.globals.config.limits.max_request_bytes;
-        let bytes = axum::body::to_bytes(body, limit)
-            .await
-            .map_err(|_| Error::too_large(format!("request bodies may be at most {limit} bytes")))?;
+        let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+            Error::too_large(format!("request bodies may be at most {limit} bytes"))
+        })?;
 
         let auth = TypeId::of::<T::Authentication>();
         let token = access_token(&parts);
-        let (user, device) = if auth == TypeId::of::<AccessToken>() || auth == TypeId::of::<AccessTokenOptional>() {
+        let (user, device) = if auth == TypeId::of::<AccessToken>()
+            || auth == TypeId::of::<AccessTokenOptional>()
+        {
             match token {
                 Some(token) => match services.users.authenticate(&token)? {
                     Some(s) => (Some(s.user_id), Some(s.device_id)),
@@ -106,23 +125,40 @@ where
         };
 
         let has_body = !bytes.is_empty();
-        if has_body && serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_err() && is_json_endpoint(&parts) {
+        if has_body
+            && serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_err()
+            && is_json_endpoint(&parts)
+        {
             return Err(Error::not_json("The request body is not valid JSON"));
         }
-        let body_bytes: &[u8] = if !has_body && matches!(parts.method, http::Method::POST | http::Method::PUT) { b"{}" } else { &bytes };
+        let body_bytes: &[u8] =
+            if !has_body && matches!(parts.method, http::Method::POST | http::Method::PUT) {
+                b"{}"
+            } else {
+                &bytes
+            };
         let path_for_log = parts.uri.path().to_owned();
         let http_req = http::Request::from_parts(parts, body_bytes);
         let args: Vec<&str> = path_args.iter().map(String::as_str).collect();
         // Parsing is ruma's; a panic on some odd input must still be a client error.
-        let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| T::try_from_http_request(http_req, &args)));
+        let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            T::try_from_http_request(http_req, &args)
+        }));
         let request = match parsed {
             Ok(result) => result.map_err(map_parse_error)?,
             Err(_) => {
                 tracing::warn!(path = %path_for_log, "request parser panicked; answered M_BAD_JSON");
-                return Err(Error::bad_json("The request body does not match the endpoint"));
+                return Err(Error::bad_json(
+                    "The request body does not match the endpoint",
+                ));
             }
         };
-        Ok(Self { request, user, device, ip })
+        Ok(Self {
+            request,
+            user,
+            device,
+            ip,
+        })
     }
 }
 
@@ -132,11 +168,20 @@ fn is_json_endpoint(parts: &http::request::Parts) -> bool {
 
 fn map_parse_error(e: FromHttpRequestError) -> Error {
     match e {
-        FromHttpRequestError::MethodMismatch { .. } => Error::unrecognized(http::StatusCode::METHOD_NOT_ALLOWED, "Method not allowed for this endpoint"),
+        FromHttpRequestError::MethodMismatch { .. } => Error::unrecognized(
+            http::StatusCode::METHOD_NOT_ALLOWED,
+            "Method not allowed for this endpoint",
+        ),
         FromHttpRequestError::Deserialization(d) => match d {
-            DeserializationError::Json(e) => Error::bad_json(format!("The request body does not match the endpoint: {e}")),
-            DeserializationError::Ident(e) => Error::invalid_param(format!("Invalid identifier: {e}")),
-            DeserializationError::Query(e) => Error::invalid_param(format!("Invalid query parameter: {e}")),
+            DeserializationError::Json(e) => {
+                Error::bad_json(format!("The request body does not match the endpoint: {e}"))
+            }
+            DeserializationError::Ident(e) => {
+                Error::invalid_param(format!("Invalid identifier: {e}"))
+            }
+            DeserializationError::Query(e) => {
+                Error::invalid_param(format!("Invalid query parameter: {e}"))
+            }
             other => Error::bad_json(format!("Invalid request: {other}")),
         },
         other => Error::bad_json(format!("Invalid request: {other}")),
@@ -162,7 +207,10 @@ impl IntoResponse for Error {
         }
         let (status, body) = self.to_response_parts();
         let mut res = (status, axum::Json(body)).into_response();
-        if let Error::Matrix { kind: ruma::api::error::ErrorKind::LimitExceeded(data), .. } = &self
+        if let Error::Matrix {
+            kind: ruma::api::error::ErrorKind::LimitExceeded(data),
+            ..
+        } = &self
             && let Some(ruma::api::error::RetryAfter::Delay(d)) = data.retry_after
             && let Ok(v) = http::HeaderValue::from_str(&d.as_secs().max(1).to_string())
         {
@@ -201,10 +249,13 @@ where
         let h = handler.clone();
         router = router.route(
             &path,
-            on(filter, move |State(s): State<Arc<Services>>, req: Ruma<T>| {
-                let h = h.clone();
-                async move { h(s, req).await.map(RumaResponse) }
-            }),
+            on(
+                filter,
+                move |State(s): State<Arc<Services>>, req: Ruma<T>| {
+                    let h = h.clone();
+                    async move { h(s, req).await.map(RumaResponse) }
+                },
+            ),
         );
     }
     router
@@ -224,10 +275,13 @@ where
         let h = handler.clone();
         router = router.route(
             &path,
-            on(filter, move |State(s): State<Arc<Services>>, req: Ruma<T>| {
-                let h = h.clone();
-                async move { h(s, req).await }
-            }),
+            on(
+                filter,
+                move |State(s): State<Arc<Services>>, req: Ruma<T>| {
+                    let h = h.clone();
+                    async move { h(s, req).await }
+                },
+            ),
         );
     }
     router

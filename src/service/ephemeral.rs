@@ -60,7 +60,9 @@ pub fn receipt_content(receipts: &[Receipt]) -> JsonValue {
         if let Some(t) = &r.thread {
             data["thread_id"] = JsonValue::String(t.clone());
         }
-        let by_event = content.entry(r.event_id.to_string()).or_insert_with(|| json!({}));
+        let by_event = content
+            .entry(r.event_id.to_string())
+            .or_insert_with(|| json!({}));
         by_event[&r.kind][r.user.as_str()] = data;
     }
     JsonValue::Object(content)
@@ -75,7 +77,12 @@ pub struct Ephemeral {
 
 impl Ephemeral {
     pub fn new(db: Arc<Db>, notifier: Arc<Notifier>) -> Self {
-        Self { db, notifier, typing: Arc::default(), presence: Mutex::default() }
+        Self {
+            db,
+            notifier,
+            typing: Arc::default(),
+            presence: Mutex::default(),
+        }
     }
 
     fn tick(&self) -> u64 {
@@ -86,14 +93,22 @@ impl Ephemeral {
     // --- typing ---
 
     /// Start or stop typing. `members` are told; a start expires by itself after `timeout`.
-    pub fn set_typing(&self, room: &RoomId, user: &UserId, typing: Option<Duration>, members: Vec<OwnedUserId>) {
+    pub fn set_typing(
+        &self,
+        room: &RoomId,
+        user: &UserId,
+        typing: Option<Duration>,
+        members: Vec<OwnedUserId>,
+    ) {
         let pos = self.tick();
         {
             let mut rooms = self.typing.lock();
             let entry = rooms.entry(room.to_owned()).or_default();
             match typing {
                 Some(t) => {
-                    entry.users.insert(user.to_owned(), Instant::now() + t.min(MAX_TYPING));
+                    entry
+                        .users
+                        .insert(user.to_owned(), Instant::now() + t.min(MAX_TYPING));
                 }
                 None => {
                     entry.users.remove(user);
@@ -112,7 +127,9 @@ impl Ephemeral {
                 tokio::time::sleep(t.min(MAX_TYPING) + Duration::from_millis(10)).await;
                 let expired = {
                     let mut rooms = typing_map.lock();
-                    let Some(entry) = rooms.get_mut(&room) else { return };
+                    let Some(entry) = rooms.get_mut(&room) else {
+                        return;
+                    };
                     match entry.users.get(&user) {
                         Some(until) if *until <= Instant::now() => {
                             entry.users.remove(&user);
@@ -136,7 +153,12 @@ impl Ephemeral {
         match rooms.get(room) {
             Some(entry) => {
                 let now = Instant::now();
-                let mut users: Vec<OwnedUserId> = entry.users.iter().filter(|(_, until)| **until > now).map(|(u, _)| u.clone()).collect();
+                let mut users: Vec<OwnedUserId> = entry
+                    .users
+                    .iter()
+                    .filter(|(_, until)| **until > now)
+                    .map(|(u, _)| u.clone())
+                    .collect();
                 users.sort();
                 (users, entry.pos)
             }
@@ -155,13 +177,30 @@ impl Ephemeral {
     }
 
     /// Record a receipt; `members` are told (only the user, for private receipts).
-    pub fn set_receipt(&self, room_short: u64, receipt: Receipt, members: Vec<OwnedUserId>) -> Result<()> {
-        let user_short = self.db.get_or_create_short_id(IdKind::User, receipt.user.as_str())?;
+    pub fn set_receipt(
+        &self,
+        room_short: u64,
+        receipt: Receipt,
+        members: Vec<OwnedUserId>,
+    ) -> Result<()> {
+        let user_short = self
+            .db
+            .get_or_create_short_id(IdKind::User, receipt.user.as_str())?;
         let ticket = self.db.stream.reserve();
         let mut b = Batch::default();
-        let key = Self::receipt_key(room_short, user_short, &receipt.kind, receipt.thread.as_deref());
+        let key = Self::receipt_key(
+            room_short,
+            user_short,
+            &receipt.kind,
+            receipt.thread.as_deref(),
+        );
         b.put(&self.db, "receipts", &key, &serde_json::to_vec(&receipt)?);
-        b.put(&self.db, "receipt_stream", &u64_key(&[room_short, ticket.position]), &serde_json::to_vec(&receipt)?);
+        b.put(
+            &self.db,
+            "receipt_stream",
+            &u64_key(&[room_short, ticket.position]),
+            &serde_json::to_vec(&receipt)?,
+        );
         self.db.commit(b)?;
         let pos = ticket.position;
         drop(ticket);
@@ -174,11 +213,21 @@ impl Ephemeral {
     }
 
     /// A user's latest receipt of a kind in a room (unthreaded or `main`).
-    pub fn receipt_of(&self, room_short: u64, user: &UserId, kind: &str) -> Result<Option<Receipt>> {
-        let Some(user_short) = self.db.short_id(IdKind::User, user.as_str())? else { return Ok(None) };
+    pub fn receipt_of(
+        &self,
+        room_short: u64,
+        user: &UserId,
+        kind: &str,
+    ) -> Result<Option<Receipt>> {
+        let Some(user_short) = self.db.short_id(IdKind::User, user.as_str())? else {
+            return Ok(None);
+        };
         let mut best: Option<Receipt> = None;
         for thread in [None, Some("main")] {
-            if let Some(v) = self.db.get("receipts", &Self::receipt_key(room_short, user_short, kind, thread))? {
+            if let Some(v) = self.db.get(
+                "receipts",
+                &Self::receipt_key(room_short, user_short, kind, thread),
+            )? {
                 let r: Receipt = serde_json::from_slice(&v)?;
                 if best.as_ref().is_none_or(|b| r.ts >= b.ts) {
                     best = Some(r);
@@ -191,7 +240,10 @@ impl Ephemeral {
     /// Every current receipt of a room.
     pub fn receipts(&self, room_short: u64) -> Result<Vec<Receipt>> {
         let prefix = room_short.to_be_bytes();
-        self.db.scan_prefix("receipts", &prefix).map(|r| Ok(serde_json::from_slice(&r?.1)?)).collect()
+        self.db
+            .scan_prefix("receipts", &prefix)
+            .map(|r| Ok(serde_json::from_slice(&r?.1)?))
+            .collect()
     }
 
     /// Receipts that changed in `(since, until]`.
@@ -211,7 +263,13 @@ impl Ephemeral {
 
     // --- presence ---
 
-    pub fn set_presence(&self, user: &UserId, state: &str, status_msg: Option<Option<String>>, observers: Vec<OwnedUserId>) {
+    pub fn set_presence(
+        &self,
+        user: &UserId,
+        state: &str,
+        status_msg: Option<Option<String>>,
+        observers: Vec<OwnedUserId>,
+    ) {
         let pos = self.tick();
         {
             let mut all = self.presence.lock();
@@ -221,7 +279,8 @@ impl Ephemeral {
                 last_active_ms: now_ms(),
                 pos,
             });
-            let changed = entry.state != state || status_msg.as_ref().is_some_and(|m| *m != entry.status_msg);
+            let changed =
+                entry.state != state || status_msg.as_ref().is_some_and(|m| *m != entry.status_msg);
             if state == "online" {
                 entry.last_active_ms = now_ms();
             }
@@ -234,7 +293,10 @@ impl Ephemeral {
             }
             entry.pos = pos;
         }
-        self.notifier.notify_all(observers.iter().map(|u| &**u).chain(std::iter::once(user)), pos);
+        self.notifier.notify_all(
+            observers.iter().map(|u| &**u).chain(std::iter::once(user)),
+            pos,
+        );
     }
 
     /// Note activity without changing the presence state.

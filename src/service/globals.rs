@@ -5,7 +5,11 @@ use std::sync::Arc;
 use rand::{Rng, distributions::Alphanumeric};
 use ruma::{OwnedServerName, ServerName, signatures::Ed25519KeyPair};
 
-use crate::{config::Config, error::{Error, Result}, storage::Db};
+use crate::{
+    config::Config,
+    error::{Error, Result},
+    storage::Db,
+};
 
 pub struct Globals {
     pub config: Config,
@@ -28,7 +32,11 @@ impl Globals {
                 }
             },
         };
-        Ok(Self { config, keypair, shared_secret })
+        Ok(Self {
+            config,
+            keypair,
+            shared_secret,
+        })
     }
 
     pub fn server_name(&self) -> &ServerName {
@@ -65,5 +73,9 @@ fn load_or_create_key(db: &Arc<Db>) -> Result<Ed25519KeyPair> {
 }
 
 pub fn random_string(len: usize) -> String {
-    rand::thread_rng().sample_iter(&Alphanumeric).take(len).map(char::from).collect()
+    rand::thread_rng()
+        .sample_iter(&Alphanumeric)
+        .take(len)
+        .map(char::from)
+        .collect()
 }

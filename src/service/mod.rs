@@ -41,7 +41,8 @@ impl Services {
         let notifier = Arc::new(notifier::Notifier::default());
         let users = Arc::new(users::Users::new(db.clone(), notifier.clone()));
         let state = Arc::new(rooms::state::StateService::new(db.clone()));
-        let timeline = rooms::timeline::Timeline::new(db.clone(), globals.clone(), state, notifier.clone());
+        let timeline =
+            rooms::timeline::Timeline::new(db.clone(), globals.clone(), state, notifier.clone());
         let rooms = rooms::Rooms::new(db.clone(), globals.clone(), users.clone(), timeline);
         Ok(Arc::new(Self {
             globals,

@@ -20,7 +20,10 @@ impl Notifier {
         if users.len() >= 4096 && users.len().is_power_of_two() {
             users.retain(|_, tx| tx.receiver_count() > 0);
         }
-        users.entry(user.to_owned()).or_insert_with(|| watch::channel(0).0).subscribe()
+        users
+            .entry(user.to_owned())
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
     }
 
     /// Tell `user`'s waiters that position `pos` concerns them.

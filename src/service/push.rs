@@ -14,7 +14,9 @@ pub const ACCOUNT_DATA_TYPE: &str = "m.push_rules";
 /// versions of the spec merged in; the server defaults for new users.
 pub fn ruleset(users: &Users, user: &UserId) -> Result<Ruleset> {
     let defaults = Ruleset::server_default(user);
-    let Some(stored) = users.account_data(user, None, ACCOUNT_DATA_TYPE)? else { return Ok(defaults) };
+    let Some(stored) = users.account_data(user, None, ACCOUNT_DATA_TYPE)? else {
+        return Ok(defaults);
+    };
     match serde_json::from_value::<Ruleset>(stored.get("global").cloned().unwrap_or_default()) {
         Ok(mut rules) => {
             rules.update_with_server_default(defaults);

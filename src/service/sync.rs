@@ -79,9 +79,13 @@ pub fn parse_since(token: &str, visible: u64) -> Result<u64> {
     let pos: u64 = token
         .strip_prefix('s')
         .and_then(|n| n.parse().ok())
-        .ok_or_else(|| Error::invalid_param(format!("'{token}' is not a sync token from this server")))?;
+        .ok_or_else(|| {
+            Error::invalid_param(format!("'{token}' is not a sync token from this server"))
+        })?;
     if pos > visible {
-        return Err(Error::invalid_param("this sync token is from the future: it was not issued by this server"));
+        return Err(Error::invalid_param(
+            "this sync token is from the future: it was not issued by this server",
+        ));
     }
     Ok(pos)
 }
@@ -91,7 +95,8 @@ fn type_allowed(filter: &EventFilter, kind: &str) -> bool {
         Some(prefix) => kind.starts_with(prefix),
         None => p == kind,
     };
-    !filter.not_types.iter().any(matches) && filter.types.as_ref().is_none_or(|t| t.iter().any(matches))
+    !filter.not_types.iter().any(matches)
+        && filter.types.as_ref().is_none_or(|t| t.iter().any(matches))
 }
 
 /// A client event in the sync format (no `room_id`).
@@ -112,7 +117,12 @@ fn stripped(e: &StoredEvent) -> JsonValue {
     })
 }
 
-pub async fn sync(s: &Services, user: &UserId, device: &str, req: SyncRequest) -> Result<JsonValue> {
+pub async fn sync(
+    s: &Services,
+    user: &UserId,
+    device: &str,
+    req: SyncRequest,
+) -> Result<JsonValue> {
     let mut user_rx = s.notifier.subscribe(user);
     let mut visible_rx = s.db.stream.subscribe();
     if let Some(p) = &req.set_presence {
@@ -125,7 +135,9 @@ pub async fn sync(s: &Services, user: &UserId, device: &str, req: SyncRequest) -
         if let Some(since) = req.since
             && since > now
         {
-            return Err(Error::invalid_param("this sync token is from the future: it was not issued by this server"));
+            return Err(Error::invalid_param(
+                "this sync token is from the future: it was not issued by this server",
+            ));
         }
         let (response, has_content) = build(s, user, device, &req, now)?;
         if req.since.is_none() || has_content || req.full_state || timeout.is_zero() {
@@ -191,15 +203,31 @@ pub fn peers(s: &Services, user: &UserId) -> Result<Vec<OwnedUserId>> {
 /// Whether anything happened in a room in `(since, now]`: an event (membership changes
 /// included), typing, a receipt, or room account data. Cheap seeks, so that an
 /// incremental sync skips quiet rooms without loading anything.
-fn room_has_news(s: &Services, room_short: u64, room_id: &RoomId, since: u64, now: u64, account_data: &AccountDataByRoom) -> Result<bool> {
-    if s.rooms.timeline.timeline_positions(room_short, since, false, 1)?.first().is_some_and(|(pos, _)| *pos <= now) {
+fn room_has_news(
+    s: &Services,
+    room_short: u64,
+    room_id: &RoomId,
+    since: u64,
+    now: u64,
+    account_data: &AccountDataByRoom,
+) -> Result<bool> {
+    if s.rooms
+        .timeline
+        .timeline_positions(room_short, since, false, 1)?
+        .first()
+        .is_some_and(|(pos, _)| *pos <= now)
+    {
         return Ok(true);
     }
     let (_, typing_pos) = s.ephemeral.typing(room_id);
     if typing_pos > since {
         return Ok(true);
     }
-    if !s.ephemeral.receipts_since(room_short, since, now)?.is_empty() {
+    if !s
+        .ephemeral
+        .receipts_since(room_short, since, now)?
+        .is_empty()
+    {
         return Ok(true);
     }
     Ok(account_data.contains_key(&Some(room_id.to_string())))
@@ -210,7 +238,12 @@ type AccountDataByRoom = HashMap<Option<String>, Vec<(String, JsonValue)>>;
 
 /// All of the user's account data on an initial sync; on an incremental one, the
 /// current content of what changed in `(since, now]`. Read once per sync.
-fn account_data_to_send(s: &Services, user: &UserId, since: Option<u64>, now: u64) -> Result<AccountDataByRoom> {
+fn account_data_to_send(
+    s: &Services,
+    user: &UserId,
+    since: Option<u64>,
+    now: u64,
+) -> Result<AccountDataByRoom> {
     let mut out: AccountDataByRoom = HashMap::new();
     match since {
         None => {
@@ -233,7 +266,10 @@ fn account_data_to_send(s: &Services, user: &UserId, since: Option<u64>, now: u6
     Ok(out)
 }
 
-fn account_data_events(entries: Option<&Vec<(String, JsonValue)>>, filter: &EventFilter) -> Vec<JsonValue> {
+fn account_data_events(
+    entries: Option<&Vec<(String, JsonValue)>>,
+    filter: &EventFilter,
+) -> Vec<JsonValue> {
     entries
         .into_iter()
         .flatten()
@@ -244,7 +280,9 @@ fn account_data_events(entries: Option<&Vec<(String, JsonValue)>>, filter: &Even
 
 /// The user's rooms and their current membership (forgotten rooms left out).
 fn memberships(s: &Services, user: &UserId) -> Result<Vec<(u64, OwnedRoomId, String)>> {
-    let Some(u) = s.db.short_id(IdKind::User, user.as_str())? else { return Ok(Vec::new()) };
+    let Some(u) = s.db.short_id(IdKind::User, user.as_str())? else {
+        return Ok(Vec::new());
+    };
     let mut out = Vec::new();
     for item in s.db.scan_prefix("user_rooms", &u.to_be_bytes()) {
         let (k, v) = item?;
@@ -260,7 +298,13 @@ fn memberships(s: &Services, user: &UserId) -> Result<Vec<(u64, OwnedRoomId, Str
     Ok(out)
 }
 
-fn build(s: &Services, user: &UserId, device: &str, req: &SyncRequest, now: u64) -> Result<(JsonValue, bool)> {
+fn build(
+    s: &Services,
+    user: &UserId,
+    device: &str,
+    req: &SyncRequest,
+    now: u64,
+) -> Result<(JsonValue, bool)> {
     let mut join = serde_json::Map::new();
     let mut invite = serde_json::Map::new();
     let mut knock = serde_json::Map::new();
@@ -278,7 +322,10 @@ fn build(s: &Services, user: &UserId, device: &str, req: &SyncRequest, now: u64)
         {
             continue;
         }
-        let Some(member) = tl.current_state_event(room_short, "m.room.member", user.as_str())? else { continue };
+        let Some(member) = tl.current_state_event(room_short, "m.room.member", user.as_str())?
+        else {
+            continue;
+        };
         let member_pos = member.meta.pos;
         if member_pos > now {
             continue; // Committed after this sync's horizon; the next sync has it.
@@ -287,28 +334,58 @@ fn build(s: &Services, user: &UserId, device: &str, req: &SyncRequest, now: u64)
         match membership.as_str() {
             "join" => {
                 let room_account_data = all_account_data.get(&Some(room_id.to_string()));
-                if let Some(room) = joined_room(s, user, device, req, now, room_short, &member, room_account_data)? {
+                if let Some(room) = joined_room(
+                    s,
+                    user,
+                    device,
+                    req,
+                    now,
+                    room_short,
+                    &member,
+                    room_account_data,
+                )? {
                     join.insert(room_id.to_string(), room);
                 }
             }
             "invite" | "knock" if changed_since => {
                 let mut events = Vec::new();
-                for kind in ["m.room.create", "m.room.join_rules", "m.room.name", "m.room.avatar", "m.room.canonical_alias", "m.room.encryption", "m.room.topic"] {
+                for kind in [
+                    "m.room.create",
+                    "m.room.join_rules",
+                    "m.room.name",
+                    "m.room.avatar",
+                    "m.room.canonical_alias",
+                    "m.room.encryption",
+                    "m.room.topic",
+                ] {
                     if let Some(e) = tl.state_event_in_group(member.meta.state_after, kind, "")? {
                         events.push(stripped(&e));
                     }
                 }
-                if let Some(sender_member) = tl.state_event_in_group(member.meta.state_after, "m.room.member", member.pdu.sender.as_str())? {
+                if let Some(sender_member) = tl.state_event_in_group(
+                    member.meta.state_after,
+                    "m.room.member",
+                    member.pdu.sender.as_str(),
+                )? {
                     events.push(stripped(&sender_member));
                 }
                 events.push(stripped(&member));
                 if membership == "invite" {
-                    invite.insert(room_id.to_string(), json!({ "invite_state": { "events": events } }));
+                    invite.insert(
+                        room_id.to_string(),
+                        json!({ "invite_state": { "events": events } }),
+                    );
                 } else {
-                    knock.insert(room_id.to_string(), json!({ "knock_state": { "events": events } }));
+                    knock.insert(
+                        room_id.to_string(),
+                        json!({ "knock_state": { "events": events } }),
+                    );
                 }
             }
-            "leave" | "ban" if (req.since.is_some() && changed_since) || (req.since.is_none() && req.filter.include_leave) => {
+            "leave" | "ban"
+                if (req.since.is_some() && changed_since)
+                    || (req.since.is_none() && req.filter.include_leave) =>
+            {
                 let room = left_room(s, user, device, req, room_short, &member)?;
                 leave.insert(room_id.to_string(), room);
             }
@@ -317,16 +394,26 @@ fn build(s: &Services, user: &UserId, device: &str, req: &SyncRequest, now: u64)
     }
 
     // Global account data.
-    let mut account_data = account_data_events(all_account_data.get(&None), &req.filter.account_data);
+    let mut account_data =
+        account_data_events(all_account_data.get(&None), &req.filter.account_data);
     // Every user has push rules, if only the server defaults.
-    let has_push_rules = account_data.iter().any(|e| e["type"] == super::push::ACCOUNT_DATA_TYPE);
-    if req.since.is_none() && !has_push_rules && type_allowed(&req.filter.account_data, super::push::ACCOUNT_DATA_TYPE) {
+    let has_push_rules = account_data
+        .iter()
+        .any(|e| e["type"] == super::push::ACCOUNT_DATA_TYPE);
+    if req.since.is_none()
+        && !has_push_rules
+        && type_allowed(&req.filter.account_data, super::push::ACCOUNT_DATA_TYPE)
+    {
         account_data.push(json!({ "type": super::push::ACCOUNT_DATA_TYPE, "content": super::push::account_data_content(&s.users, user)? }));
     }
 
     // Presence of the people the user shares rooms with.
     let mut presence = Vec::new();
-    if type_allowed(&req.filter.presence, "m.presence") && req.since.is_none_or(|since| s.ephemeral.presence_changed_since(since)) {
+    if type_allowed(&req.filter.presence, "m.presence")
+        && req
+            .since
+            .is_none_or(|since| s.ephemeral.presence_changed_since(since))
+    {
         for peer in peers(s, user)? {
             if let Some(p) = s.ephemeral.presence(&peer)
                 && req.since.is_none_or(|since| p.pos > since)
@@ -337,7 +424,12 @@ fn build(s: &Services, user: &UserId, device: &str, req: &SyncRequest, now: u64)
         }
     }
 
-    let has_content = !(join.is_empty() && invite.is_empty() && knock.is_empty() && leave.is_empty() && account_data.is_empty() && presence.is_empty());
+    let has_content = !(join.is_empty()
+        && invite.is_empty()
+        && knock.is_empty()
+        && leave.is_empty()
+        && account_data.is_empty()
+        && presence.is_empty());
     let response = json!({
         "next_batch": format!("s{now}"),
         "rooms": { "join": join, "invite": invite, "knock": knock, "leave": leave },
@@ -352,12 +444,23 @@ fn build(s: &Services, user: &UserId, device: &str, req: &SyncRequest, now: u64)
 
 /// Events of a room in `(after, until]` that the user may see and the filter wants,
 /// newest `limit` of them, oldest first; and whether older ones were left out.
-fn timeline_window(s: &Services, user: &UserId, room_short: u64, after: u64, until: u64, limit: usize, filter: &EventFilter) -> Result<(Vec<StoredEvent>, bool)> {
+fn timeline_window(
+    s: &Services,
+    user: &UserId,
+    room_short: u64,
+    after: u64,
+    until: u64,
+    limit: usize,
+    filter: &EventFilter,
+) -> Result<(Vec<StoredEvent>, bool)> {
     let mut out = Vec::new();
     let mut cursor = until;
     let mut limited = false;
     'scan: loop {
-        let batch = s.rooms.timeline.timeline_positions(room_short, cursor + 1, true, 64)?;
+        let batch = s
+            .rooms
+            .timeline
+            .timeline_positions(room_short, cursor + 1, true, 64)?;
         if batch.is_empty() {
             break;
         }
@@ -366,7 +469,9 @@ fn timeline_window(s: &Services, user: &UserId, room_short: u64, after: u64, unt
                 break 'scan;
             }
             cursor = pos - 1;
-            let Some(e) = s.rooms.timeline.stored(*short)? else { continue };
+            let Some(e) = s.rooms.timeline.stored(*short)? else {
+                continue;
+            };
             if !filter.allows(&e) || !s.rooms.can_see_event(user, &e)? {
                 continue;
             }
@@ -386,8 +491,18 @@ fn timeline_window(s: &Services, user: &UserId, room_short: u64, after: u64, unt
 
 /// The room's state group just after stream position `pos`.
 fn group_at(s: &Services, room_short: u64, pos: u64) -> Result<u64> {
-    match s.rooms.timeline.timeline_positions(room_short, pos + 1, true, 1)?.first() {
-        Some((_, short)) => Ok(s.rooms.timeline.meta(*short)?.map(|m| m.state_after).unwrap_or(EMPTY_GROUP)),
+    match s
+        .rooms
+        .timeline
+        .timeline_positions(room_short, pos + 1, true, 1)?
+        .first()
+    {
+        Some((_, short)) => Ok(s
+            .rooms
+            .timeline
+            .meta(*short)?
+            .map(|m| m.state_after)
+            .unwrap_or(EMPTY_GROUP)),
         None => Ok(EMPTY_GROUP),
     }
 }
@@ -410,7 +525,11 @@ fn state_section(
     };
     let in_timeline: HashSet<u64> = timeline.iter().map(|e| e.short).collect();
     let lazy = req.filter.state.lazy_load_members;
-    let needed: HashSet<String> = timeline.iter().map(|e| e.pdu.sender.to_string()).chain(std::iter::once(user.to_string())).collect();
+    let needed: HashSet<String> = timeline
+        .iter()
+        .map(|e| e.pdu.sender.to_string())
+        .chain(std::iter::once(user.to_string()))
+        .collect();
     let mut out = Vec::new();
     for (key, event) in map.iter() {
         if in_timeline.contains(event) {
@@ -421,11 +540,16 @@ fn state_section(
         {
             continue;
         }
-        let Some(e) = s.rooms.timeline.stored(*event)? else { continue };
+        let Some(e) = s.rooms.timeline.stored(*event)? else {
+            continue;
+        };
         if !req.filter.state.allows(&e) {
             continue;
         }
-        if lazy && e.pdu.kind == ruma::events::TimelineEventType::RoomMember && !needed.contains(e.pdu.state_key.as_deref().unwrap_or_default()) {
+        if lazy
+            && e.pdu.kind == ruma::events::TimelineEventType::RoomMember
+            && !needed.contains(e.pdu.state_key.as_deref().unwrap_or_default())
+        {
             continue;
         }
         out.push(sync_format(s, &e, device)?);
@@ -447,19 +571,32 @@ fn joined_room(
     let tl = &s.rooms.timeline;
     let room_id = member.room_id.clone();
     let since = req.since;
-    let was_joined_before = member.meta.replaces.and_then(|prev| tl.pdu_by_short(prev).ok().flatten()).is_some_and(|p| {
-        p.content_json().get("membership").and_then(|m| m.as_str()) == Some("join")
-    });
+    let was_joined_before = member
+        .meta
+        .replaces
+        .and_then(|prev| tl.pdu_by_short(prev).ok().flatten())
+        .is_some_and(|p| {
+            p.content_json().get("membership").and_then(|m| m.as_str()) == Some("join")
+        });
     let newly_joined = since.is_some_and(|since| member.meta.pos > since && !was_joined_before);
     let full = since.is_none() || newly_joined || req.full_state;
     let after = since.unwrap_or(0);
-    let (timeline, limited) = timeline_window(s, user, room_short, after, now, req.filter.timeline_limit, &req.filter.timeline)?;
+    let (timeline, limited) = timeline_window(
+        s,
+        user,
+        room_short,
+        after,
+        now,
+        req.filter.timeline_limit,
+        &req.filter.timeline,
+    )?;
 
     // Ephemeral events.
     let mut ephemeral = Vec::new();
     let (typing, typing_pos) = s.ephemeral.typing(&room_id);
     if type_allowed(&req.filter.ephemeral, "m.typing")
-        && ((since.is_none() && !typing.is_empty()) || since.is_some_and(|since| typing_pos > since && typing_pos <= now))
+        && ((since.is_none() && !typing.is_empty())
+            || since.is_some_and(|since| typing_pos > since && typing_pos <= now))
     {
         ephemeral.push(json!({ "type": "m.typing", "content": { "user_ids": typing } }));
     }
@@ -468,7 +605,10 @@ fn joined_room(
             None => s.ephemeral.receipts(room_short)?,
             Some(since) => s.ephemeral.receipts_since(room_short, since, now)?,
         };
-        let visible: Vec<_> = receipts.into_iter().filter(|r| !r.is_private() || r.user == user).collect();
+        let visible: Vec<_> = receipts
+            .into_iter()
+            .filter(|r| !r.is_private() || r.user == user)
+            .collect();
         if !visible.is_empty() {
             ephemeral.push(json!({ "type": "m.receipt", "content": receipt_content(&visible) }));
         }
@@ -484,13 +624,26 @@ fn joined_room(
     // what changed in a gap the timeline does not cover.
     let start_group = match timeline.first() {
         Some(first) => first.meta.state_before,
-        None => s.rooms.timeline.room_record(room_short)?.map(|r| r.state_group).unwrap_or(EMPTY_GROUP),
+        None => s
+            .rooms
+            .timeline
+            .room_record(room_short)?
+            .map(|r| r.state_group)
+            .unwrap_or(EMPTY_GROUP),
     };
     let state = if full {
         state_section(s, user, device, req, start_group, None, &timeline)?
     } else if limited {
         let since_group = group_at(s, room_short, after)?;
-        state_section(s, user, device, req, start_group, Some(since_group), &timeline)?
+        state_section(
+            s,
+            user,
+            device,
+            req,
+            start_group,
+            Some(since_group),
+            &timeline,
+        )?
     } else {
         Vec::new()
     };
@@ -510,7 +663,9 @@ fn joined_room(
         "account_data": { "events": account_data },
         "unread_notifications": unread_counts(s, user, room_short, now)?,
     });
-    let membership_changed = timeline.iter().any(|e| e.pdu.kind == ruma::events::TimelineEventType::RoomMember);
+    let membership_changed = timeline
+        .iter()
+        .any(|e| e.pdu.kind == ruma::events::TimelineEventType::RoomMember);
     if full || membership_changed || limited {
         room["summary"] = summary(s, user, room_short)?;
     }
@@ -521,7 +676,11 @@ fn joined_room(
 fn summary(s: &Services, user: &UserId, room_short: u64) -> Result<JsonValue> {
     let joined = super::rooms::timeline::members_with(&s.db, room_short, "join")?;
     let invited = super::rooms::timeline::members_with(&s.db, room_short, "invite")?;
-    let mut heroes: Vec<&OwnedUserId> = joined.iter().chain(invited.iter()).filter(|u| u.as_str() != user.as_str()).collect();
+    let mut heroes: Vec<&OwnedUserId> = joined
+        .iter()
+        .chain(invited.iter())
+        .filter(|u| u.as_str() != user.as_str())
+        .collect();
     heroes.sort();
     heroes.truncate(5);
     Ok(json!({
@@ -557,7 +716,9 @@ fn unread_counts(s: &Services, user: &UserId, room_short: u64, now: u64) -> Resu
                 break 'scan;
             }
             cursor = pos - 1;
-            let Some(pdu) = tl.pdu_by_short(*short)? else { continue };
+            let Some(pdu) = tl.pdu_by_short(*short)? else {
+                continue;
+            };
             if pdu.sender == user {
                 break 'scan; // The user's own message implies they have read up to here.
             }
@@ -576,16 +737,37 @@ fn unread_counts(s: &Services, user: &UserId, room_short: u64, now: u64) -> Resu
     Ok(json!({ "notification_count": notifications, "highlight_count": highlights }))
 }
 
-fn left_room(s: &Services, user: &UserId, device: &str, req: &SyncRequest, room_short: u64, member: &StoredEvent) -> Result<JsonValue> {
+fn left_room(
+    s: &Services,
+    user: &UserId,
+    device: &str,
+    req: &SyncRequest,
+    room_short: u64,
+    member: &StoredEvent,
+) -> Result<JsonValue> {
     let after = req.since.unwrap_or(0);
-    let (timeline, limited) = timeline_window(s, user, room_short, after, member.meta.pos, req.filter.timeline_limit, &req.filter.timeline)?;
-    let start_group = timeline.first().map(|e| e.meta.state_before).unwrap_or(member.meta.state_after);
+    let (timeline, limited) = timeline_window(
+        s,
+        user,
+        room_short,
+        after,
+        member.meta.pos,
+        req.filter.timeline_limit,
+        &req.filter.timeline,
+    )?;
+    let start_group = timeline
+        .first()
+        .map(|e| e.meta.state_before)
+        .unwrap_or(member.meta.state_after);
     let state = state_section(s, user, device, req, start_group, None, &timeline)?;
     let mut events = Vec::with_capacity(timeline.len());
     for e in &timeline {
         events.push(sync_format(s, e, device)?);
     }
-    let prev_batch = timeline.first().map(|f| make_token(f.meta.pos - 1)).unwrap_or_else(|| make_token(member.meta.pos));
+    let prev_batch = timeline
+        .first()
+        .map(|f| make_token(f.meta.pos - 1))
+        .unwrap_or_else(|| make_token(member.meta.pos));
     Ok(json!({
         "timeline": { "events": events, "limited": limited, "prev_batch": prev_batch },
         "state": { "events": state },

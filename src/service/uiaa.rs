@@ -14,7 +14,10 @@ use ruma::{
     },
 };
 
-use super::{globals::random_string, users::{Users, now_ms}};
+use super::{
+    globals::random_string,
+    users::{Users, now_ms},
+};
 use crate::error::{Error, Result};
 
 const SESSION_TTL: Duration = Duration::from_secs(15 * 60);
@@ -42,15 +45,31 @@ impl Uiaa {
     /// Run one step of user-interactive authentication. Returns `Ok` once one of `flows`
     /// is complete; otherwise an [`Error::Uiaa`] that tells the client what is left.
     /// `who` is the account the client must prove to be (for password stages).
-    pub async fn check(&self, users: &Users, flows: Vec<AuthFlow>, auth: Option<&AuthData>, who: Option<&UserId>) -> Result<Completed> {
+    pub async fn check(
+        &self,
+        users: &Users,
+        flows: Vec<AuthFlow>,
+        auth: Option<&AuthData>,
+        who: Option<&UserId>,
+    ) -> Result<Completed> {
         let session_id = auth.and_then(|a| a.session()).map(str::to_owned);
         let mut auth_error = None;
         let session_id = match session_id {
             Some(id) if self.sessions.lock().contains_key(&id) => id,
-            Some(_) => return Err(Error::forbidden("Unknown or expired authentication session")),
+            Some(_) => {
+                return Err(Error::forbidden(
+                    "Unknown or expired authentication session",
+                ));
+            }
             None => {
                 let id = random_string(24);
-                self.sessions.lock().insert(id.clone(), UiaaSession { created: Some(Instant::now()), ..Default::default() });
+                self.sessions.lock().insert(
+                    id.clone(),
+                    UiaaSession {
+                        created: Some(Instant::now()),
+                        ..Default::default()
+                    },
+                );
                 id
             }
         };
@@ -67,17 +86,23 @@ impl Uiaa {
                         }
                     }
                 }
-                Err(Error::Matrix { kind, message, .. }) => auth_error = Some(StandardErrorBody::new(kind, message)),
+                Err(Error::Matrix { kind, message, .. }) => {
+                    auth_error = Some(StandardErrorBody::new(kind, message))
+                }
                 Err(other) => return Err(other),
             }
         }
         let mut sessions = self.sessions.lock();
         sessions.retain(|_, s| s.created.is_some_and(|c| c.elapsed() < SESSION_TTL));
         let session = sessions.entry(session_id.clone()).or_default();
-        let done = flows.iter().any(|f| f.stages.iter().all(|s| session.completed.contains(s)));
+        let done = flows
+            .iter()
+            .any(|f| f.stages.iter().all(|s| session.completed.contains(s)));
         if done {
             let s = sessions.remove(&session_id).unwrap_or_default();
-            return Ok(Completed { registration_token: s.registration_token });
+            return Ok(Completed {
+                registration_token: s.registration_token,
+            });
         }
         let mut info = UiaaInfo::new(flows);
         info.completed = session.completed.clone();
@@ -86,18 +111,27 @@ impl Uiaa {
         Err(Error::Uiaa(Box::new(info)))
     }
 
-    async fn verify_stage(&self, users: &Users, auth: &AuthData, who: Option<&UserId>) -> Result<(AuthType, Option<String>)> {
+    async fn verify_stage(
+        &self,
+        users: &Users,
+        auth: &AuthData,
+        who: Option<&UserId>,
+    ) -> Result<(AuthType, Option<String>)> {
         match auth {
             AuthData::Dummy(_) => Ok((AuthType::Dummy, None)),
             AuthData::RegistrationToken(t) => {
-                let valid = users.registration_token(&t.token)?.is_some_and(|r| r.is_valid(now_ms()));
+                let valid = users
+                    .registration_token(&t.token)?
+                    .is_some_and(|r| r.is_valid(now_ms()));
                 if !valid {
                     return Err(Error::forbidden("Invalid registration token"));
                 }
                 Ok((AuthType::RegistrationToken, Some(t.token.clone())))
             }
             AuthData::Password(p) => {
-                let Some(who) = who else { return Err(Error::forbidden("Password authentication needs an account")) };
+                let Some(who) = who else {
+                    return Err(Error::forbidden("Password authentication needs an account"));
+                };
                 let claimed = match &p.identifier {
                     UserIdentifier::Matrix(m) => m.user.clone(),
                     _ => return Err(Error::forbidden("Only user identifiers are supported")),
@@ -113,10 +147,16 @@ impl Uiaa {
                 if users.check_password(who, &p.password).await? {
                     Ok((AuthType::Password, None))
                 } else {
-                    Err(Error::Matrix { status: http::StatusCode::FORBIDDEN, kind: ErrorKind::Forbidden, message: "Invalid password".into() })
+                    Err(Error::Matrix {
+                        status: http::StatusCode::FORBIDDEN,
+                        kind: ErrorKind::Forbidden,
+                        message: "Invalid password".into(),
+                    })
                 }
             }
-            _ => Err(Error::forbidden("This authentication type is not supported")),
+            _ => Err(Error::forbidden(
+                "This authentication type is not supported",
+            )),
         }
     }
 }

@@ -8,7 +8,7 @@ use argon2::{
     password_hash::{SaltString, rand_core::OsRng},
 };
 use parking_lot::RwLock;
-use ruma::{MilliSecondsSinceUnixEpoch, OwnedDeviceId, OwnedUserId, UserId, DeviceId};
+use ruma::{DeviceId, MilliSecondsSinceUnixEpoch, OwnedDeviceId, OwnedUserId, UserId};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as JsonValue;
 
@@ -61,7 +61,10 @@ pub struct RegistrationToken {
 
 impl RegistrationToken {
     pub fn is_valid(&self, now: u64) -> bool {
-        self.expiry_time.is_none_or(|t| now < t) && self.uses_allowed.is_none_or(|n| self.pending + self.completed < n)
+        self.expiry_time.is_none_or(|t| now < t)
+            && self
+                .uses_allowed
+                .is_none_or(|n| self.pending + self.completed < n)
     }
 }
 
@@ -98,10 +101,16 @@ pub fn new_local_user_id(localpart: &str, server: &ruma::ServerName) -> Result<O
     if lower.is_empty() || lower.len() > 200 {
         return Err(Error::invalid_username("Usernames are 1 to 200 characters"));
     }
-    if !lower.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._=-/+".contains(c)) {
-        return Err(Error::invalid_username("Usernames may only contain a-z, 0-9, and . _ = - / +"));
+    if !lower
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._=-/+".contains(c))
+    {
+        return Err(Error::invalid_username(
+            "Usernames may only contain a-z, 0-9, and . _ = - / +",
+        ));
     }
-    UserId::parse_with_server_name(lower.as_str(), server).map_err(|e| Error::invalid_username(format!("Invalid username: {e}")))
+    UserId::parse_with_server_name(lower.as_str(), server)
+        .map_err(|e| Error::invalid_username(format!("Invalid username: {e}")))
 }
 
 pub fn now_ms() -> u64 {
@@ -110,7 +119,11 @@ pub fn now_ms() -> u64 {
 
 impl Users {
     pub fn new(db: Arc<Db>, notifier: Arc<Notifier>) -> Self {
-        Self { db, notifier, tokens: RwLock::new(HashMap::new()) }
+        Self {
+            db,
+            notifier,
+            tokens: RwLock::new(HashMap::new()),
+        }
     }
 
     pub fn get(&self, user: &UserId) -> Result<Option<UserRecord>> {
@@ -133,7 +146,12 @@ impl Users {
     }
 
     fn put(&self, batch: &mut Batch, user: &UserId, record: &UserRecord) -> Result<()> {
-        batch.put(&self.db, "users", user.as_bytes(), &serde_json::to_vec(record)?);
+        batch.put(
+            &self.db,
+            "users",
+            user.as_bytes(),
+            &serde_json::to_vec(record)?,
+        );
         Ok(())
     }
 
@@ -144,7 +162,13 @@ impl Users {
     }
 
     /// Create an account. The caller has checked that the id is free and allowed.
-    pub async fn create(&self, user: &UserId, password: Option<&str>, admin: bool, guest: bool) -> Result<()> {
+    pub async fn create(
+        &self,
+        user: &UserId,
+        password: Option<&str>,
+        admin: bool,
+        guest: bool,
+    ) -> Result<()> {
         let password_hash = match password {
             Some(p) => Some(hash_password(p.to_owned()).await?),
             None => None,
@@ -158,7 +182,8 @@ impl Users {
             displayname: Some(user.localpart().to_owned()),
             avatar_url: None,
         };
-        self.db.get_or_create_short_id(crate::storage::IdKind::User, user.as_str())?;
+        self.db
+            .get_or_create_short_id(crate::storage::IdKind::User, user.as_str())?;
         self.save(user, &record)
     }
 
@@ -176,11 +201,19 @@ impl Users {
             let _ = hash_password(password.to_owned()).await;
             return Ok(false);
         };
-        let Some(hash) = record.password_hash.filter(|_| !record.deactivated) else { return Ok(false) };
+        let Some(hash) = record.password_hash.filter(|_| !record.deactivated) else {
+            return Ok(false);
+        };
         let password = password.to_owned();
         let _permit = HASHING.acquire().await.map_err(Error::internal)?;
         tokio::task::spawn_blocking(move || {
-            PasswordHash::new(&hash).map(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok()).unwrap_or(false)
+            PasswordHash::new(&hash)
+                .map(|h| {
+                    Argon2::default()
+                        .verify_password(password.as_bytes(), &h)
+                        .is_ok()
+                })
+                .unwrap_or(false)
         })
         .await
         .map_err(Error::internal)
@@ -192,16 +225,28 @@ impl Users {
         if let Some(s) = self.tokens.read().get(token) {
             return Ok(Some(s.clone()));
         }
-        let Some(v) = self.db.get("access_tokens", token.as_bytes())? else { return Ok(None) };
+        let Some(v) = self.db.get("access_tokens", token.as_bytes())? else {
+            return Ok(None);
+        };
         let text = String::from_utf8_lossy(&v);
-        let (user, device) = text.split_once('\u{1}').ok_or_else(|| Error::internal("corrupt token record"))?;
-        let session = Session { user_id: UserId::parse(user)?, device_id: device.into() };
-        self.tokens.write().insert(token.to_owned(), session.clone());
+        let (user, device) = text
+            .split_once('\u{1}')
+            .ok_or_else(|| Error::internal("corrupt token record"))?;
+        let session = Session {
+            user_id: UserId::parse(user)?,
+            device_id: device.into(),
+        };
+        self.tokens
+            .write()
+            .insert(token.to_owned(), session.clone());
         Ok(Some(session))
     }
 
     pub fn device(&self, user: &UserId, device: &DeviceId) -> Result<Option<DeviceRecord>> {
-        match self.db.get("devices", &str_key(&[user.as_str(), device.as_str()]))? {
+        match self
+            .db
+            .get("devices", &str_key(&[user.as_str(), device.as_str()]))?
+        {
             Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
             None => Ok(None),
         }
@@ -209,11 +254,20 @@ impl Users {
 
     pub fn devices(&self, user: &UserId) -> Result<Vec<DeviceRecord>> {
         let prefix = str_prefix(&[user.as_str()]);
-        self.db.scan_prefix("devices", &prefix).map(|r| Ok(serde_json::from_slice(&r?.1)?)).collect()
+        self.db
+            .scan_prefix("devices", &prefix)
+            .map(|r| Ok(serde_json::from_slice(&r?.1)?))
+            .collect()
     }
 
     /// Create (or replace the token of) a device and return its new access token.
-    pub fn create_device(&self, user: &UserId, device_id: Option<&DeviceId>, display_name: Option<String>, ip: Option<String>) -> Result<(OwnedDeviceId, String)> {
+    pub fn create_device(
+        &self,
+        user: &UserId,
+        device_id: Option<&DeviceId>,
+        display_name: Option<String>,
+        ip: Option<String>,
+    ) -> Result<(OwnedDeviceId, String)> {
         let device_id: OwnedDeviceId = match device_id {
             Some(d) => d.to_owned(),
             None => random_string(10).to_uppercase().into(),
@@ -238,8 +292,18 @@ impl Users {
                 last_seen_ip: ip,
             },
         };
-        batch.put(&self.db, "devices", &str_key(&[user.as_str(), device_id.as_str()]), &serde_json::to_vec(&record)?);
-        batch.put(&self.db, "access_tokens", token.as_bytes(), format!("{user}\u{1}{device_id}").as_bytes());
+        batch.put(
+            &self.db,
+            "devices",
+            &str_key(&[user.as_str(), device_id.as_str()]),
+            &serde_json::to_vec(&record)?,
+        );
+        batch.put(
+            &self.db,
+            "access_tokens",
+            token.as_bytes(),
+            format!("{user}\u{1}{device_id}").as_bytes(),
+        );
         self.db.commit(batch)?;
         Ok((device_id, token))
     }
@@ -249,17 +313,34 @@ impl Users {
         self.tokens.write().remove(token);
     }
 
-    pub fn rename_device(&self, user: &UserId, device: &DeviceId, name: Option<String>) -> Result<()> {
-        let mut record = self.device(user, device)?.ok_or_else(|| Error::not_found("No such device"))?;
+    pub fn rename_device(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        name: Option<String>,
+    ) -> Result<()> {
+        let mut record = self
+            .device(user, device)?
+            .ok_or_else(|| Error::not_found("No such device"))?;
         record.display_name = name;
-        self.db.put_durable("devices", &str_key(&[user.as_str(), device.as_str()]), &serde_json::to_vec(&record)?)
+        self.db.put_durable(
+            "devices",
+            &str_key(&[user.as_str(), device.as_str()]),
+            &serde_json::to_vec(&record)?,
+        )
     }
 
     pub fn remove_device(&self, user: &UserId, device: &DeviceId) -> Result<bool> {
-        let Some(record) = self.device(user, device)? else { return Ok(false) };
+        let Some(record) = self.device(user, device)? else {
+            return Ok(false);
+        };
         let mut batch = Batch::default();
         self.forget_token(&mut batch, &record.access_token);
-        batch.delete(&self.db, "devices", &str_key(&[user.as_str(), device.as_str()]));
+        batch.delete(
+            &self.db,
+            "devices",
+            &str_key(&[user.as_str(), device.as_str()]),
+        );
         self.db.commit(batch)?;
         Ok(true)
     }
@@ -272,14 +353,20 @@ impl Users {
                 continue;
             }
             self.forget_token(&mut batch, &d.access_token);
-            batch.delete(&self.db, "devices", &str_key(&[user.as_str(), &d.device_id]));
+            batch.delete(
+                &self.db,
+                "devices",
+                &str_key(&[user.as_str(), &d.device_id]),
+            );
         }
         self.db.commit(batch)
     }
 
     pub fn deactivate(&self, user: &UserId) -> Result<()> {
         self.remove_devices_except(user, None)?;
-        let mut record = self.get(user)?.ok_or_else(|| Error::not_found("No such user"))?;
+        let mut record = self
+            .get(user)?
+            .ok_or_else(|| Error::not_found("No such user"))?;
         record.deactivated = true;
         record.password_hash = None;
         record.displayname = None;
@@ -307,28 +394,60 @@ impl Users {
             .scan_prefix("users", b"")
             .map(|r| {
                 let (k, v) = r?;
-                Ok((UserId::parse(String::from_utf8_lossy(&k).as_ref())?, serde_json::from_slice(&v)?))
+                Ok((
+                    UserId::parse(String::from_utf8_lossy(&k).as_ref())?,
+                    serde_json::from_slice(&v)?,
+                ))
             })
             .collect()
     }
 
     // --- account data ---
 
-    pub fn account_data(&self, user: &UserId, room: Option<&str>, kind: &str) -> Result<Option<JsonValue>> {
-        match self.db.get("account_data", &str_key(&[user.as_str(), room.unwrap_or(""), kind]))? {
+    pub fn account_data(
+        &self,
+        user: &UserId,
+        room: Option<&str>,
+        kind: &str,
+    ) -> Result<Option<JsonValue>> {
+        match self.db.get(
+            "account_data",
+            &str_key(&[user.as_str(), room.unwrap_or(""), kind]),
+        )? {
             Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
             None => Ok(None),
         }
     }
 
     /// Store account data and record the change on the user's stream for `/sync`.
-    pub fn set_account_data(&self, user: &UserId, room: Option<&str>, kind: &str, content: &JsonValue) -> Result<()> {
-        let user_short = self.db.get_or_create_short_id(IdKind::User, user.as_str())?;
+    pub fn set_account_data(
+        &self,
+        user: &UserId,
+        room: Option<&str>,
+        kind: &str,
+        content: &JsonValue,
+    ) -> Result<()> {
+        let user_short = self
+            .db
+            .get_or_create_short_id(IdKind::User, user.as_str())?;
         let ticket = self.db.stream.reserve();
         let mut b = Batch::default();
-        b.put(&self.db, "account_data", &str_key(&[user.as_str(), room.unwrap_or(""), kind]), &serde_json::to_vec(content)?);
-        let change = UserStreamEntry::AccountData { room: room.map(str::to_owned), kind: kind.to_owned() };
-        b.put(&self.db, "user_stream", &u64_key(&[user_short, ticket.position]), &serde_json::to_vec(&change)?);
+        b.put(
+            &self.db,
+            "account_data",
+            &str_key(&[user.as_str(), room.unwrap_or(""), kind]),
+            &serde_json::to_vec(content)?,
+        );
+        let change = UserStreamEntry::AccountData {
+            room: room.map(str::to_owned),
+            kind: kind.to_owned(),
+        };
+        b.put(
+            &self.db,
+            "user_stream",
+            &u64_key(&[user_short, ticket.position]),
+            &serde_json::to_vec(&change)?,
+        );
         self.db.commit(b)?;
         let pos = ticket.position;
         drop(ticket);
@@ -337,23 +456,40 @@ impl Users {
     }
 
     /// All account data of a user: global (room `None`) and per room.
-    pub fn all_account_data(&self, user: &UserId) -> Result<Vec<(Option<String>, String, JsonValue)>> {
+    pub fn all_account_data(
+        &self,
+        user: &UserId,
+    ) -> Result<Vec<(Option<String>, String, JsonValue)>> {
         let prefix = str_prefix(&[user.as_str()]);
         let mut out = Vec::new();
         for item in self.db.scan_prefix("account_data", &prefix) {
             let (k, v) = item?;
             let raw = &k[prefix.len()..];
-            let sep = raw.iter().position(|b| *b == crate::storage::SEP).unwrap_or(raw.len());
+            let sep = raw
+                .iter()
+                .position(|b| *b == crate::storage::SEP)
+                .unwrap_or(raw.len());
             let room = String::from_utf8_lossy(&raw[..sep]).into_owned();
             let kind = String::from_utf8_lossy(raw.get(sep + 1..).unwrap_or_default()).into_owned();
-            out.push(((!room.is_empty()).then_some(room), kind, serde_json::from_slice(&v)?));
+            out.push((
+                (!room.is_empty()).then_some(room),
+                kind,
+                serde_json::from_slice(&v)?,
+            ));
         }
         Ok(out)
     }
 
     /// Changes on the user's stream in `(since, until]`.
-    pub fn stream_changes(&self, user: &UserId, since: u64, until: u64) -> Result<Vec<(u64, UserStreamEntry)>> {
-        let Some(user_short) = self.db.short_id(IdKind::User, user.as_str())? else { return Ok(Vec::new()) };
+    pub fn stream_changes(
+        &self,
+        user: &UserId,
+        since: u64,
+        until: u64,
+    ) -> Result<Vec<(u64, UserStreamEntry)>> {
+        let Some(user_short) = self.db.short_id(IdKind::User, user.as_str())? else {
+            return Ok(Vec::new());
+        };
         let prefix = user_short.to_be_bytes();
         let start = u64_key(&[user_short, since + 1]);
         let mut out = Vec::new();
@@ -372,7 +508,11 @@ impl Users {
 
     pub fn create_filter(&self, user: &UserId, filter: &JsonValue) -> Result<String> {
         let id = random_string(12);
-        self.db.put_durable("filters", &str_key(&[user.as_str(), &id]), &serde_json::to_vec(filter)?)?;
+        self.db.put_durable(
+            "filters",
+            &str_key(&[user.as_str(), &id]),
+            &serde_json::to_vec(filter)?,
+        )?;
         Ok(id)
     }
 
@@ -385,16 +525,40 @@ impl Users {
 
     // --- registration tokens ---
 
-    pub fn create_registration_token(&self, token: Option<String>, uses_allowed: Option<u64>, expiry_time: Option<u64>) -> Result<RegistrationToken> {
+    pub fn create_registration_token(
+        &self,
+        token: Option<String>,
+        uses_allowed: Option<u64>,
+        expiry_time: Option<u64>,
+    ) -> Result<RegistrationToken> {
         let token = token.unwrap_or_else(|| random_string(16));
-        if token.is_empty() || token.len() > 64 || !token.chars().all(|c| c.is_ascii_alphanumeric() || "._~-".contains(c)) {
-            return Err(Error::invalid_param("registration tokens are 1 to 64 characters from [A-Za-z0-9._~-]"));
+        if token.is_empty()
+            || token.len() > 64
+            || !token
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._~-".contains(c))
+        {
+            return Err(Error::invalid_param(
+                "registration tokens are 1 to 64 characters from [A-Za-z0-9._~-]",
+            ));
         }
         if self.registration_token(&token)?.is_some() {
-            return Err(Error::invalid_param("this registration token already exists"));
+            return Err(Error::invalid_param(
+                "this registration token already exists",
+            ));
         }
-        let record = RegistrationToken { token: token.clone(), uses_allowed, pending: 0, completed: 0, expiry_time };
-        self.db.put_durable("registration_tokens", token.as_bytes(), &serde_json::to_vec(&record)?)?;
+        let record = RegistrationToken {
+            token: token.clone(),
+            uses_allowed,
+            pending: 0,
+            completed: 0,
+            expiry_time,
+        };
+        self.db.put_durable(
+            "registration_tokens",
+            token.as_bytes(),
+            &serde_json::to_vec(&record)?,
+        )?;
         Ok(record)
     }
 
@@ -406,7 +570,10 @@ impl Users {
     }
 
     pub fn registration_tokens(&self) -> Result<Vec<RegistrationToken>> {
-        self.db.scan_prefix("registration_tokens", b"").map(|r| Ok(serde_json::from_slice(&r?.1)?)).collect()
+        self.db
+            .scan_prefix("registration_tokens", b"")
+            .map(|r| Ok(serde_json::from_slice(&r?.1)?))
+            .collect()
     }
 
     pub fn delete_registration_token(&self, token: &str) -> Result<bool> {
@@ -421,26 +588,43 @@ impl Users {
 
     /// Count one completed registration against the token.
     pub fn use_registration_token(&self, token: &str) -> Result<()> {
-        let mut record = self.registration_token(token)?.ok_or_else(|| Error::token_incorrect("Unknown registration token"))?;
+        let mut record = self
+            .registration_token(token)?
+            .ok_or_else(|| Error::token_incorrect("Unknown registration token"))?;
         if !record.is_valid(now_ms()) {
-            return Err(Error::token_incorrect("This registration token is no longer valid"));
+            return Err(Error::token_incorrect(
+                "This registration token is no longer valid",
+            ));
         }
         record.completed += 1;
-        self.db.put_durable("registration_tokens", token.as_bytes(), &serde_json::to_vec(&record)?)
+        self.db.put_durable(
+            "registration_tokens",
+            token.as_bytes(),
+            &serde_json::to_vec(&record)?,
+        )
     }
 
     // --- login tokens ---
 
     pub fn create_login_token(&self, user: &UserId, ttl: Duration) -> Result<String> {
         let token = random_string(32);
-        let record = LoginToken { user_id: user.to_owned(), expires: now_ms() + ttl.as_millis() as u64 };
-        self.db.put_durable("login_tokens", token.as_bytes(), &serde_json::to_vec(&record)?)?;
+        let record = LoginToken {
+            user_id: user.to_owned(),
+            expires: now_ms() + ttl.as_millis() as u64,
+        };
+        self.db.put_durable(
+            "login_tokens",
+            token.as_bytes(),
+            &serde_json::to_vec(&record)?,
+        )?;
         Ok(token)
     }
 
     /// The user a login token was issued for; the token is used up.
     pub fn consume_login_token(&self, token: &str) -> Result<Option<OwnedUserId>> {
-        let Some(v) = self.db.get("login_tokens", token.as_bytes())? else { return Ok(None) };
+        let Some(v) = self.db.get("login_tokens", token.as_bytes())? else {
+            return Ok(None);
+        };
         let record: LoginToken = serde_json::from_slice(&v)?;
         let mut b = Batch::default();
         b.delete(&self.db, "login_tokens", token.as_bytes());

@@ -22,38 +22,89 @@ use rust_rocksdb::{
     WriteBatch, WriteOptions,
 };
 
-pub use self::{keys::*, stream::{StreamAllocator, StreamTicket}};
+pub use self::{
+    keys::*,
+    stream::{StreamAllocator, StreamTicket},
+};
 use crate::error::{Error, Result};
 
 /// Every column family, with what it holds. Keys are big-endian so that prefix scans
 /// walk in order; `SEP` (0xff, never in UTF-8) separates string parts.
 pub const COLUMN_FAMILIES: &[(&str, &str)] = &[
-    ("meta", "schema version, server signing key, generated secrets"),
+    (
+        "meta",
+        "schema version, server signing key, generated secrets",
+    ),
     ("shortids", "kind byte + long identifier → u64 short id"),
     ("longids", "u64 short id → kind byte + long identifier"),
-    ("users", "user id → account record (password hash, admin, deactivated, profile)"),
+    (
+        "users",
+        "user id → account record (password hash, admin, deactivated, profile)",
+    ),
     ("devices", "user id SEP device id → device record"),
     ("access_tokens", "access token → user id SEP device id"),
-    ("login_tokens", "short-lived m.login.token → user id and expiry"),
-    ("registration_tokens", "registration token → allowed uses, completed uses, expiry"),
-    ("account_data", "user id SEP room id (empty for global) SEP type → content"),
+    (
+        "login_tokens",
+        "short-lived m.login.token → user id and expiry",
+    ),
+    (
+        "registration_tokens",
+        "registration token → allowed uses, completed uses, expiry",
+    ),
+    (
+        "account_data",
+        "user id SEP room id (empty for global) SEP type → content",
+    ),
     ("filters", "user id SEP filter id → filter definition"),
     ("pdus", "event short id → PDU as canonical JSON"),
-    ("event_meta", "event short id → room, stream position, state groups, transaction id"),
-    ("timeline", "room short id + stream position → event short id"),
-    ("stream", "stream position → event short id, across all rooms (for sync)"),
-    ("rooms", "room short id → room record: version, forward extremities, depth, state group"),
-    ("state_groups", "state group id → parent group and delta, or a full snapshot"),
-    ("room_state", "room short id + state-key short id → event short id (current state)"),
+    (
+        "event_meta",
+        "event short id → room, stream position, state groups, transaction id",
+    ),
+    (
+        "timeline",
+        "room short id + stream position → event short id",
+    ),
+    (
+        "stream",
+        "stream position → event short id, across all rooms (for sync)",
+    ),
+    (
+        "rooms",
+        "room short id → room record: version, forward extremities, depth, state group",
+    ),
+    (
+        "state_groups",
+        "state group id → parent group and delta, or a full snapshot",
+    ),
+    (
+        "room_state",
+        "room short id + state-key short id → event short id (current state)",
+    ),
     ("user_rooms", "user short id + room short id → membership"),
     ("room_members", "room short id + user short id → membership"),
     ("aliases", "room alias → room id and creator"),
     ("room_aliases", "room short id SEP alias → empty"),
-    ("public_rooms", "room short id → empty, for rooms listed in the public directory"),
-    ("txn_ids", "user id SEP device id SEP transaction id → event id"),
-    ("user_stream", "user short id + stream position → what changed for the user (account data …)"),
-    ("receipts", "room short id + user short id + receipt type SEP thread → event id, timestamp"),
-    ("receipt_stream", "room short id + stream position → the receipt that changed"),
+    (
+        "public_rooms",
+        "room short id → empty, for rooms listed in the public directory",
+    ),
+    (
+        "txn_ids",
+        "user id SEP device id SEP transaction id → event id",
+    ),
+    (
+        "user_stream",
+        "user short id + stream position → what changed for the user (account data …)",
+    ),
+    (
+        "receipts",
+        "room short id + user short id + receipt type SEP thread → event id, timestamp",
+    ),
+    (
+        "receipt_stream",
+        "room short id + stream position → the receipt that changed",
+    ),
 ];
 
 /// The schema this build reads and writes. Opening an older database runs the
@@ -90,13 +141,16 @@ pub struct Batch {
 
 impl Default for Batch {
     fn default() -> Self {
-        Self { inner: WriteBatch::default() }
+        Self {
+            inner: WriteBatch::default(),
+        }
     }
 }
 
 impl Db {
     pub fn open(path: &Path, cache_mib: usize) -> Result<Arc<Self>> {
-        std::fs::create_dir_all(path).map_err(|e| Error::internal(format!("cannot create {}: {e}", path.display())))?;
+        std::fs::create_dir_all(path)
+            .map_err(|e| Error::internal(format!("cannot create {}: {e}", path.display())))?;
         let cache = Cache::new_lru_cache(cache_mib.max(1) * 1024 * 1024);
         let mut block = BlockBasedOptions::default();
         block.set_block_cache(&cache);
@@ -141,7 +195,10 @@ impl Db {
         let last_short = this.last_key_u64("longids")?.unwrap_or(0);
         this.next_short.store(last_short + 1, Ordering::SeqCst);
         let last_pos = this.last_key_u64("stream")?.unwrap_or(0);
-        let meta_pos = this.get("meta", b"stream_position")?.map(|v| decode_u64(&v)).unwrap_or(0);
+        let meta_pos = this
+            .get("meta", b"stream_position")?
+            .map(|v| decode_u64(&v))
+            .unwrap_or(0);
         this.stream.reset(last_pos.max(meta_pos));
         Ok(Arc::new(this))
     }
@@ -155,9 +212,9 @@ impl Db {
             ))),
             Some(mut v) => {
                 while v < SCHEMA_VERSION {
-                    let migrate = MIGRATIONS
-                        .get(v as usize - 1)
-                        .ok_or_else(|| Error::internal(format!("no migration from schema version {v}")))?;
+                    let migrate = MIGRATIONS.get(v as usize - 1).ok_or_else(|| {
+                        Error::internal(format!("no migration from schema version {v}"))
+                    })?;
                     migrate(self)?;
                     v += 1;
                     self.put_durable("meta", b"schema_version", &v.to_be_bytes())?;
@@ -168,7 +225,9 @@ impl Db {
     }
 
     fn cf(&self, name: &str) -> &rust_rocksdb::ColumnFamily {
-        self.db.cf_handle(name).unwrap_or_else(|| panic!("column family {name} is not declared"))
+        self.db
+            .cf_handle(name)
+            .unwrap_or_else(|| panic!("column family {name} is not declared"))
     }
 
     pub fn get(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
@@ -242,7 +301,11 @@ impl Db {
         self.db
             .iterator_cf(self.cf(cf), IteratorMode::From(prefix, Direction::Forward))
             .map(|r| r.map_err(Error::from))
-            .take_while(move |r| r.as_ref().map(|(k, _)| k.starts_with(prefix)).unwrap_or(true))
+            .take_while(move |r| {
+                r.as_ref()
+                    .map(|(k, _)| k.starts_with(prefix))
+                    .unwrap_or(true)
+            })
     }
 
     /// Entries from `from` (inclusive) in the given direction, while keys keep `prefix`.
@@ -253,11 +316,19 @@ impl Db {
         from: &[u8],
         forward: bool,
     ) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>)>> + 'a {
-        let dir = if forward { Direction::Forward } else { Direction::Reverse };
+        let dir = if forward {
+            Direction::Forward
+        } else {
+            Direction::Reverse
+        };
         self.db
             .iterator_cf(self.cf(cf), IteratorMode::From(from, dir))
             .map(|r| r.map_err(Error::from))
-            .take_while(move |r| r.as_ref().map(|(k, _)| k.starts_with(prefix)).unwrap_or(true))
+            .take_while(move |r| {
+                r.as_ref()
+                    .map(|(k, _)| k.starts_with(prefix))
+                    .unwrap_or(true)
+            })
     }
 
     fn last_key_u64(&self, cf: &str) -> Result<Option<u64>> {
@@ -273,7 +344,9 @@ impl Db {
 
     /// The short id of a long identifier of the given kind, if it has one.
     pub fn short_id(&self, kind: IdKind, long: &str) -> Result<Option<u64>> {
-        Ok(self.get("shortids", &kind.key(long))?.map(|v| decode_u64(&v)))
+        Ok(self
+            .get("shortids", &kind.key(long))?
+            .map(|v| decode_u64(&v)))
     }
 
     /// The short id of a long identifier, allocating one when new. A new mapping is
@@ -297,7 +370,9 @@ impl Db {
 
     /// The long identifier behind a short id.
     pub fn long_id(&self, short: u64) -> Result<Option<String>> {
-        Ok(self.get("longids", &short.to_be_bytes())?.map(|v| String::from_utf8_lossy(&v[1..]).into_owned()))
+        Ok(self
+            .get("longids", &short.to_be_bytes())?
+            .map(|v| String::from_utf8_lossy(&v[1..]).into_owned()))
     }
 
     /// A fresh number from the short-id sequence, for things that have no long name
@@ -352,11 +427,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(dir.path(), 8).unwrap();
         let mut b = Batch::default();
-        for (k, v) in [(&b"a\xffone"[..], &b"1"[..]), (b"a\xfftwo", b"2"), (b"b\xffone", b"3")] {
+        for (k, v) in [
+            (&b"a\xffone"[..], &b"1"[..]),
+            (b"a\xfftwo", b"2"),
+            (b"b\xffone", b"3"),
+        ] {
             b.put(&db, "filters", k, v);
         }
         db.commit(b).unwrap();
-        let got: Vec<_> = db.scan_prefix("filters", b"a\xff").map(|r| r.unwrap().1.to_vec()).collect();
+        let got: Vec<_> = db
+            .scan_prefix("filters", b"a\xff")
+            .map(|r| r.unwrap().1.to_vec())
+            .collect();
         assert_eq!(got, vec![b"1".to_vec(), b"2".to_vec()]);
     }
 
@@ -365,7 +447,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let db = Db::open(dir.path(), 8).unwrap();
-            db.put_durable("meta", b"schema_version", &(SCHEMA_VERSION + 1).to_be_bytes()).unwrap();
+            db.put_durable(
+                "meta",
+                b"schema_version",
+                &(SCHEMA_VERSION + 1).to_be_bytes(),
+            )
+            .unwrap();
         }
         let err = Db::open(dir.path(), 8).err().expect("refused").to_string();
         assert!(err.contains("newer"), "{err}");

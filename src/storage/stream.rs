@@ -29,7 +29,13 @@ pub struct StreamTicket<'a> {
 impl StreamAllocator {
     pub fn new(last: u64) -> Self {
         let (visible, _) = watch::channel(last);
-        Self { inner: Mutex::new(Inner { next: last + 1, in_flight: BTreeSet::new() }), visible }
+        Self {
+            inner: Mutex::new(Inner {
+                next: last + 1,
+                in_flight: BTreeSet::new(),
+            }),
+            visible,
+        }
     }
 
     pub(super) fn reset(&self, last: u64) {
@@ -44,7 +50,10 @@ impl StreamAllocator {
         let position = inner.next;
         inner.next += 1;
         inner.in_flight.insert(position);
-        StreamTicket { position, allocator: self }
+        StreamTicket {
+            position,
+            allocator: self,
+        }
     }
 
     /// Everything at or below this position has committed.

@@ -23,7 +23,10 @@ pub fn test_config(dir: &std::path::Path, extra: &[(&str, &str)]) -> salon::conf
         ("SALON_SERVER_NAME".into(), "localhost".into()),
         ("SALON_DATA_DIR".into(), dir.display().to_string()),
         ("SALON_REGISTRATION__MODE".into(), "open".into()),
-        ("SALON_REGISTRATION__SHARED_SECRET".into(), "test-shared-secret".into()),
+        (
+            "SALON_REGISTRATION__SHARED_SECRET".into(),
+            "test-shared-secret".into(),
+        ),
         ("SALON_RATE_LIMITS__ENABLED".into(), "false".into()),
     ];
     for (k, v) in extra {
@@ -45,8 +48,14 @@ impl TestServer {
 
     pub async fn start_in(dir: TempDir, extra: &[(&str, &str)]) -> Self {
         let config = test_config(dir.path(), extra);
-        let shared_secret = config.registration.shared_secret.clone().unwrap_or_default();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let shared_secret = config
+            .registration
+            .shared_secret
+            .clone()
+            .unwrap_or_default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let handle = tokio::spawn(async move {
@@ -61,14 +70,24 @@ impl TestServer {
         let base = format!("http://{addr}");
         let http = reqwest::Client::new();
         for _ in 0..200 {
-            if let Ok(r) = http.get(format!("{base}/_matrix/client/versions")).send().await
+            if let Ok(r) = http
+                .get(format!("{base}/_matrix/client/versions"))
+                .send()
+                .await
                 && r.status().is_success()
             {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Self { addr, base, dir, shutdown: Some(tx), handle: Some(handle), shared_secret }
+        Self {
+            addr,
+            base,
+            dir,
+            shutdown: Some(tx),
+            handle: Some(handle),
+            shared_secret,
+        }
     }
 
     /// Stop the server cleanly and give back its data directory.
@@ -84,7 +103,13 @@ impl TestServer {
     }
 
     pub fn client(&self) -> Client {
-        Client { base: self.base.clone(), http: reqwest::Client::new(), token: None, user_id: String::new(), device_id: String::new() }
+        Client {
+            base: self.base.clone(),
+            http: reqwest::Client::new(),
+            token: None,
+            user_id: String::new(),
+            device_id: String::new(),
+        }
     }
 
     /// Register a user with open registration and return a logged-in client.
@@ -134,7 +159,12 @@ pub fn enc(s: &str) -> String {
 }
 
 impl Client {
-    pub async fn request(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let mut req = self.http.request(method, format!("{}{}", self.base, path));
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
@@ -145,7 +175,11 @@ impl Client {
         let res = req.send().await.expect("request sent");
         let status = res.status();
         let text = res.text().await.expect("body");
-        let value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        let value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
         (status, value)
     }
     pub async fn get(&self, path: &str) -> (StatusCode, Value) {
@@ -169,23 +203,40 @@ impl Client {
     }
 
     pub async fn create_room(&self, body: Value) -> String {
-        let v = self.ok(Method::POST, "/_matrix/client/v3/createRoom", Some(body)).await;
+        let v = self
+            .ok(Method::POST, "/_matrix/client/v3/createRoom", Some(body))
+            .await;
         v["room_id"].as_str().expect("room id").to_owned()
     }
 
     pub async fn send_text(&self, room: &str, txn: &str, text: &str) -> String {
         let v = self
-            .ok(Method::PUT, &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{}", enc(room), enc(txn)), Some(json!({ "msgtype": "m.text", "body": text })))
+            .ok(
+                Method::PUT,
+                &format!(
+                    "/_matrix/client/v3/rooms/{}/send/m.room.message/{}",
+                    enc(room),
+                    enc(txn)
+                ),
+                Some(json!({ "msgtype": "m.text", "body": text })),
+            )
             .await;
         v["event_id"].as_str().expect("event id").to_owned()
     }
 
     pub async fn join(&self, room: &str) -> (StatusCode, Value) {
-        self.post(&format!("/_matrix/client/v3/join/{}", enc(room)), json!({})).await
+        self.post(&format!("/_matrix/client/v3/join/{}", enc(room)), json!({}))
+            .await
     }
 
     pub async fn state(&self, room: &str, kind: &str, key: &str) -> (StatusCode, Value) {
-        self.get(&format!("/_matrix/client/v3/rooms/{}/state/{}/{}", enc(room), kind, enc(key))).await
+        self.get(&format!(
+            "/_matrix/client/v3/rooms/{}/state/{}/{}",
+            enc(room),
+            kind,
+            enc(key)
+        ))
+        .await
     }
 }
 

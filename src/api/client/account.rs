@@ -2,14 +2,13 @@
 
 use std::sync::Arc;
 
-use ruma::{
-    api::client::{
-        account::{
-            change_password, check_registration_token_validity, deactivate, get_username_availability,
-            register::{self, RegistrationKind}, whoami,
-        },
-        uiaa::{AuthFlow, AuthType},
+use ruma::api::client::{
+    account::{
+        change_password, check_registration_token_validity, deactivate, get_username_availability,
+        register::{self, RegistrationKind},
+        whoami,
     },
+    uiaa::{AuthFlow, AuthType},
 };
 
 use crate::{
@@ -22,12 +21,17 @@ use crate::{
 fn new_user_id(s: &Services, localpart: &str) -> Result<ruma::OwnedUserId> {
     let user_id = crate::service::users::new_local_user_id(localpart, s.globals.server_name())?;
     if user_id.localpart().starts_with('_') {
-        return Err(Error::exclusive("Usernames starting with '_' are reserved for bridges and services"));
+        return Err(Error::exclusive(
+            "Usernames starting with '_' are reserved for bridges and services",
+        ));
     }
     Ok(user_id)
 }
 
-pub async fn register(s: Arc<Services>, req: Ruma<register::v3::Request>) -> Result<register::v3::Response> {
+pub async fn register(
+    s: Arc<Services>,
+    req: Ruma<register::v3::Request>,
+) -> Result<register::v3::Response> {
     s.register_limit.check(&format!("ip:{}", req.ip_key()))?;
     let config = &s.globals.config.registration;
     if req.kind == RegistrationKind::Guest && !config.guest_access {
@@ -38,9 +42,14 @@ pub async fn register(s: Arc<Services>, req: Ruma<register::v3::Request>) -> Res
         });
     }
     let flows = match config.mode {
-        RegistrationMode::Closed => return Err(Error::forbidden("Registration is disabled on this server")),
+        RegistrationMode::Closed => {
+            return Err(Error::forbidden("Registration is disabled on this server"));
+        }
         RegistrationMode::Token => vec![AuthFlow::new(vec![AuthType::RegistrationToken])],
-        RegistrationMode::Open => vec![AuthFlow::new(vec![AuthType::Dummy]), AuthFlow::new(vec![AuthType::RegistrationToken])],
+        RegistrationMode::Open => vec![
+            AuthFlow::new(vec![AuthType::Dummy]),
+            AuthFlow::new(vec![AuthType::RegistrationToken]),
+        ],
     };
     let user_id = match &req.username {
         Some(name) => new_user_id(&s, name)?,
@@ -53,10 +62,18 @@ pub async fn register(s: Arc<Services>, req: Ruma<register::v3::Request>) -> Res
     if req.kind != RegistrationKind::Guest {
         match &password {
             Some(p) if p.chars().count() >= config.min_password_length => {}
-            _ => return Err(Error::weak_password(format!("Passwords must be at least {} characters", config.min_password_length))),
+            _ => {
+                return Err(Error::weak_password(format!(
+                    "Passwords must be at least {} characters",
+                    config.min_password_length
+                )));
+            }
         }
     }
-    let done = s.uiaa.check(&s.users, flows, req.auth.as_ref(), None).await?;
+    let done = s
+        .uiaa
+        .check(&s.users, flows, req.auth.as_ref(), None)
+        .await?;
     // Two clients may have raced through UIA for the same name.
     if s.users.exists(&user_id)? {
         return Err(Error::user_in_use("This username is taken"));
@@ -64,18 +81,33 @@ pub async fn register(s: Arc<Services>, req: Ruma<register::v3::Request>) -> Res
     if let Some(token) = &done.registration_token {
         s.users.use_registration_token(token)?;
     }
-    s.users.create(&user_id, password.as_deref(), false, req.kind == RegistrationKind::Guest).await?;
+    s.users
+        .create(
+            &user_id,
+            password.as_deref(),
+            false,
+            req.kind == RegistrationKind::Guest,
+        )
+        .await?;
     tracing::info!(user_id = %user_id, "account registered");
     let mut res = register::v3::Response::new(user_id.clone());
     if !req.inhibit_login {
-        let (device_id, token) = s.users.create_device(&user_id, req.device_id.as_deref(), req.initial_device_display_name.clone(), req.ip.map(|i| i.to_string()))?;
+        let (device_id, token) = s.users.create_device(
+            &user_id,
+            req.device_id.as_deref(),
+            req.initial_device_display_name.clone(),
+            req.ip.map(|i| i.to_string()),
+        )?;
         res.access_token = Some(token);
         res.device_id = Some(device_id);
     }
     Ok(res)
 }
 
-pub async fn available(s: Arc<Services>, req: Ruma<get_username_availability::v3::Request>) -> Result<get_username_availability::v3::Response> {
+pub async fn available(
+    s: Arc<Services>,
+    req: Ruma<get_username_availability::v3::Request>,
+) -> Result<get_username_availability::v3::Response> {
     s.register_limit.check(&format!("ip:{}", req.ip_key()))?;
     let user_id = new_user_id(&s, &req.username)?;
     if s.users.exists(&user_id)? {
@@ -84,52 +116,85 @@ pub async fn available(s: Arc<Services>, req: Ruma<get_username_availability::v3
     Ok(get_username_availability::v3::Response::new(true))
 }
 
-pub async fn token_validity(s: Arc<Services>, req: Ruma<check_registration_token_validity::v1::Request>) -> Result<check_registration_token_validity::v1::Response> {
+pub async fn token_validity(
+    s: Arc<Services>,
+    req: Ruma<check_registration_token_validity::v1::Request>,
+) -> Result<check_registration_token_validity::v1::Response> {
     s.register_limit.check(&format!("ip:{}", req.ip_key()))?;
-    let valid = s.users.registration_token(&req.token)?.is_some_and(|t| t.is_valid(crate::service::users::now_ms()));
+    let valid = s
+        .users
+        .registration_token(&req.token)?
+        .is_some_and(|t| t.is_valid(crate::service::users::now_ms()));
     Ok(check_registration_token_validity::v1::Response::new(valid))
 }
 
-pub async fn whoami(s: Arc<Services>, req: Ruma<whoami::v3::Request>) -> Result<whoami::v3::Response> {
+pub async fn whoami(
+    s: Arc<Services>,
+    req: Ruma<whoami::v3::Request>,
+) -> Result<whoami::v3::Response> {
     let guest = s.users.get(req.user())?.is_some_and(|r| r.guest);
     let mut res = whoami::v3::Response::new(req.user().to_owned(), guest);
     res.device_id = Some(req.device().to_owned());
     Ok(res)
 }
 
-pub async fn change_password(s: Arc<Services>, req: Ruma<change_password::v3::Request>) -> Result<change_password::v3::Response> {
+pub async fn change_password(
+    s: Arc<Services>,
+    req: Ruma<change_password::v3::Request>,
+) -> Result<change_password::v3::Response> {
     let flows = vec![AuthFlow::new(vec![AuthType::Password])];
-    s.uiaa.check(&s.users, flows, req.auth.as_ref(), Some(req.user())).await?;
+    s.uiaa
+        .check(&s.users, flows, req.auth.as_ref(), Some(req.user()))
+        .await?;
     let min = s.globals.config.registration.min_password_length;
     if req.new_password.chars().count() < min {
-        return Err(Error::weak_password(format!("Passwords must be at least {min} characters")));
+        return Err(Error::weak_password(format!(
+            "Passwords must be at least {min} characters"
+        )));
     }
     s.users.set_password(req.user(), &req.new_password).await?;
     if req.logout_devices {
-        s.users.remove_devices_except(req.user(), Some(req.device()))?;
+        s.users
+            .remove_devices_except(req.user(), Some(req.device()))?;
     }
     Ok(change_password::v3::Response::new())
 }
 
-pub async fn deactivate(s: Arc<Services>, req: Ruma<deactivate::v3::Request>) -> Result<deactivate::v3::Response> {
+pub async fn deactivate(
+    s: Arc<Services>,
+    req: Ruma<deactivate::v3::Request>,
+) -> Result<deactivate::v3::Response> {
     let flows = vec![AuthFlow::new(vec![AuthType::Password])];
-    s.uiaa.check(&s.users, flows, req.auth.as_ref(), Some(req.user())).await?;
+    s.uiaa
+        .check(&s.users, flows, req.auth.as_ref(), Some(req.user()))
+        .await?;
     let user = req.user().to_owned();
     // Leave every room first, so that members see the account go.
     for state in ["join", "invite", "knock"] {
         for room in s.rooms.rooms_with_membership(&user, state)? {
-            if let Err(e) = s.rooms.set_membership(&room, &user, &user, "leave", None, None).await {
+            if let Err(e) = s
+                .rooms
+                .set_membership(&room, &user, &user, "leave", None, None)
+                .await
+            {
                 tracing::warn!(room_id = %room, error = %e, "could not leave room while deactivating");
             }
         }
     }
     s.users.deactivate(&user)?;
     tracing::info!(user_id = %user, "account deactivated");
-    Ok(deactivate::v3::Response::new(ruma::api::client::account::ThirdPartyIdRemovalStatus::NoSupport))
+    Ok(deactivate::v3::Response::new(
+        ruma::api::client::account::ThirdPartyIdRemovalStatus::NoSupport,
+    ))
 }
 
 /// Salon keeps no third-party identifiers (email addresses come from the directory), so
 /// the list is honestly empty.
-pub async fn threepids(_: Arc<Services>, _: Ruma<ruma::api::client::account::get_3pids::v3::Request>) -> Result<ruma::api::client::account::get_3pids::v3::Response> {
-    Ok(ruma::api::client::account::get_3pids::v3::Response::new(Vec::new()))
+pub async fn threepids(
+    _: Arc<Services>,
+    _: Ruma<ruma::api::client::account::get_3pids::v3::Request>,
+) -> Result<ruma::api::client::account::get_3pids::v3::Response> {
+    Ok(ruma::api::client::account::get_3pids::v3::Response::new(
+        Vec::new(),
+    ))
 }

@@ -18,18 +18,27 @@ use serde_json::json;
 use crate::{
     error::{Error, Result},
     http::Ruma,
-    service::{Services, ephemeral::Receipt, rooms::timeline::members_with, sync::peers, users::now_ms},
+    service::{
+        Services, ephemeral::Receipt, rooms::timeline::members_with, sync::peers, users::now_ms,
+    },
 };
 
 fn joined_room(s: &Services, room: &RoomId, user: &UserId) -> Result<u64> {
-    let short = s.rooms.timeline.room_short(room)?.ok_or_else(|| Error::not_found("Unknown room"))?;
+    let short = s
+        .rooms
+        .timeline
+        .room_short(room)?
+        .ok_or_else(|| Error::not_found("Unknown room"))?;
     if s.rooms.membership(room, user)?.as_deref() != Some("join") {
         return Err(Error::forbidden("You are not a member of this room"));
     }
     Ok(short)
 }
 
-pub async fn typing(s: Arc<Services>, req: Ruma<create_typing_event::v3::Request>) -> Result<create_typing_event::v3::Response> {
+pub async fn typing(
+    s: Arc<Services>,
+    req: Ruma<create_typing_event::v3::Request>,
+) -> Result<create_typing_event::v3::Response> {
     if req.user_id != req.user() {
         return Err(Error::forbidden("You can only set your own typing state"));
     }
@@ -38,30 +47,67 @@ pub async fn typing(s: Arc<Services>, req: Ruma<create_typing_event::v3::Request
         Typing::Yes(info) => Some(info.timeout),
         _ => None,
     };
-    s.ephemeral.set_typing(&req.room_id, req.user(), timeout, members_with(&s.db, short, "join")?);
+    s.ephemeral.set_typing(
+        &req.room_id,
+        req.user(),
+        timeout,
+        members_with(&s.db, short, "join")?,
+    );
     Ok(create_typing_event::v3::Response::new())
 }
 
 /// Record a receipt (or the fully-read marker) on an event of the room.
-fn mark(s: &Services, room: &RoomId, user: &UserId, kind: &str, thread: Option<String>, event: &ruma::EventId) -> Result<()> {
+fn mark(
+    s: &Services,
+    room: &RoomId,
+    user: &UserId,
+    kind: &str,
+    thread: Option<String>,
+    event: &ruma::EventId,
+) -> Result<()> {
     let short = joined_room(s, room, user)?;
-    let stored = s.rooms.timeline.stored_by_id(event)?.filter(|e| e.room_id == room).ok_or_else(|| Error::not_found("Unknown event"))?;
+    let stored = s
+        .rooms
+        .timeline
+        .stored_by_id(event)?
+        .filter(|e| e.room_id == room)
+        .ok_or_else(|| Error::not_found("Unknown event"))?;
     if !s.rooms.can_see_event(user, &stored)? {
         return Err(Error::not_found("Unknown event"));
     }
     if kind == "m.fully_read" {
-        return s.users.set_account_data(user, Some(room.as_str()), "m.fully_read", &json!({ "event_id": event }));
+        return s.users.set_account_data(
+            user,
+            Some(room.as_str()),
+            "m.fully_read",
+            &json!({ "event_id": event }),
+        );
     }
-    let receipt = Receipt { user: user.to_owned(), kind: kind.to_owned(), thread, event_id: event.to_owned(), ts: now_ms() };
-    s.ephemeral.set_receipt(short, receipt, members_with(&s.db, short, "join")?)
+    let receipt = Receipt {
+        user: user.to_owned(),
+        kind: kind.to_owned(),
+        thread,
+        event_id: event.to_owned(),
+        ts: now_ms(),
+    };
+    s.ephemeral
+        .set_receipt(short, receipt, members_with(&s.db, short, "join")?)
 }
 
-pub async fn receipt(s: Arc<Services>, req: Ruma<create_receipt::v3::Request>) -> Result<create_receipt::v3::Response> {
+pub async fn receipt(
+    s: Arc<Services>,
+    req: Ruma<create_receipt::v3::Request>,
+) -> Result<create_receipt::v3::Response> {
     let kind = match &req.receipt_type {
         ReceiptType::Read => "m.read".to_owned(),
         ReceiptType::ReadPrivate => "m.read.private".to_owned(),
         other if other.as_str() == "m.fully_read" => "m.fully_read".to_owned(),
-        other => return Err(Error::invalid_param(format!("unknown receipt type {}", other.as_str()))),
+        other => {
+            return Err(Error::invalid_param(format!(
+                "unknown receipt type {}",
+                other.as_str()
+            )));
+        }
     };
     let thread = match &req.thread {
         ReceiptThread::Unthreaded => None,
@@ -76,7 +122,10 @@ pub async fn receipt(s: Arc<Services>, req: Ruma<create_receipt::v3::Request>) -
     Ok(create_receipt::v3::Response::new())
 }
 
-pub async fn read_markers(s: Arc<Services>, req: Ruma<set_read_marker::v3::Request>) -> Result<set_read_marker::v3::Response> {
+pub async fn read_markers(
+    s: Arc<Services>,
+    req: Ruma<set_read_marker::v3::Request>,
+) -> Result<set_read_marker::v3::Response> {
     if let Some(e) = &req.fully_read {
         mark(&s, &req.room_id, req.user(), "m.fully_read", None, e)?;
     }
@@ -89,7 +138,10 @@ pub async fn read_markers(s: Arc<Services>, req: Ruma<set_read_marker::v3::Reque
     Ok(set_read_marker::v3::Response::new())
 }
 
-pub async fn get_status(s: Arc<Services>, req: Ruma<get_presence::v3::Request>) -> Result<get_presence::v3::Response> {
+pub async fn get_status(
+    s: Arc<Services>,
+    req: Ruma<get_presence::v3::Request>,
+) -> Result<get_presence::v3::Response> {
     if req.user_id != req.user() && !peers(&s, req.user())?.contains(&req.user_id) {
         return Err(Error::forbidden("You do not share a room with this user"));
     }
@@ -107,7 +159,10 @@ pub async fn get_status(s: Arc<Services>, req: Ruma<get_presence::v3::Request>) 
     Ok(res)
 }
 
-pub async fn set_status(s: Arc<Services>, req: Ruma<set_presence::v3::Request>) -> Result<set_presence::v3::Response> {
+pub async fn set_status(
+    s: Arc<Services>,
+    req: Ruma<set_presence::v3::Request>,
+) -> Result<set_presence::v3::Response> {
     if req.user_id != req.user() {
         return Err(Error::forbidden("You can only set your own presence"));
     }
@@ -115,11 +170,22 @@ pub async fn set_status(s: Arc<Services>, req: Ruma<set_presence::v3::Request>) 
         PresenceState::Online => "online",
         PresenceState::Unavailable => "unavailable",
         PresenceState::Offline => "offline",
-        _ => return Err(Error::invalid_param("presence must be online, unavailable or offline")),
+        _ => {
+            return Err(Error::invalid_param(
+                "presence must be online, unavailable or offline",
+            ));
+        }
     };
     if req.status_msg.as_ref().is_some_and(|m| m.len() > 1024) {
-        return Err(Error::invalid_param("status messages may be at most 1024 bytes"));
+        return Err(Error::invalid_param(
+            "status messages may be at most 1024 bytes",
+        ));
     }
-    s.ephemeral.set_presence(req.user(), state, Some(req.status_msg.clone()), peers(&s, req.user())?);
+    s.ephemeral.set_presence(
+        req.user(),
+        state,
+        Some(req.status_msg.clone()),
+        peers(&s, req.user())?,
+    );
     Ok(set_presence::v3::Response::new())
 }

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use ruma::{
+    api::Direction,
     api::client::{
         context::get_context,
         filter::RoomEventFilter,
@@ -10,7 +11,6 @@ use ruma::{
         redact::redact_event,
         room::get_event_by_timestamp,
     },
-    api::Direction,
     events::TimelineEventType,
     serde::Raw,
 };
@@ -19,18 +19,25 @@ use serde_json::Value as JsonValue;
 use crate::{
     error::{Error, Result},
     http::Ruma,
-    service::{Services, rooms::{read::EventFilter, timeline::NewEvent}},
+    service::{
+        Services,
+        rooms::{read::EventFilter, timeline::NewEvent},
+    },
 };
 
 pub(super) fn content_of<T>(raw: &Raw<T>) -> Result<JsonValue> {
-    let v: JsonValue = serde_json::from_str(raw.json().get()).map_err(|e| Error::bad_json(e.to_string()))?;
+    let v: JsonValue =
+        serde_json::from_str(raw.json().get()).map_err(|e| Error::bad_json(e.to_string()))?;
     if !v.is_object() {
         return Err(Error::bad_json("event content must be a JSON object"));
     }
     Ok(v)
 }
 
-pub async fn send(s: Arc<Services>, req: Ruma<send_message_event::v3::Request>) -> Result<send_message_event::v3::Response> {
+pub async fn send(
+    s: Arc<Services>,
+    req: Ruma<send_message_event::v3::Request>,
+) -> Result<send_message_event::v3::Response> {
     let kind = TimelineEventType::from(req.event_type.to_string());
     if matches!(kind, TimelineEventType::RoomRedaction) {
         return Err(Error::bad_json("use the /redact endpoint to redact events"));
@@ -41,7 +48,10 @@ pub async fn send(s: Arc<Services>, req: Ruma<send_message_event::v3::Request>) 
     Ok(send_message_event::v3::Response::new(event_id))
 }
 
-pub async fn redact(s: Arc<Services>, req: Ruma<redact_event::v3::Request>) -> Result<redact_event::v3::Response> {
+pub async fn redact(
+    s: Arc<Services>,
+    req: Ruma<redact_event::v3::Request>,
+) -> Result<redact_event::v3::Response> {
     let mut content = serde_json::json!({});
     if let Some(reason) = &req.reason {
         content["reason"] = JsonValue::String(reason.clone());
@@ -58,7 +68,10 @@ pub fn event_filter(f: &RoomEventFilter) -> EventFilter {
     EventFilter {
         types: f.types.clone(),
         not_types: f.not_types.clone(),
-        senders: f.senders.as_ref().map(|v| v.iter().map(|u| u.to_string()).collect()),
+        senders: f
+            .senders
+            .as_ref()
+            .map(|v| v.iter().map(|u| u.to_string()).collect()),
         not_senders: f.not_senders.iter().map(|u| u.to_string()).collect(),
         contains_url: match f.url_filter {
             Some(ruma::api::client::filter::UrlFilter::EventsWithUrl) => Some(true),
@@ -69,10 +82,15 @@ pub fn event_filter(f: &RoomEventFilter) -> EventFilter {
     }
 }
 
-pub async fn messages(s: Arc<Services>, req: Ruma<get_message_events::v3::Request>) -> Result<get_message_events::v3::Response> {
+pub async fn messages(
+    s: Arc<Services>,
+    req: Ruma<get_message_events::v3::Request>,
+) -> Result<get_message_events::v3::Response> {
     let f = &req.filter;
     let filter = event_filter(f);
-    let limit = usize::try_from(u64::from(req.limit)).unwrap_or(1000).min(f.limit.map(|l| u64::from(l) as usize).unwrap_or(usize::MAX));
+    let limit = usize::try_from(u64::from(req.limit))
+        .unwrap_or(1000)
+        .min(f.limit.map(|l| u64::from(l) as usize).unwrap_or(usize::MAX));
     let page = s.rooms.messages(
         &req.room_id,
         req.user(),
@@ -86,27 +104,60 @@ pub async fn messages(s: Arc<Services>, req: Ruma<get_message_events::v3::Reques
     let mut res = get_message_events::v3::Response::new();
     res.start = page.start;
     res.end = page.end;
-    res.chunk = page.chunk.iter().map(|e| Ok(Raw::from_json(serde_json::value::to_raw_value(e)?))).collect::<Result<_>>()?;
-    res.state = page.state.iter().map(|e| Ok(Raw::from_json(serde_json::value::to_raw_value(e)?))).collect::<Result<_>>()?;
+    res.chunk = page
+        .chunk
+        .iter()
+        .map(|e| Ok(Raw::from_json(serde_json::value::to_raw_value(e)?)))
+        .collect::<Result<_>>()?;
+    res.state = page
+        .state
+        .iter()
+        .map(|e| Ok(Raw::from_json(serde_json::value::to_raw_value(e)?)))
+        .collect::<Result<_>>()?;
     Ok(res)
 }
 
-pub async fn context(s: Arc<Services>, req: Ruma<get_context::v3::Request>) -> Result<get_context::v3::Response> {
+pub async fn context(
+    s: Arc<Services>,
+    req: Ruma<get_context::v3::Request>,
+) -> Result<get_context::v3::Response> {
     let filter = event_filter(&req.filter);
-    let limit = usize::try_from(u64::from(req.limit)).unwrap_or(100).min(100);
-    let ctx = s.rooms.context(&req.room_id, req.user(), req.device().as_str(), &req.event_id, limit, &filter)?;
-    let raw = |v: &JsonValue| -> Result<_> { Ok(Raw::from_json(serde_json::value::to_raw_value(v)?)) };
+    let limit = usize::try_from(u64::from(req.limit))
+        .unwrap_or(100)
+        .min(100);
+    let ctx = s.rooms.context(
+        &req.room_id,
+        req.user(),
+        req.device().as_str(),
+        &req.event_id,
+        limit,
+        &filter,
+    )?;
+    let raw =
+        |v: &JsonValue| -> Result<_> { Ok(Raw::from_json(serde_json::value::to_raw_value(v)?)) };
     let mut res = get_context::v3::Response::new();
     res.start = Some(ctx.start);
     res.end = Some(ctx.end);
     res.event = Some(raw(&ctx.event)?);
     res.events_before = ctx.before.iter().map(raw).collect::<Result<_>>()?;
     res.events_after = ctx.after.iter().map(raw).collect::<Result<_>>()?;
-    res.state = ctx.state.iter().map(|v| Ok(Raw::from_json(serde_json::value::to_raw_value(v)?))).collect::<Result<_>>()?;
+    res.state = ctx
+        .state
+        .iter()
+        .map(|v| Ok(Raw::from_json(serde_json::value::to_raw_value(v)?)))
+        .collect::<Result<_>>()?;
     Ok(res)
 }
 
-pub async fn timestamp_to_event(s: Arc<Services>, req: Ruma<get_event_by_timestamp::v1::Request>) -> Result<get_event_by_timestamp::v1::Response> {
-    let (event_id, ts) = s.rooms.event_at_timestamp(&req.room_id, req.user(), req.ts, req.dir == Direction::Forward)?;
+pub async fn timestamp_to_event(
+    s: Arc<Services>,
+    req: Ruma<get_event_by_timestamp::v1::Request>,
+) -> Result<get_event_by_timestamp::v1::Response> {
+    let (event_id, ts) = s.rooms.event_at_timestamp(
+        &req.room_id,
+        req.user(),
+        req.ts,
+        req.dir == Direction::Forward,
+    )?;
     Ok(get_event_by_timestamp::v1::Response::new(event_id, ts))
 }

@@ -11,20 +11,31 @@ use serde_json::Value as JsonValue;
 use crate::{
     error::{Error, Result},
     http::Ruma,
-    service::{Services, rooms::{CreateRoom, Preset}},
+    service::{
+        Services,
+        rooms::{CreateRoom, Preset},
+    },
 };
 
 fn json_of<T>(raw: &Raw<T>) -> Result<JsonValue> {
     serde_json::from_str(raw.json().get()).map_err(|e| Error::bad_json(e.to_string()))
 }
 
-pub async fn create(s: Arc<Services>, req: Ruma<create_room::v3::Request>) -> Result<create_room::v3::Response> {
+pub async fn create(
+    s: Arc<Services>,
+    req: Ruma<create_room::v3::Request>,
+) -> Result<create_room::v3::Response> {
     use create_room::v3::RoomPreset;
     let preset = match &req.preset {
         Some(RoomPreset::PrivateChat) => Some(Preset::PrivateChat),
         Some(RoomPreset::TrustedPrivateChat) => Some(Preset::TrustedPrivateChat),
         Some(RoomPreset::PublicChat) => Some(Preset::PublicChat),
-        Some(other) => return Err(Error::bad_json(format!("unknown preset {}", other.as_str()))),
+        Some(other) => {
+            return Err(Error::bad_json(format!(
+                "unknown preset {}",
+                other.as_str()
+            )));
+        }
         None => None,
     };
     let mut initial_state = Vec::with_capacity(req.initial_state.len());
@@ -42,13 +53,20 @@ pub async fn create(s: Arc<Services>, req: Ruma<create_room::v3::Request>) -> Re
         is_direct: req.is_direct,
         creation_content: req.creation_content.as_ref().map(json_of).transpose()?,
         initial_state,
-        power_level_override: req.power_level_content_override.as_ref().map(json_of).transpose()?,
+        power_level_override: req
+            .power_level_content_override
+            .as_ref()
+            .map(json_of)
+            .transpose()?,
     };
     let room_id = s.rooms.create_room(req.user(), create).await?;
     Ok(create_room::v3::Response::new(room_id))
 }
 
-pub async fn event(s: Arc<Services>, req: Ruma<get_room_event::v3::Request>) -> Result<get_room_event::v3::Response> {
+pub async fn event(
+    s: Arc<Services>,
+    req: Ruma<get_room_event::v3::Request>,
+) -> Result<get_room_event::v3::Response> {
     let event = s
         .rooms
         .timeline
@@ -58,16 +76,37 @@ pub async fn event(s: Arc<Services>, req: Ruma<get_room_event::v3::Request>) -> 
     if !s.rooms.can_see_event(req.user(), &event)? {
         return Err(Error::not_found("Event not found"));
     }
-    let json = s.rooms.timeline.to_client(&event, Some(req.device().as_str()))?;
-    Ok(get_room_event::v3::Response::new(Raw::from_json(serde_json::value::to_raw_value(&json)?)))
+    let json = s
+        .rooms
+        .timeline
+        .to_client(&event, Some(req.device().as_str()))?;
+    Ok(get_room_event::v3::Response::new(Raw::from_json(
+        serde_json::value::to_raw_value(&json)?,
+    )))
 }
 
-pub async fn room_aliases(s: Arc<Services>, req: Ruma<aliases::v3::Request>) -> Result<aliases::v3::Response> {
+pub async fn room_aliases(
+    s: Arc<Services>,
+    req: Ruma<aliases::v3::Request>,
+) -> Result<aliases::v3::Response> {
     s.rooms.readable_state_group(&req.room_id, req.user())?;
-    Ok(aliases::v3::Response::new(s.rooms.local_aliases(&req.room_id)?))
+    Ok(aliases::v3::Response::new(
+        s.rooms.local_aliases(&req.room_id)?,
+    ))
 }
 
-pub async fn upgrade(s: Arc<Services>, req: Ruma<upgrade_room::v3::Request>) -> Result<upgrade_room::v3::Response> {
-    let new_room = s.rooms.upgrade_room(req.user(), &req.room_id, req.new_version.clone(), req.additional_creators.clone()).await?;
+pub async fn upgrade(
+    s: Arc<Services>,
+    req: Ruma<upgrade_room::v3::Request>,
+) -> Result<upgrade_room::v3::Response> {
+    let new_room = s
+        .rooms
+        .upgrade_room(
+            req.user(),
+            &req.room_id,
+            req.new_version.clone(),
+            req.additional_creators.clone(),
+        )
+        .await?;
     Ok(upgrade_room::v3::Response::new(new_room))
 }

@@ -16,16 +16,23 @@ use crate::{
     service::Services,
 };
 
-fn parse_login_user(s: &Services, identifier: Option<&UserIdentifier>, user: Option<&str>) -> Result<OwnedUserId> {
+fn parse_login_user(
+    s: &Services,
+    identifier: Option<&UserIdentifier>,
+    user: Option<&str>,
+) -> Result<OwnedUserId> {
     let raw = match identifier {
         Some(UserIdentifier::Matrix(m)) => m.user.clone(),
         Some(_) => return Err(Error::forbidden("Only m.id.user identifiers are supported")),
-        None => user.map(str::to_owned).ok_or_else(|| Error::missing_param("identifier is required"))?,
+        None => user
+            .map(str::to_owned)
+            .ok_or_else(|| Error::missing_param("identifier is required"))?,
     };
     let id = if raw.starts_with('@') {
         UserId::parse(raw.to_lowercase()).map_err(|_| Error::invalid_param("Invalid user id"))?
     } else {
-        UserId::parse_with_server_name(raw.to_lowercase(), s.globals.server_name()).map_err(|_| Error::invalid_param("Invalid user id"))?
+        UserId::parse_with_server_name(raw.to_lowercase(), s.globals.server_name())
+            .map_err(|_| Error::invalid_param("Invalid user id"))?
     };
     if id.server_name() != s.globals.server_name() {
         return Err(Error::forbidden("This account belongs to another server"));
@@ -33,11 +40,17 @@ fn parse_login_user(s: &Services, identifier: Option<&UserIdentifier>, user: Opt
     Ok(id)
 }
 
-pub async fn login_types(_: Arc<Services>, _: Ruma<get_login_types::v3::Request>) -> Result<get_login_types::v3::Response> {
+pub async fn login_types(
+    _: Arc<Services>,
+    _: Ruma<get_login_types::v3::Request>,
+) -> Result<get_login_types::v3::Response> {
     use get_login_types::v3::{LoginType, PasswordLoginType, TokenLoginType};
     let mut token = TokenLoginType::new();
     token.get_login_token = true;
-    Ok(get_login_types::v3::Response::new(vec![LoginType::Password(PasswordLoginType::new()), LoginType::Token(token)]))
+    Ok(get_login_types::v3::Response::new(vec![
+        LoginType::Password(PasswordLoginType::new()),
+        LoginType::Token(token),
+    ]))
 }
 
 pub async fn login(s: Arc<Services>, req: Ruma<login::v3::Request>) -> Result<login::v3::Response> {
@@ -59,11 +72,19 @@ pub async fn login(s: Arc<Services>, req: Ruma<login::v3::Request>) -> Result<lo
             .ok_or_else(|| Error::forbidden("Invalid or expired login token"))?,
         _ => return Err(Error::unknown("Unsupported login type")),
     };
-    let record = s.users.get(&user_id)?.ok_or_else(|| Error::forbidden("Invalid username or password"))?;
+    let record = s
+        .users
+        .get(&user_id)?
+        .ok_or_else(|| Error::forbidden("Invalid username or password"))?;
     if record.deactivated {
         return Err(Error::user_deactivated());
     }
-    let (device_id, token) = s.users.create_device(&user_id, req.device_id.as_deref(), req.initial_device_display_name.clone(), req.ip.map(|i| i.to_string()))?;
+    let (device_id, token) = s.users.create_device(
+        &user_id,
+        req.device_id.as_deref(),
+        req.initial_device_display_name.clone(),
+        req.ip.map(|i| i.to_string()),
+    )?;
     let mut res = login::v3::Response::new(user_id, token, device_id);
     #[allow(deprecated)]
     {
@@ -72,20 +93,31 @@ pub async fn login(s: Arc<Services>, req: Ruma<login::v3::Request>) -> Result<lo
     Ok(res)
 }
 
-pub async fn get_token(s: Arc<Services>, req: Ruma<get_login_token::v1::Request>) -> Result<get_login_token::v1::Response> {
+pub async fn get_token(
+    s: Arc<Services>,
+    req: Ruma<get_login_token::v1::Request>,
+) -> Result<get_login_token::v1::Response> {
     let flows = vec![AuthFlow::new(vec![AuthType::Password])];
-    s.uiaa.check(&s.users, flows, req.auth.as_ref(), Some(req.user())).await?;
+    s.uiaa
+        .check(&s.users, flows, req.auth.as_ref(), Some(req.user()))
+        .await?;
     let ttl = Duration::from_secs(120);
     let token = s.users.create_login_token(req.user(), ttl)?;
     Ok(get_login_token::v1::Response::new(ttl, token))
 }
 
-pub async fn logout(s: Arc<Services>, req: Ruma<logout::v3::Request>) -> Result<logout::v3::Response> {
+pub async fn logout(
+    s: Arc<Services>,
+    req: Ruma<logout::v3::Request>,
+) -> Result<logout::v3::Response> {
     s.users.remove_device(req.user(), req.device())?;
     Ok(logout::v3::Response::new())
 }
 
-pub async fn logout_all(s: Arc<Services>, req: Ruma<logout_all::v3::Request>) -> Result<logout_all::v3::Response> {
+pub async fn logout_all(
+    s: Arc<Services>,
+    req: Ruma<logout_all::v3::Request>,
+) -> Result<logout_all::v3::Response> {
     s.users.remove_devices_except(req.user(), None)?;
     Ok(logout_all::v3::Response::new())
 }

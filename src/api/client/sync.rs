@@ -20,7 +20,9 @@ use crate::{
 };
 
 fn limit_of(f: &RoomEventFilter, default: usize) -> usize {
-    f.limit.map(|l| u64::from(l).clamp(1, 1000) as usize).unwrap_or(default)
+    f.limit
+        .map(|l| u64::from(l).clamp(1, 1000) as usize)
+        .unwrap_or(default)
 }
 
 pub fn sync_filter(def: &FilterDefinition) -> SyncFilter {
@@ -65,26 +67,39 @@ fn clamp_limits(value: &mut JsonValue) {
     }
 }
 
-pub async fn sync_events(s: Arc<Services>, req: Ruma<sync_events::v3::Request>) -> Result<Json<JsonValue>> {
+pub async fn sync_events(
+    s: Arc<Services>,
+    req: Ruma<sync_events::v3::Request>,
+) -> Result<Json<JsonValue>> {
     let filter = match &req.filter {
         None => SyncFilter::default(),
         Some(Filter::FilterDefinition(def)) => sync_filter(def),
         Some(Filter::FilterId(id)) if id.trim_start().starts_with('{') => {
             // Inline JSON that ruma refused, typically for a negative limit: clamp the
             // limits and try again; anything else is bad JSON.
-            let mut value: JsonValue = serde_json::from_str(id).map_err(|_| Error::bad_json("the filter is not valid JSON"))?;
+            let mut value: JsonValue = serde_json::from_str(id)
+                .map_err(|_| Error::bad_json("the filter is not valid JSON"))?;
             clamp_limits(&mut value);
-            let def: FilterDefinition = serde_json::from_value(value).map_err(|e| Error::bad_json(format!("invalid filter: {e}")))?;
+            let def: FilterDefinition = serde_json::from_value(value)
+                .map_err(|e| Error::bad_json(format!("invalid filter: {e}")))?;
             sync_filter(&def)
         }
         Some(Filter::FilterId(id)) => {
-            let stored = s.users.filter(req.user(), id)?.ok_or_else(|| Error::invalid_param(format!("no filter with id {id}")))?;
-            let def: FilterDefinition = serde_json::from_value(stored).map_err(|e| Error::bad_json(format!("stored filter is invalid: {e}")))?;
+            let stored = s
+                .users
+                .filter(req.user(), id)?
+                .ok_or_else(|| Error::invalid_param(format!("no filter with id {id}")))?;
+            let def: FilterDefinition = serde_json::from_value(stored)
+                .map_err(|e| Error::bad_json(format!("stored filter is invalid: {e}")))?;
             sync_filter(&def)
         }
         Some(_) => return Err(Error::bad_json("unsupported filter")),
     };
-    let since = req.since.as_deref().map(|t| parse_since(t, s.db.stream.visible())).transpose()?;
+    let since = req
+        .since
+        .as_deref()
+        .map(|t| parse_since(t, s.db.stream.visible()))
+        .transpose()?;
     let request = SyncRequest {
         since,
         full_state: req.full_state,
@@ -92,5 +107,7 @@ pub async fn sync_events(s: Arc<Services>, req: Ruma<sync_events::v3::Request>) 
         filter,
         set_presence: Some(req.set_presence.as_str().to_owned()),
     };
-    Ok(Json(sync(&s, req.user(), req.device().as_str(), request).await?))
+    Ok(Json(
+        sync(&s, req.user(), req.device().as_str(), request).await?,
+    ))
 }

@@ -7,7 +7,10 @@ use base64::Engine;
 use ruma::{CanonicalJsonObject, CanonicalJsonValue, signatures::sign_json};
 use serde_json::{Value as JsonValue, json};
 
-use crate::{error::{Error, Result}, service::{Services, users::now_ms}};
+use crate::{
+    error::{Error, Result},
+    service::{Services, users::now_ms},
+};
 
 /// `GET /_matrix/key/v2/server`: the verify key, self-signed.
 pub async fn server_keys(State(s): State<Arc<Services>>) -> Result<Json<JsonValue>> {
@@ -19,10 +22,11 @@ pub async fn server_keys(State(s): State<Arc<Services>>) -> Result<Json<JsonValu
         "verify_keys": { g.key_id(): { "key": public } },
         "old_verify_keys": {},
     });
-    let mut object: CanonicalJsonObject = match CanonicalJsonValue::try_from(body).map_err(Error::internal)? {
-        CanonicalJsonValue::Object(o) => o,
-        _ => return Err(Error::internal("key response is not an object")),
-    };
+    let mut object: CanonicalJsonObject =
+        match CanonicalJsonValue::try_from(body).map_err(Error::internal)? {
+            CanonicalJsonValue::Object(o) => o,
+            _ => return Err(Error::internal("key response is not an object")),
+        };
     sign_json(g.server_name().as_str(), &g.keypair, &mut object).map_err(Error::internal)?;
     Ok(Json(serde_json::to_value(&object)?))
 }

@@ -17,10 +17,17 @@ struct AliasRecord {
 }
 
 pub fn parse_local_alias(localpart: &str, server: &ServerName) -> Result<OwnedRoomAliasId> {
-    if localpart.is_empty() || localpart.contains(':') || localpart.contains('#') || localpart.chars().any(char::is_whitespace) {
-        return Err(Error::invalid_param("room_alias_name must be a bare localpart, without '#', ':' or spaces"));
+    if localpart.is_empty()
+        || localpart.contains(':')
+        || localpart.contains('#')
+        || localpart.chars().any(char::is_whitespace)
+    {
+        return Err(Error::invalid_param(
+            "room_alias_name must be a bare localpart, without '#', ':' or spaces",
+        ));
     }
-    RoomAliasId::parse(format!("#{localpart}:{server}")).map_err(|e| Error::invalid_param(format!("invalid room alias: {e}")))
+    RoomAliasId::parse(format!("#{localpart}:{server}"))
+        .map_err(|e| Error::invalid_param(format!("invalid room alias: {e}")))
 }
 
 /// One entry of the public room directory.
@@ -55,20 +62,43 @@ impl Rooms {
         }
     }
 
-    pub(super) fn put_alias(&self, alias: &RoomAliasId, room_id: &RoomId, creator: &UserId) -> Result<()> {
-        let room = self.timeline.room_short(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
+    pub(super) fn put_alias(
+        &self,
+        alias: &RoomAliasId,
+        room_id: &RoomId,
+        creator: &UserId,
+    ) -> Result<()> {
+        let room = self
+            .timeline
+            .room_short(room_id)?
+            .ok_or_else(|| Error::not_found("Unknown room"))?;
         let mut b = Batch::default();
-        let record = AliasRecord { room_id: room_id.to_owned(), creator: creator.to_string() };
-        b.put(&self.db, "aliases", alias.as_bytes(), &serde_json::to_vec(&record)?);
+        let record = AliasRecord {
+            room_id: room_id.to_owned(),
+            creator: creator.to_string(),
+        };
+        b.put(
+            &self.db,
+            "aliases",
+            alias.as_bytes(),
+            &serde_json::to_vec(&record)?,
+        );
         let mut key = room.to_be_bytes().to_vec();
         key.extend_from_slice(&str_key(&["", alias.as_str()]));
         b.put(&self.db, "room_aliases", &key, b"");
         self.db.commit(b)
     }
 
-    pub fn create_alias(&self, alias: &RoomAliasId, room_id: &RoomId, creator: &UserId) -> Result<()> {
+    pub fn create_alias(
+        &self,
+        alias: &RoomAliasId,
+        room_id: &RoomId,
+        creator: &UserId,
+    ) -> Result<()> {
         if alias.server_name() != self.globals.server_name() {
-            return Err(Error::invalid_param("aliases can only be created on this server's domain"));
+            return Err(Error::invalid_param(
+                "aliases can only be created on this server's domain",
+            ));
         }
         if self.alias_target(alias)?.is_some() {
             return Err(Error::Matrix {
@@ -78,14 +108,19 @@ impl Rooms {
             });
         }
         if self.membership(room_id, creator)?.as_deref() != Some("join") {
-            return Err(Error::forbidden("You must be in the room to give it an alias"));
+            return Err(Error::forbidden(
+                "You must be in the room to give it an alias",
+            ));
         }
         self.put_alias(alias, room_id, creator)
     }
 
     /// Delete an alias; allowed to its creator, server admins and room moderators.
     pub fn delete_alias(&self, alias: &RoomAliasId, user: &UserId) -> Result<()> {
-        let v = self.db.get("aliases", alias.as_bytes())?.ok_or_else(|| Error::not_found("No such alias"))?;
+        let v = self
+            .db
+            .get("aliases", alias.as_bytes())?
+            .ok_or_else(|| Error::not_found("No such alias"))?;
         let record: AliasRecord = serde_json::from_slice(&v)?;
         let admin = self.users.get(user)?.is_some_and(|r| r.admin);
         let allowed = admin || record.creator == user.as_str() || {
@@ -99,7 +134,9 @@ impl Rooms {
             }
         };
         if !allowed {
-            return Err(Error::forbidden("Only the alias creator or a room moderator can delete it"));
+            return Err(Error::forbidden(
+                "Only the alias creator or a room moderator can delete it",
+            ));
         }
         let mut b = Batch::default();
         b.delete(&self.db, "aliases", alias.as_bytes());
@@ -113,13 +150,17 @@ impl Rooms {
 
     /// Local aliases of a room.
     pub fn local_aliases(&self, room_id: &RoomId) -> Result<Vec<OwnedRoomAliasId>> {
-        let Some(room) = self.timeline.room_short(room_id)? else { return Ok(Vec::new()) };
+        let Some(room) = self.timeline.room_short(room_id)? else {
+            return Ok(Vec::new());
+        };
         let mut prefix = room.to_be_bytes().to_vec();
         prefix.extend_from_slice(&str_prefix(&[""]));
         let mut out = Vec::new();
         for item in self.db.scan_prefix("room_aliases", &prefix) {
             let (k, _) = item?;
-            out.push(RoomAliasId::parse(String::from_utf8_lossy(&k[prefix.len()..]).as_ref())?);
+            out.push(RoomAliasId::parse(
+                String::from_utf8_lossy(&k[prefix.len()..]).as_ref(),
+            )?);
         }
         Ok(out)
     }
@@ -132,9 +173,13 @@ impl Rooms {
     }
 
     pub fn set_public(&self, room_id: &RoomId, public: bool) -> Result<()> {
-        let room = self.timeline.room_short(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
+        let room = self
+            .timeline
+            .room_short(room_id)?
+            .ok_or_else(|| Error::not_found("Unknown room"))?;
         if public {
-            self.db.put_durable("public_rooms", &room.to_be_bytes(), b"")
+            self.db
+                .put_durable("public_rooms", &room.to_be_bytes(), b"")
         } else {
             let mut b = Batch::default();
             b.delete(&self.db, "public_rooms", &room.to_be_bytes());
@@ -143,29 +188,65 @@ impl Rooms {
     }
 
     pub fn public_room_summary(&self, room_short: u64) -> Result<Option<PublicRoom>> {
-        let Some(record) = self.timeline.room_record(room_short)? else { return Ok(None) };
+        let Some(record) = self.timeline.room_record(room_short)? else {
+            return Ok(None);
+        };
         let tl = &self.timeline;
-        let hv = str_field(tl.current_state_content(room_short, "m.room.history_visibility", "")?, "history_visibility");
-        let guest = str_field(tl.current_state_content(room_short, "m.room.guest_access", "")?, "guest_access");
+        let hv = str_field(
+            tl.current_state_content(room_short, "m.room.history_visibility", "")?,
+            "history_visibility",
+        );
+        let guest = str_field(
+            tl.current_state_content(room_short, "m.room.guest_access", "")?,
+            "guest_access",
+        );
         Ok(Some(PublicRoom {
             room_id: record.room_id.clone(),
-            name: str_field(tl.current_state_content(room_short, "m.room.name", "")?, "name"),
-            topic: str_field(tl.current_state_content(room_short, "m.room.topic", "")?, "topic"),
-            canonical_alias: str_field(tl.current_state_content(room_short, "m.room.canonical_alias", "")?, "alias"),
-            avatar_url: str_field(tl.current_state_content(room_short, "m.room.avatar", "")?, "url"),
-            num_joined_members: super::timeline::members_with(&self.db, room_short, "join")?.len() as u64,
+            name: str_field(
+                tl.current_state_content(room_short, "m.room.name", "")?,
+                "name",
+            ),
+            topic: str_field(
+                tl.current_state_content(room_short, "m.room.topic", "")?,
+                "topic",
+            ),
+            canonical_alias: str_field(
+                tl.current_state_content(room_short, "m.room.canonical_alias", "")?,
+                "alias",
+            ),
+            avatar_url: str_field(
+                tl.current_state_content(room_short, "m.room.avatar", "")?,
+                "url",
+            ),
+            num_joined_members: super::timeline::members_with(&self.db, room_short, "join")?.len()
+                as u64,
             world_readable: hv.as_deref() == Some("world_readable"),
             guest_can_join: guest.as_deref() == Some("can_join"),
-            join_rule: str_field(tl.current_state_content(room_short, "m.room.join_rules", "")?, "join_rule").unwrap_or_else(|| "invite".into()),
-            room_type: str_field(tl.current_state_content(room_short, "m.room.create", "")?, "type"),
+            join_rule: str_field(
+                tl.current_state_content(room_short, "m.room.join_rules", "")?,
+                "join_rule",
+            )
+            .unwrap_or_else(|| "invite".into()),
+            room_type: str_field(
+                tl.current_state_content(room_short, "m.room.create", "")?,
+                "type",
+            ),
         }))
     }
 
     /// The public directory, largest rooms first, filtered by a search term.
     /// Returns the page, the total count, and offsets for the next and previous pages.
-    pub fn public_rooms(&self, search: Option<&str>, since: Option<&str>, limit: Option<usize>) -> Result<(Vec<PublicRoom>, usize, Option<String>, Option<String>)> {
+    pub fn public_rooms(
+        &self,
+        search: Option<&str>,
+        since: Option<&str>,
+        limit: Option<usize>,
+    ) -> Result<(Vec<PublicRoom>, usize, Option<String>, Option<String>)> {
         let offset = match since {
-            Some(s) => s.strip_prefix('o').and_then(|n| n.parse::<usize>().ok()).ok_or_else(|| Error::invalid_param("invalid pagination token"))?,
+            Some(s) => s
+                .strip_prefix('o')
+                .and_then(|n| n.parse::<usize>().ok())
+                .ok_or_else(|| Error::invalid_param("invalid pagination token"))?,
             None => 0,
         };
         let term = search.map(str::to_lowercase).filter(|t| !t.is_empty());
@@ -184,7 +265,11 @@ impl Rooms {
                 }
             }
         }
-        rooms.sort_by(|a, b| b.num_joined_members.cmp(&a.num_joined_members).then_with(|| a.room_id.cmp(&b.room_id)));
+        rooms.sort_by(|a, b| {
+            b.num_joined_members
+                .cmp(&a.num_joined_members)
+                .then_with(|| a.room_id.cmp(&b.room_id))
+        });
         let total = rooms.len();
         let limit = limit.unwrap_or(100).clamp(1, 500);
         let page: Vec<PublicRoom> = rooms.into_iter().skip(offset).take(limit).collect();
@@ -197,7 +282,15 @@ impl Rooms {
 impl Rooms {
     /// Users whose id or display name contains `term`, among those who share a room with
     /// `searcher` or are in a public room.
-    pub fn search_users(&self, searcher: &UserId, term: &str, limit: usize) -> Result<(Vec<(ruma::OwnedUserId, Option<String>, Option<String>)>, bool)> {
+    pub fn search_users(
+        &self,
+        searcher: &UserId,
+        term: &str,
+        limit: usize,
+    ) -> Result<(
+        Vec<(ruma::OwnedUserId, Option<String>, Option<String>)>,
+        bool,
+    )> {
         use std::collections::BTreeSet;
         let term = term.to_lowercase();
         let mut visible: BTreeSet<ruma::OwnedUserId> = BTreeSet::new();
@@ -208,17 +301,26 @@ impl Rooms {
         }
         for item in self.db.scan_prefix("public_rooms", b"") {
             let (k, _) = item?;
-            visible.extend(super::timeline::members_with(&self.db, crate::storage::decode_u64(&k), "join")?);
+            visible.extend(super::timeline::members_with(
+                &self.db,
+                crate::storage::decode_u64(&k),
+                "join",
+            )?);
         }
         let mut out = Vec::new();
         let mut limited = false;
         for user in visible {
-            let Some(record) = self.users.get(&user)? else { continue };
+            let Some(record) = self.users.get(&user)? else {
+                continue;
+            };
             if record.deactivated {
                 continue;
             }
             let hit = user.as_str().to_lowercase().contains(&term)
-                || record.displayname.as_deref().is_some_and(|n| n.to_lowercase().contains(&term));
+                || record
+                    .displayname
+                    .as_deref()
+                    .is_some_and(|n| n.to_lowercase().contains(&term));
             if hit {
                 if out.len() == limit {
                     limited = true;

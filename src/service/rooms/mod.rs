@@ -4,8 +4,8 @@
 pub mod alias;
 pub mod pdu;
 pub mod power;
-pub mod state;
 pub mod read;
+pub mod state;
 pub mod timeline;
 pub mod upgrade;
 pub mod visibility;
@@ -26,7 +26,8 @@ use crate::{
 };
 
 /// Room versions Salon creates and serves.
-pub const SUPPORTED_VERSIONS: &[RoomVersionId] = &[RoomVersionId::V10, RoomVersionId::V11, RoomVersionId::V12];
+pub const SUPPORTED_VERSIONS: &[RoomVersionId] =
+    &[RoomVersionId::V10, RoomVersionId::V11, RoomVersionId::V12];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Preset {
@@ -60,10 +61,20 @@ pub struct Rooms {
 
 impl Rooms {
     pub fn new(db: Arc<Db>, globals: Arc<Globals>, users: Arc<Users>, timeline: Timeline) -> Self {
-        Self { db, globals, users, timeline }
+        Self {
+            db,
+            globals,
+            users,
+            timeline,
+        }
     }
 
-    fn member_content(&self, user: &UserId, membership: &str, reason: Option<&str>) -> Result<JsonValue> {
+    fn member_content(
+        &self,
+        user: &UserId,
+        membership: &str,
+        reason: Option<&str>,
+    ) -> Result<JsonValue> {
         let mut content = json!({ "membership": membership });
         if membership == "join" || membership == "invite" || membership == "knock" {
             // Invites carry the invitee's profile so that clients can show who it is.
@@ -83,13 +94,18 @@ impl Rooms {
     }
 
     pub async fn create_room(&self, creator: &UserId, req: CreateRoom) -> Result<OwnedRoomId> {
-        let version = req.version.clone().unwrap_or_else(|| self.globals.config.rooms.default_version.clone());
+        let version = req
+            .version
+            .clone()
+            .unwrap_or_else(|| self.globals.config.rooms.default_version.clone());
         if !SUPPORTED_VERSIONS.contains(&version) {
             return Err(Error::unsupported_room_version(format!(
                 "room version {version} is not supported; use one of 10, 11, 12"
             )));
         }
-        let rules = version.rules().ok_or_else(|| Error::unsupported_room_version("unknown room version"))?;
+        let rules = version
+            .rules()
+            .ok_or_else(|| Error::unsupported_room_version("unknown room version"))?;
         let alias = match &req.alias_localpart {
             Some(local) => {
                 let alias = alias::parse_local_alias(local, self.globals.server_name())?;
@@ -101,11 +117,19 @@ impl Rooms {
             None => None,
         };
         for invitee in &req.invite {
-            if invitee.server_name() == self.globals.server_name() && self.users.get(invitee)?.is_none_or(|r| r.deactivated) {
-                return Err(Error::not_found(format!("cannot invite {invitee}: no such user")));
+            if invitee.server_name() == self.globals.server_name()
+                && self.users.get(invitee)?.is_none_or(|r| r.deactivated)
+            {
+                return Err(Error::not_found(format!(
+                    "cannot invite {invitee}: no such user"
+                )));
             }
         }
-        let preset = req.preset.unwrap_or(if req.public { Preset::PublicChat } else { Preset::PrivateChat });
+        let preset = req.preset.unwrap_or(if req.public {
+            Preset::PublicChat
+        } else {
+            Preset::PrivateChat
+        });
 
         // m.room.create
         let mut create = match req.creation_content.clone() {
@@ -120,8 +144,10 @@ impl Rooms {
         let mut additional_creators: Vec<OwnedUserId> = Vec::new();
         if rules.authorization.additional_room_creators {
             if let Some(list) = create.get("additional_creators") {
-                let list: Vec<OwnedUserId> = serde_json::from_value(list.clone())
-                    .map_err(|_| Error::bad_json("additional_creators must be a list of user ids"))?;
+                let list: Vec<OwnedUserId> =
+                    serde_json::from_value(list.clone()).map_err(|_| {
+                        Error::bad_json("additional_creators must be a list of user ids")
+                    })?;
                 additional_creators.extend(list);
             }
             if preset == Preset::TrustedPrivateChat {
@@ -135,12 +161,18 @@ impl Rooms {
                 create["additional_creators"] = serde_json::to_value(&additional_creators)?;
             }
         }
-        let mut draft = self.timeline.begin_new_room(version.clone(), creator, create).await?;
+        let mut draft = self
+            .timeline
+            .begin_new_room(version.clone(), creator, create)
+            .await?;
         let room_id = draft.room_id().to_owned();
 
         // The creator joins.
         let content = self.member_content(creator, "join", None)?;
-        draft.append(creator, NewEvent::state(TimelineEventType::RoomMember, creator.as_str(), content))?;
+        draft.append(
+            creator,
+            NewEvent::state(TimelineEventType::RoomMember, creator.as_str(), content),
+        )?;
 
         // m.room.power_levels
         let mut users = serde_json::Map::new();
@@ -176,7 +208,11 @@ impl Rooms {
             power["events"]["m.room.tombstone"] = json!(150);
         }
         if let Some(over) = req.power_level_override {
-            let JsonValue::Object(over) = over else { return Err(Error::bad_json("power_level_content_override must be an object")) };
+            let JsonValue::Object(over) = over else {
+                return Err(Error::bad_json(
+                    "power_level_content_override must be an object",
+                ));
+            };
             for (k, v) in over {
                 power[k] = v;
             }
@@ -184,33 +220,86 @@ impl Rooms {
         if rules.authorization.explicitly_privilege_room_creators
             && let Some(users) = power.get("users").and_then(|u| u.as_object())
         {
-            let all_creators: Vec<&UserId> = std::iter::once(creator).chain(additional_creators.iter().map(|u| &**u)).collect();
-            if users.keys().any(|u| all_creators.iter().any(|c| c.as_str() == u)) {
-                return Err(Error::bad_json("room creators may not be listed in power levels users from room version 12"));
+            let all_creators: Vec<&UserId> = std::iter::once(creator)
+                .chain(additional_creators.iter().map(|u| &**u))
+                .collect();
+            if users
+                .keys()
+                .any(|u| all_creators.iter().any(|c| c.as_str() == u))
+            {
+                return Err(Error::bad_json(
+                    "room creators may not be listed in power levels users from room version 12",
+                ));
             }
         }
-        draft.append(creator, NewEvent::state(TimelineEventType::RoomPowerLevels, "", power))?;
+        draft.append(
+            creator,
+            NewEvent::state(TimelineEventType::RoomPowerLevels, "", power),
+        )?;
 
         if let Some(alias) = &alias {
-            draft.append(creator, NewEvent::state(TimelineEventType::RoomCanonicalAlias, "", json!({ "alias": alias })))?;
+            draft.append(
+                creator,
+                NewEvent::state(
+                    TimelineEventType::RoomCanonicalAlias,
+                    "",
+                    json!({ "alias": alias }),
+                ),
+            )?;
         }
-        let join_rule = if preset == Preset::PublicChat { "public" } else { "invite" };
-        draft.append(creator, NewEvent::state(TimelineEventType::RoomJoinRules, "", json!({ "join_rule": join_rule })))?;
-        draft.append(creator, NewEvent::state(TimelineEventType::RoomHistoryVisibility, "", json!({ "history_visibility": "shared" })))?;
+        let join_rule = if preset == Preset::PublicChat {
+            "public"
+        } else {
+            "invite"
+        };
+        draft.append(
+            creator,
+            NewEvent::state(
+                TimelineEventType::RoomJoinRules,
+                "",
+                json!({ "join_rule": join_rule }),
+            ),
+        )?;
+        draft.append(
+            creator,
+            NewEvent::state(
+                TimelineEventType::RoomHistoryVisibility,
+                "",
+                json!({ "history_visibility": "shared" }),
+            ),
+        )?;
         if preset != Preset::PublicChat {
-            draft.append(creator, NewEvent::state(TimelineEventType::RoomGuestAccess, "", json!({ "guest_access": "can_join" })))?;
+            draft.append(
+                creator,
+                NewEvent::state(
+                    TimelineEventType::RoomGuestAccess,
+                    "",
+                    json!({ "guest_access": "can_join" }),
+                ),
+            )?;
         }
         for event in &req.initial_state {
-            let kind = event.get("type").and_then(|t| t.as_str()).ok_or_else(|| Error::bad_json("initial_state events need a type"))?;
+            let kind = event
+                .get("type")
+                .and_then(|t| t.as_str())
+                .ok_or_else(|| Error::bad_json("initial_state events need a type"))?;
             if kind == "m.room.create" || kind == "m.room.member" {
-                return Err(Error::bad_json(format!("{kind} cannot be part of initial_state")));
+                return Err(Error::bad_json(format!(
+                    "{kind} cannot be part of initial_state"
+                )));
             }
-            let state_key = event.get("state_key").and_then(|k| k.as_str()).unwrap_or("");
+            let state_key = event
+                .get("state_key")
+                .and_then(|k| k.as_str())
+                .unwrap_or("");
             let content = event.get("content").cloned().unwrap_or_else(|| json!({}));
             draft.append(creator, NewEvent::state(kind, state_key, content))?;
         }
         if let Some(name) = &req.name {
-            draft.append(creator, NewEvent::state(TimelineEventType::RoomName, "", json!({ "name": name })))?;
+            draft.append(
+                creator,
+                NewEvent::state(TimelineEventType::RoomName, "", json!({ "name": name })),
+            )?;
         }
         if let Some(topic) = &req.topic {
             draft.append(
@@ -223,7 +312,10 @@ impl Rooms {
             if req.is_direct {
                 content["is_direct"] = JsonValue::Bool(true);
             }
-            draft.append(creator, NewEvent::state(TimelineEventType::RoomMember, invitee.as_str(), content))?;
+            draft.append(
+                creator,
+                NewEvent::state(TimelineEventType::RoomMember, invitee.as_str(), content),
+            )?;
         }
         let room_short = draft.room_short;
         draft.commit().await?;
@@ -232,14 +324,20 @@ impl Rooms {
             self.put_alias(alias, &room_id, creator)?;
         }
         if req.public {
-            self.db.put_durable("public_rooms", &room_short.to_be_bytes(), b"")?;
+            self.db
+                .put_durable("public_rooms", &room_short.to_be_bytes(), b"")?;
         }
         tracing::info!(room_id = %room_id, creator = %creator, version = %version, "room created");
         Ok(room_id)
     }
 
     /// Send an event into a room on behalf of `sender` (messages and state alike).
-    pub async fn send(&self, room_id: &RoomId, sender: &UserId, event: NewEvent) -> Result<OwnedEventId> {
+    pub async fn send(
+        &self,
+        room_id: &RoomId,
+        sender: &UserId,
+        event: NewEvent,
+    ) -> Result<OwnedEventId> {
         let mut draft = self.timeline.begin(room_id).await?;
         // A retried transaction (checked under the room lock, so two identical retries
         // cannot both pass) gets the original event, once that is on disk.
@@ -265,8 +363,13 @@ impl Rooms {
         reason: Option<&str>,
         extra: Option<JsonValue>,
     ) -> Result<OwnedEventId> {
-        if membership == "invite" && target.server_name() == self.globals.server_name() && self.users.get(target)?.is_none_or(|r| r.deactivated) {
-            return Err(Error::not_found(format!("cannot invite {target}: no such user")));
+        if membership == "invite"
+            && target.server_name() == self.globals.server_name()
+            && self.users.get(target)?.is_none_or(|r| r.deactivated)
+        {
+            return Err(Error::not_found(format!(
+                "cannot invite {target}: no such user"
+            )));
         }
         let mut draft = self.timeline.begin(room_id).await?;
         let current = draft.membership(target)?;
@@ -279,7 +382,9 @@ impl Rooms {
         {
             let wanted = self.member_content(target, "join", None)?;
             let existing = p.content_json();
-            if existing.get("displayname") == wanted.get("displayname") && existing.get("avatar_url") == wanted.get("avatar_url") {
+            if existing.get("displayname") == wanted.get("displayname")
+                && existing.get("avatar_url") == wanted.get("avatar_url")
+            {
                 return Ok(p.event_id.clone());
             }
         }
@@ -290,7 +395,10 @@ impl Rooms {
             return Err(Error::forbidden("You are not a member of this room"));
         }
         let mut content = self.member_content(target, membership, reason)?;
-        if membership == "join" && current.as_deref() != Some("invite") && current.as_deref() != Some("join") {
+        if membership == "join"
+            && current.as_deref() != Some("invite")
+            && current.as_deref() != Some("join")
+        {
             self.authorise_restricted_join(&draft, target, &mut content)?;
         }
         if let (Some(JsonValue::Object(extra)), Some(obj)) = (extra, content.as_object_mut()) {
@@ -298,26 +406,49 @@ impl Rooms {
                 obj.insert(k, v);
             }
         }
-        let pdu = draft.append(sender, NewEvent::state(TimelineEventType::RoomMember, target.as_str(), content))?;
+        let pdu = draft.append(
+            sender,
+            NewEvent::state(TimelineEventType::RoomMember, target.as_str(), content),
+        )?;
         draft.commit().await?;
         Ok(pdu.event_id.clone())
     }
 
     /// For `restricted` rooms: a join by someone not invited is allowed when they are in
     /// one of the rooms the join rule names, vouched for by a member who may invite.
-    fn authorise_restricted_join(&self, draft: &Draft<'_>, user: &UserId, content: &mut JsonValue) -> Result<()> {
-        let Some(rules) = draft.state_content("m.room.join_rules", "")? else { return Ok(()) };
-        let rule = rules.get("join_rule").and_then(|r| r.as_str()).unwrap_or("invite");
+    fn authorise_restricted_join(
+        &self,
+        draft: &Draft<'_>,
+        user: &UserId,
+        content: &mut JsonValue,
+    ) -> Result<()> {
+        let Some(rules) = draft.state_content("m.room.join_rules", "")? else {
+            return Ok(());
+        };
+        let rule = rules
+            .get("join_rule")
+            .and_then(|r| r.as_str())
+            .unwrap_or("invite");
         if rule != "restricted" && rule != "knock_restricted" {
             return Ok(());
         }
-        let allowed = rules.get("allow").and_then(|a| a.as_array()).cloned().unwrap_or_default();
+        let allowed = rules
+            .get("allow")
+            .and_then(|a| a.as_array())
+            .cloned()
+            .unwrap_or_default();
         let mut eligible = false;
         for entry in allowed {
             if entry.get("type").and_then(|t| t.as_str()) != Some("m.room_membership") {
                 continue;
             }
-            let Some(other) = entry.get("room_id").and_then(|r| r.as_str()).and_then(|r| RoomId::parse(r).ok()) else { continue };
+            let Some(other) = entry
+                .get("room_id")
+                .and_then(|r| r.as_str())
+                .and_then(|r| RoomId::parse(r).ok())
+            else {
+                continue;
+            };
             if self.membership(&other, user)?.as_deref() == Some("join") {
                 eligible = true;
                 break;
@@ -328,25 +459,41 @@ impl Rooms {
         }
         let power = draft.power_levels()?;
         for member in timeline::members_with(&self.db, draft.room_short, "join")? {
-            if member.server_name() == self.globals.server_name() && power.levels.user_can_invite(&member) {
+            if member.server_name() == self.globals.server_name()
+                && power.levels.user_can_invite(&member)
+            {
                 content["join_authorised_via_users_server"] = JsonValue::String(member.to_string());
                 return Ok(());
             }
         }
-        Err(Error::forbidden("no member of this room can authorise your join"))
+        Err(Error::forbidden(
+            "no member of this room can authorise your join",
+        ))
     }
 
     /// A user's current membership in a room, from the membership table.
     pub fn membership(&self, room_id: &RoomId, user: &UserId) -> Result<Option<String>> {
-        let (Some(room), Some(u)) = (self.timeline.room_short(room_id)?, self.db.short_id(IdKind::User, user.as_str())?) else {
+        let (Some(room), Some(u)) = (
+            self.timeline.room_short(room_id)?,
+            self.db.short_id(IdKind::User, user.as_str())?,
+        ) else {
             return Ok(None);
         };
-        Ok(self.db.get("user_rooms", &u64_key(&[u, room]))?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+        Ok(self
+            .db
+            .get("user_rooms", &u64_key(&[u, room]))?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
     /// Rooms where the user's membership is `membership`.
-    pub fn rooms_with_membership(&self, user: &UserId, membership: &str) -> Result<Vec<OwnedRoomId>> {
-        let Some(u) = self.db.short_id(IdKind::User, user.as_str())? else { return Ok(Vec::new()) };
+    pub fn rooms_with_membership(
+        &self,
+        user: &UserId,
+        membership: &str,
+    ) -> Result<Vec<OwnedRoomId>> {
+        let Some(u) = self.db.short_id(IdKind::User, user.as_str())? else {
+            return Ok(Vec::new());
+        };
         let mut out = Vec::new();
         for item in self.db.scan_prefix("user_rooms", &u.to_be_bytes()) {
             let (k, v) = item?;
@@ -368,9 +515,15 @@ impl Rooms {
             Some("forgotten") => Ok(()),
             None => Err(Error::not_found("You have never been in this room")),
             Some(_) => {
-                let room = self.timeline.room_short(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
-                let u = self.db.get_or_create_short_id(IdKind::User, user.as_str())?;
-                self.db.put_durable("user_rooms", &u64_key(&[u, room]), b"forgotten")
+                let room = self
+                    .timeline
+                    .room_short(room_id)?
+                    .ok_or_else(|| Error::not_found("Unknown room"))?;
+                let u = self
+                    .db
+                    .get_or_create_short_id(IdKind::User, user.as_str())?;
+                self.db
+                    .put_durable("user_rooms", &u64_key(&[u, room]), b"forgotten")
             }
         }
     }
@@ -378,7 +531,9 @@ impl Rooms {
     /// After a profile change, refresh the user's member event in every joined room.
     pub async fn propagate_profile(&self, user: &UserId) -> Result<()> {
         for room in self.rooms_with_membership(user, "join")? {
-            let result = self.set_membership(&room, user, user, "join", None, None).await;
+            let result = self
+                .set_membership(&room, user, user, "join", None, None)
+                .await;
             if let Err(e) = result {
                 tracing::warn!(room_id = %room, user_id = %user, error = %e, "could not update member event after profile change");
             }

@@ -3,9 +3,8 @@
 use std::sync::Arc;
 
 use ruma::{
-    CanonicalJsonObject, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId,
-    UInt, UserId, EventId,
-    events::TimelineEventType,
+    CanonicalJsonObject, EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId,
+    OwnedUserId, RoomId, UInt, UserId, events::TimelineEventType,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value as JsonValue, value::RawValue};
@@ -39,7 +38,9 @@ pub struct Pdu {
 }
 
 fn placeholder_event_id() -> OwnedEventId {
-    EventId::parse("$placeholder").expect("valid placeholder").to_owned()
+    EventId::parse("$placeholder")
+        .expect("valid placeholder")
+        .to_owned()
 }
 
 impl Pdu {
@@ -64,7 +65,9 @@ impl Pdu {
         struct C {
             redacts: Option<OwnedEventId>,
         }
-        serde_json::from_str::<C>(self.content.get()).ok().and_then(|c| c.redacts)
+        serde_json::from_str::<C>(self.content.get())
+            .ok()
+            .and_then(|c| c.redacts)
     }
 
     pub fn is_state(&self) -> bool {
@@ -143,15 +146,29 @@ pub struct StoredEvent {
 
 impl StoredEvent {
     /// The client-server format of the event ("ClientEvent").
-    pub fn to_client(&self, viewer_device: Option<&str>, prev_content: Option<JsonValue>, redacted_because: Option<JsonValue>) -> JsonValue {
+    pub fn to_client(
+        &self,
+        viewer_device: Option<&str>,
+        prev_content: Option<JsonValue>,
+        redacted_because: Option<JsonValue>,
+    ) -> JsonValue {
         let pdu = &self.pdu;
         let mut obj = serde_json::Map::new();
         obj.insert("type".into(), JsonValue::String(pdu.kind.to_string()));
         obj.insert("content".into(), pdu.content_json());
-        obj.insert("event_id".into(), JsonValue::String(pdu.event_id.to_string()));
+        obj.insert(
+            "event_id".into(),
+            JsonValue::String(pdu.event_id.to_string()),
+        );
         obj.insert("sender".into(), JsonValue::String(pdu.sender.to_string()));
-        obj.insert("origin_server_ts".into(), serde_json::to_value(pdu.origin_server_ts).unwrap_or_default());
-        obj.insert("room_id".into(), JsonValue::String(self.room_id.to_string()));
+        obj.insert(
+            "origin_server_ts".into(),
+            serde_json::to_value(pdu.origin_server_ts).unwrap_or_default(),
+        );
+        obj.insert(
+            "room_id".into(),
+            JsonValue::String(self.room_id.to_string()),
+        );
         if let Some(sk) = &pdu.state_key {
             obj.insert("state_key".into(), JsonValue::String(sk.clone()));
         }
@@ -162,7 +179,10 @@ impl StoredEvent {
         }
         let mut unsigned = serde_json::Map::new();
         let now = MilliSecondsSinceUnixEpoch::now().get();
-        unsigned.insert("age".into(), JsonValue::from(u64::from(now).saturating_sub(u64::from(pdu.origin_server_ts.get()))));
+        unsigned.insert(
+            "age".into(),
+            JsonValue::from(u64::from(now).saturating_sub(u64::from(pdu.origin_server_ts.get()))),
+        );
         if let (Some((device, txn)), Some(viewer)) = (&self.meta.txn, viewer_device)
             && device == viewer
         {
@@ -186,7 +206,10 @@ pub const MAX_PDU_BYTES: usize = 65_536;
 pub fn to_json_checked(object: &CanonicalJsonObject) -> Result<Vec<u8>> {
     let json = serde_json::to_vec(object)?;
     if json.len() > MAX_PDU_BYTES {
-        return Err(Error::too_large(format!("the event is {} bytes; events may be at most {MAX_PDU_BYTES} bytes", json.len())));
+        return Err(Error::too_large(format!(
+            "the event is {} bytes; events may be at most {MAX_PDU_BYTES} bytes",
+            json.len()
+        )));
     }
     Ok(json)
 }

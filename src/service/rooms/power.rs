@@ -2,7 +2,9 @@
 
 use ruma::{
     OwnedUserId, UserId,
-    events::room::power_levels::{RoomPowerLevels, RoomPowerLevelsEventContent, RoomPowerLevelsSource},
+    events::room::power_levels::{
+        RoomPowerLevels, RoomPowerLevelsEventContent, RoomPowerLevelsSource,
+    },
     room_version_rules::RoomVersionRules,
 };
 use serde_json::Value as JsonValue;
@@ -18,11 +20,18 @@ pub struct PowerLevels {
 impl PowerLevels {
     pub fn new(rules: &RoomVersionRules, create: &Pdu, content: Option<JsonValue>) -> Result<Self> {
         let creators = creators_of(rules, create);
-        let content: Option<RoomPowerLevelsEventContent> = match content {
-            Some(c) => Some(serde_json::from_value(c).map_err(|e| Error::internal(format!("stored power levels are invalid: {e}")))?),
-            None => None,
-        };
-        let levels = RoomPowerLevels::new(RoomPowerLevelsSource::from(content), &rules.authorization, creators.clone());
+        let content: Option<RoomPowerLevelsEventContent> =
+            match content {
+                Some(c) => Some(serde_json::from_value(c).map_err(|e| {
+                    Error::internal(format!("stored power levels are invalid: {e}"))
+                })?),
+                None => None,
+            };
+        let levels = RoomPowerLevels::new(
+            RoomPowerLevelsSource::from(content),
+            &rules.authorization,
+            creators.clone(),
+        );
         Ok(Self { levels, creators })
     }
 
@@ -36,7 +45,10 @@ impl PowerLevels {
 pub fn creators_of(rules: &RoomVersionRules, create: &Pdu) -> Vec<OwnedUserId> {
     let mut creators = vec![create.sender.clone()];
     if rules.authorization.additional_room_creators
-        && let Some(extra) = create.content_json().get("additional_creators").and_then(|v| v.as_array())
+        && let Some(extra) = create
+            .content_json()
+            .get("additional_creators")
+            .and_then(|v| v.as_array())
     {
         for u in extra {
             if let Some(id) = u.as_str().and_then(|s| UserId::parse(s).ok())

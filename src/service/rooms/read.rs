@@ -64,7 +64,11 @@ impl EventFilter {
             return false;
         }
         if let Some(want) = self.contains_url {
-            let has = e.pdu.content_json().get("url").is_some_and(|u| u.is_string());
+            let has = e
+                .pdu
+                .content_json()
+                .get("url")
+                .is_some_and(|u| u.is_string());
             if has != want {
                 return false;
             }
@@ -83,13 +87,26 @@ pub struct MessagesPage {
 
 impl Rooms {
     /// Member events of the room as the user may see them, optionally at a token.
-    pub fn member_events(&self, room_id: &RoomId, user: &UserId, at: Option<&str>) -> Result<Vec<StoredEvent>> {
+    pub fn member_events(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        at: Option<&str>,
+    ) -> Result<Vec<StoredEvent>> {
         let mut group = self.readable_state_group(room_id, user)?;
         if let Some(at) = at {
             let pos = parse_token(at)?;
             let (room_short, _) = self.timeline.room(room_id)?;
-            let at_group = match self.timeline.timeline_positions(room_short, pos.saturating_add(1), true, 1)?.first() {
-                Some((_, ev)) => self.timeline.meta(*ev)?.map(|m| m.state_after).unwrap_or(group),
+            let at_group = match self
+                .timeline
+                .timeline_positions(room_short, pos.saturating_add(1), true, 1)?
+                .first()
+            {
+                Some((_, ev)) => self
+                    .timeline
+                    .meta(*ev)?
+                    .map(|m| m.state_after)
+                    .unwrap_or(group),
                 None => super::state::EMPTY_GROUP,
             };
             // Never further than what the reader may see.
@@ -111,7 +128,13 @@ impl Rooms {
         self.timeline.state_events_in_group(group)
     }
 
-    pub fn state_event(&self, room_id: &RoomId, user: &UserId, event_type: &str, state_key: &str) -> Result<StoredEvent> {
+    pub fn state_event(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        event_type: &str,
+        state_key: &str,
+    ) -> Result<StoredEvent> {
         let group = self.readable_state_group(room_id, user)?;
         self.timeline
             .state_event_in_group(group, event_type, state_key)?
@@ -148,9 +171,15 @@ impl Rooms {
         let mut exhausted = false;
         while chunk.len() < limit && !exhausted {
             let batch = if backward {
-                self.timeline.timeline_positions(room_short, cursor.saturating_add(1), true, limit * 2)?
+                self.timeline.timeline_positions(
+                    room_short,
+                    cursor.saturating_add(1),
+                    true,
+                    limit * 2,
+                )?
             } else {
-                self.timeline.timeline_positions(room_short, cursor, false, limit * 2)?
+                self.timeline
+                    .timeline_positions(room_short, cursor, false, limit * 2)?
             };
             if batch.len() < limit * 2 {
                 exhausted = true;
@@ -167,7 +196,9 @@ impl Rooms {
                 }
                 cursor = if backward { pos - 1 } else { pos };
                 end = Some(make_token(cursor));
-                let Some(event) = self.timeline.stored(short)? else { continue };
+                let Some(event) = self.timeline.stored(short)? else {
+                    continue;
+                };
                 if !filter.allows(&event) || !self.can_see_event(user, &event)? {
                     continue;
                 }
@@ -185,12 +216,20 @@ impl Rooms {
         if filter.lazy_load_members && !senders.is_empty() {
             let group = self.readable_state_group(room_id, user)?;
             for sender in senders {
-                if let Some(e) = self.timeline.state_event_in_group(group, "m.room.member", sender.as_str())? {
+                if let Some(e) =
+                    self.timeline
+                        .state_event_in_group(group, "m.room.member", sender.as_str())?
+                {
                     state.push(self.timeline.to_client(&e, device)?);
                 }
             }
         }
-        Ok(MessagesPage { start, end, chunk, state })
+        Ok(MessagesPage {
+            start,
+            end,
+            chunk,
+            state,
+        })
     }
 }
 
@@ -205,7 +244,15 @@ pub struct Context {
 }
 
 impl Rooms {
-    pub fn context(&self, room_id: &RoomId, user: &UserId, device: &str, event_id: &ruma::EventId, limit: usize, filter: &EventFilter) -> Result<Context> {
+    pub fn context(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        device: &str,
+        event_id: &ruma::EventId,
+        limit: usize,
+        filter: &EventFilter,
+    ) -> Result<Context> {
         let (room_short, _) = self.timeline.room(room_id)?;
         let event = self
             .timeline
@@ -221,14 +268,18 @@ impl Rooms {
             let mut cursor = event.meta.pos;
             let mut edge = event.meta.pos;
             while out.len() < want {
-                let batch = self.timeline.timeline_positions(room_short, cursor, backward, 64)?;
+                let batch = self
+                    .timeline
+                    .timeline_positions(room_short, cursor, backward, 64)?;
                 if batch.is_empty() {
                     break;
                 }
                 for (pos, short) in &batch {
                     cursor = *pos;
                     edge = if backward { pos - 1 } else { *pos };
-                    let Some(e) = self.timeline.stored(*short)? else { continue };
+                    let Some(e) = self.timeline.stored(*short)? else {
+                        continue;
+                    };
                     if filter.allows(&e) && self.can_see_event(user, &e)? {
                         out.push(e);
                         if out.len() >= want {
@@ -244,14 +295,32 @@ impl Rooms {
         };
         let (before, start_pos) = collect(true, half)?;
         let (after, end_pos) = collect(false, limit - half)?;
-        let start_pos = if before.is_empty() { event.meta.pos - 1 } else { start_pos };
-        let end_pos = if after.is_empty() { event.meta.pos } else { end_pos };
-        let mut senders: BTreeSet<String> = before.iter().chain(after.iter()).map(|e| e.pdu.sender.to_string()).collect();
+        let start_pos = if before.is_empty() {
+            event.meta.pos - 1
+        } else {
+            start_pos
+        };
+        let end_pos = if after.is_empty() {
+            event.meta.pos
+        } else {
+            end_pos
+        };
+        let mut senders: BTreeSet<String> = before
+            .iter()
+            .chain(after.iter())
+            .map(|e| e.pdu.sender.to_string())
+            .collect();
         senders.insert(event.pdu.sender.to_string());
         let mut state = Vec::new();
-        for e in self.timeline.state_events_in_group(event.meta.state_before)? {
+        for e in self
+            .timeline
+            .state_events_in_group(event.meta.state_before)?
+        {
             let is_member = e.pdu.kind == ruma::events::TimelineEventType::RoomMember;
-            if filter.lazy_load_members && is_member && !senders.contains(e.pdu.state_key.as_deref().unwrap_or_default()) {
+            if filter.lazy_load_members
+                && is_member
+                && !senders.contains(e.pdu.state_key.as_deref().unwrap_or_default())
+            {
                 continue;
             }
             state.push(self.timeline.to_client(&e, Some(device))?);
@@ -260,24 +329,42 @@ impl Rooms {
             start: make_token(start_pos),
             end: make_token(end_pos),
             event: self.timeline.to_client(&event, Some(device))?,
-            before: before.iter().map(|e| self.timeline.to_client(e, Some(device))).collect::<Result<_>>()?,
-            after: after.iter().map(|e| self.timeline.to_client(e, Some(device))).collect::<Result<_>>()?,
+            before: before
+                .iter()
+                .map(|e| self.timeline.to_client(e, Some(device)))
+                .collect::<Result<_>>()?,
+            after: after
+                .iter()
+                .map(|e| self.timeline.to_client(e, Some(device)))
+                .collect::<Result<_>>()?,
             state,
         })
     }
 
     /// The visible event closest to a timestamp, in the given direction.
-    pub fn event_at_timestamp(&self, room_id: &RoomId, user: &UserId, ts: ruma::MilliSecondsSinceUnixEpoch, forward: bool) -> Result<(ruma::OwnedEventId, ruma::MilliSecondsSinceUnixEpoch)> {
+    pub fn event_at_timestamp(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        ts: ruma::MilliSecondsSinceUnixEpoch,
+        forward: bool,
+    ) -> Result<(ruma::OwnedEventId, ruma::MilliSecondsSinceUnixEpoch)> {
         let (room_short, _) = self.timeline.room(room_id)?;
         self.readable_state_group(room_id, user)?;
         // Walk from the end the answer lies nearest to.
-        let mut cursor = if forward { self.db.stream.visible() + 1 } else { 0 };
+        let mut cursor = if forward {
+            self.db.stream.visible() + 1
+        } else {
+            0
+        };
         let mut best: Option<StoredEvent> = None;
         loop {
             let batch = if forward {
-                self.timeline.timeline_positions(room_short, cursor, true, 256)?
+                self.timeline
+                    .timeline_positions(room_short, cursor, true, 256)?
             } else {
-                self.timeline.timeline_positions(room_short, cursor, false, 256)?
+                self.timeline
+                    .timeline_positions(room_short, cursor, false, 256)?
             };
             if batch.is_empty() {
                 break;
@@ -285,7 +372,9 @@ impl Rooms {
             let mut done = false;
             for (pos, short) in &batch {
                 cursor = *pos;
-                let Some(e) = self.timeline.stored(*short)? else { continue };
+                let Some(e) = self.timeline.stored(*short)? else {
+                    continue;
+                };
                 let ets = e.pdu.origin_server_ts;
                 let beyond = if forward { ets < ts } else { ets > ts };
                 if beyond {

@@ -2,7 +2,10 @@
 //! with a full snapshot every few links, and the current state of each room is kept
 //! as its own table for point lookups.
 
-use std::{collections::{BTreeMap, HashMap}, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -45,15 +48,20 @@ pub fn state_key_long(event_type: &str, state_key: &str) -> String {
 
 impl StateService {
     pub fn new(db: Arc<Db>) -> Self {
-        Self { db, cache: Mutex::new(HashMap::new()) }
+        Self {
+            db,
+            cache: Mutex::new(HashMap::new()),
+        }
     }
 
     pub fn key_short(&self, event_type: &str, state_key: &str) -> Result<Option<u64>> {
-        self.db.short_id(IdKind::StateKey, &state_key_long(event_type, state_key))
+        self.db
+            .short_id(IdKind::StateKey, &state_key_long(event_type, state_key))
     }
 
     pub fn key_short_or_create(&self, event_type: &str, state_key: &str) -> Result<u64> {
-        self.db.get_or_create_short_id(IdKind::StateKey, &state_key_long(event_type, state_key))
+        self.db
+            .get_or_create_short_id(IdKind::StateKey, &state_key_long(event_type, state_key))
     }
 
     /// The full state of a group.
@@ -98,22 +106,43 @@ impl StateService {
         full.extend(delta.iter().copied());
         let id = self.db.next_sequence();
         let record = if parent == EMPTY_GROUP || parent_chain + 1 >= MAX_CHAIN {
-            GroupRecord { parent: None, chain: 0, entries: full.iter().map(|(k, v)| (*k, *v)).collect() }
+            GroupRecord {
+                parent: None,
+                chain: 0,
+                entries: full.iter().map(|(k, v)| (*k, *v)).collect(),
+            }
         } else {
-            GroupRecord { parent: Some(parent), chain: parent_chain + 1, entries: delta.to_vec() }
+            GroupRecord {
+                parent: Some(parent),
+                chain: parent_chain + 1,
+                entries: delta.to_vec(),
+            }
         };
-        batch.put(&self.db, "state_groups", &id.to_be_bytes(), &serde_json::to_vec(&record)?);
+        batch.put(
+            &self.db,
+            "state_groups",
+            &id.to_be_bytes(),
+            &serde_json::to_vec(&record)?,
+        );
         self.remember(id, (Arc::new(full), record.chain));
         Ok(id)
     }
 
     /// The event currently holding `(type, state_key)` in a room.
     pub fn current(&self, room: u64, key: u64) -> Result<Option<u64>> {
-        Ok(self.db.get("room_state", &u64_key(&[room, key]))?.map(|v| crate::storage::decode_u64(&v)))
+        Ok(self
+            .db
+            .get("room_state", &u64_key(&[room, key]))?
+            .map(|v| crate::storage::decode_u64(&v)))
     }
 
     pub fn set_current(&self, batch: &mut Batch, room: u64, key: u64, event: u64) {
-        batch.put(&self.db, "room_state", &u64_key(&[room, key]), &event.to_be_bytes());
+        batch.put(
+            &self.db,
+            "room_state",
+            &u64_key(&[room, key]),
+            &event.to_be_bytes(),
+        );
     }
 }
 
@@ -130,7 +159,9 @@ mod tests {
         let mut groups = Vec::new();
         for i in 0..100u64 {
             let mut batch = Batch::default();
-            group = state.new_group(&mut batch, group, &[(i % 7, 1000 + i)]).unwrap();
+            group = state
+                .new_group(&mut batch, group, &[(i % 7, 1000 + i)])
+                .unwrap();
             db.commit(batch).unwrap();
             groups.push(group);
         }

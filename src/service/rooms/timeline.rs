@@ -2,10 +2,7 @@
 //! membership changes, redactions — is built, authorised, hashed, signed and stored
 //! here, in a [`Draft`] that commits all of its events in one atomic, durable batch.
 
-use std::{
-    collections::HashMap,
-    sync::Arc,
-};
+use std::{collections::HashMap, sync::Arc};
 
 use parking_lot::Mutex;
 use ruma::{
@@ -28,8 +25,11 @@ use super::{
 };
 use crate::{
     error::{Error, Result},
-    service::{globals::{Globals, random_string}, notifier::Notifier},
-    storage::{Batch, Db, IdKind, StreamTicket, u64_key, u64_at, decode_u64, str_key},
+    service::{
+        globals::{Globals, random_string},
+        notifier::Notifier,
+    },
+    storage::{Batch, Db, IdKind, StreamTicket, decode_u64, str_key, u64_at, u64_key},
 };
 
 /// What the server keeps per room.
@@ -44,7 +44,9 @@ pub struct RoomRecord {
 
 impl RoomRecord {
     pub fn rules(&self) -> Result<RoomVersionRules> {
-        self.version.rules().ok_or_else(|| Error::internal(format!("room version {} has no rules", self.version)))
+        self.version
+            .rules()
+            .ok_or_else(|| Error::internal(format!("room version {} has no rules", self.version)))
     }
 }
 
@@ -62,10 +64,28 @@ pub struct NewEvent {
 
 impl NewEvent {
     pub fn message(kind: impl Into<TimelineEventType>, content: JsonValue) -> Self {
-        Self { kind: kind.into(), content, state_key: None, redacts: None, timestamp: None, txn: None }
+        Self {
+            kind: kind.into(),
+            content,
+            state_key: None,
+            redacts: None,
+            timestamp: None,
+            txn: None,
+        }
     }
-    pub fn state(kind: impl Into<TimelineEventType>, state_key: impl Into<String>, content: JsonValue) -> Self {
-        Self { kind: kind.into(), content, state_key: Some(state_key.into()), redacts: None, timestamp: None, txn: None }
+    pub fn state(
+        kind: impl Into<TimelineEventType>,
+        state_key: impl Into<String>,
+        content: JsonValue,
+    ) -> Self {
+        Self {
+            kind: kind.into(),
+            content,
+            state_key: Some(state_key.into()),
+            redacts: None,
+            timestamp: None,
+            txn: None,
+        }
     }
 }
 
@@ -78,12 +98,28 @@ pub struct Timeline {
 }
 
 impl Timeline {
-    pub fn new(db: Arc<Db>, globals: Arc<Globals>, state: Arc<StateService>, notifier: Arc<Notifier>) -> Self {
-        Self { db, globals, state, notifier, locks: Mutex::new(HashMap::new()) }
+    pub fn new(
+        db: Arc<Db>,
+        globals: Arc<Globals>,
+        state: Arc<StateService>,
+        notifier: Arc<Notifier>,
+    ) -> Self {
+        Self {
+            db,
+            globals,
+            state,
+            notifier,
+            locks: Mutex::new(HashMap::new()),
+        }
     }
 
     async fn lock(&self, room_id: &RoomId) -> OwnedMutexGuard<()> {
-        let mutex = self.locks.lock().entry(room_id.to_owned()).or_default().clone();
+        let mutex = self
+            .locks
+            .lock()
+            .entry(room_id.to_owned())
+            .or_default()
+            .clone();
         mutex.lock_owned().await
     }
 
@@ -100,8 +136,12 @@ impl Timeline {
 
     /// The room's short id and record, or `M_NOT_FOUND`.
     pub fn room(&self, room_id: &RoomId) -> Result<(u64, RoomRecord)> {
-        let short = self.room_short(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
-        let record = self.room_record(short)?.ok_or_else(|| Error::not_found("Unknown room"))?;
+        let short = self
+            .room_short(room_id)?
+            .ok_or_else(|| Error::not_found("Unknown room"))?;
+        let record = self
+            .room_record(short)?
+            .ok_or_else(|| Error::not_found("Unknown room"))?;
         Ok((short, record))
     }
 
@@ -121,24 +161,47 @@ impl Timeline {
         creator: &UserId,
         create_content: JsonValue,
     ) -> Result<Draft<'_>> {
-        let rules = version.rules().ok_or_else(|| Error::unsupported_room_version(format!("room version {version} is not supported")))?;
+        let rules = version.rules().ok_or_else(|| {
+            Error::unsupported_room_version(format!("room version {version} is not supported"))
+        })?;
         // From room version 12 the room id is the create event's hash, so two identical
         // create events in the same millisecond would name the same room: the later
         // one moves its timestamp on until its id is free.
         let start = MilliSecondsSinceUnixEpoch::now();
         for attempt in 0..64u64 {
-            let ts = MilliSecondsSinceUnixEpoch(start.0.saturating_add(ruma::UInt::from(attempt as u32)));
-            let mut object = base_object(&TimelineEventType::RoomCreate, creator, Some(""), create_content.clone(), ts, 1, Vec::new(), Vec::new())?;
+            let ts = MilliSecondsSinceUnixEpoch(
+                start.0.saturating_add(ruma::UInt::from(attempt as u32)),
+            );
+            let mut object = base_object(
+                &TimelineEventType::RoomCreate,
+                creator,
+                Some(""),
+                create_content.clone(),
+                ts,
+                1,
+                Vec::new(),
+                Vec::new(),
+            )?;
             let room_id = if rules.authorization.room_create_event_id_as_room_id {
                 None
             } else {
-                let id: OwnedRoomId = RoomId::parse(format!("!{}:{}", random_string(18), self.globals.server_name()))?;
+                let id: OwnedRoomId = RoomId::parse(format!(
+                    "!{}:{}",
+                    random_string(18),
+                    self.globals.server_name()
+                ))?;
                 object.insert("room_id".into(), CanonicalJsonValue::String(id.to_string()));
                 Some(id)
             };
-            hash_and_sign_event(self.globals.server_name().as_str(), &self.globals.keypair, &mut object, &rules.redaction)
-                .map_err(|e| Error::internal(format!("cannot sign event: {e}")))?;
-            let hash = reference_hash(&object, &rules).map_err(|e| Error::internal(format!("cannot hash event: {e}")))?;
+            hash_and_sign_event(
+                self.globals.server_name().as_str(),
+                &self.globals.keypair,
+                &mut object,
+                &rules.redaction,
+            )
+            .map_err(|e| Error::internal(format!("cannot sign event: {e}")))?;
+            let hash = reference_hash(&object, &rules)
+                .map_err(|e| Error::internal(format!("cannot hash event: {e}")))?;
             let event_id: OwnedEventId = EventId::parse(format!("${hash}"))?;
             let room_id = match room_id {
                 Some(id) => id,
@@ -146,20 +209,34 @@ impl Timeline {
             };
             let json = to_json_checked(&object)?;
             let pdu = Pdu::from_json(event_id.clone(), &json)?;
-            state_res::check_state_independent_auth_rules(&rules.authorization, &pdu, |_: &EventId| None::<Arc<Pdu>>)
-                .map_err(|e| Error::bad_json(format!("invalid create event: {e}")))?;
+            state_res::check_state_independent_auth_rules(
+                &rules.authorization,
+                &pdu,
+                |_: &EventId| None::<Arc<Pdu>>,
+            )
+            .map_err(|e| Error::bad_json(format!("invalid create event: {e}")))?;
 
             let guard = self.lock(&room_id).await;
             if self.room_short(&room_id)?.is_some() {
                 continue;
             }
-            let room_short = self.db.get_or_create_short_id(IdKind::Room, room_id.as_str())?;
-            let record = RoomRecord { room_id, version, extremities: Vec::new(), depth: 0, state_group: EMPTY_GROUP };
+            let room_short = self
+                .db
+                .get_or_create_short_id(IdKind::Room, room_id.as_str())?;
+            let record = RoomRecord {
+                room_id,
+                version,
+                extremities: Vec::new(),
+                depth: 0,
+                state_group: EMPTY_GROUP,
+            };
             let mut draft = Draft::new(self, guard, room_short, record, rules);
             draft.store(object, json, Arc::new(pdu), None)?;
             return Ok(draft);
         }
-        Err(Error::room_in_use("could not find a free room id; try again"))
+        Err(Error::room_in_use(
+            "could not find a free room id; try again",
+        ))
     }
 
     pub fn event_short(&self, event_id: &EventId) -> Result<Option<u64>> {
@@ -167,8 +244,13 @@ impl Timeline {
     }
 
     pub fn pdu_by_short(&self, short: u64) -> Result<Option<Arc<Pdu>>> {
-        let Some(json) = self.db.get("pdus", &short.to_be_bytes())? else { return Ok(None) };
-        let id = self.db.long_id(short)?.ok_or_else(|| Error::internal("event without id"))?;
+        let Some(json) = self.db.get("pdus", &short.to_be_bytes())? else {
+            return Ok(None);
+        };
+        let id = self
+            .db
+            .long_id(short)?
+            .ok_or_else(|| Error::internal("event without id"))?;
         Ok(Some(Arc::new(Pdu::from_json(EventId::parse(&id)?, &json)?)))
     }
 
@@ -181,7 +263,9 @@ impl Timeline {
 
     /// The stored PDU JSON, signatures and hashes included (for federation and tests).
     pub fn pdu_json(&self, event_id: &EventId) -> Result<Option<CanonicalJsonObject>> {
-        let Some(short) = self.event_short(event_id)? else { return Ok(None) };
+        let Some(short) = self.event_short(event_id)? else {
+            return Ok(None);
+        };
         match self.db.get("pdus", &short.to_be_bytes())? {
             Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
             None => Ok(None),
@@ -196,12 +280,19 @@ impl Timeline {
     }
 
     pub fn stored(&self, short: u64) -> Result<Option<StoredEvent>> {
-        let (Some(pdu), Some(meta)) = (self.pdu_by_short(short)?, self.meta(short)?) else { return Ok(None) };
+        let (Some(pdu), Some(meta)) = (self.pdu_by_short(short)?, self.meta(short)?) else {
+            return Ok(None);
+        };
         let room_id = match &pdu.room_id {
             Some(r) => r.clone(),
             None => RoomId::parse(self.db.long_id(meta.room)?.unwrap_or_default())?,
         };
-        Ok(Some(StoredEvent { short, pdu, meta, room_id }))
+        Ok(Some(StoredEvent {
+            short,
+            pdu,
+            meta,
+            room_id,
+        }))
     }
 
     pub fn stored_by_id(&self, event_id: &EventId) -> Result<Option<StoredEvent>> {
@@ -228,21 +319,42 @@ impl Timeline {
     }
 
     /// The current state event for `(type, state_key)`.
-    pub fn current_state_event(&self, room_short: u64, event_type: &str, state_key: &str) -> Result<Option<StoredEvent>> {
-        let Some(key) = self.state.key_short(event_type, state_key)? else { return Ok(None) };
+    pub fn current_state_event(
+        &self,
+        room_short: u64,
+        event_type: &str,
+        state_key: &str,
+    ) -> Result<Option<StoredEvent>> {
+        let Some(key) = self.state.key_short(event_type, state_key)? else {
+            return Ok(None);
+        };
         match self.state.current(room_short, key)? {
             Some(ev) => self.stored(ev),
             None => Ok(None),
         }
     }
 
-    pub fn current_state_content(&self, room_short: u64, event_type: &str, state_key: &str) -> Result<Option<JsonValue>> {
-        Ok(self.current_state_event(room_short, event_type, state_key)?.map(|e| e.pdu.content_json()))
+    pub fn current_state_content(
+        &self,
+        room_short: u64,
+        event_type: &str,
+        state_key: &str,
+    ) -> Result<Option<JsonValue>> {
+        Ok(self
+            .current_state_event(room_short, event_type, state_key)?
+            .map(|e| e.pdu.content_json()))
     }
 
     /// The state event for `(type, state_key)` in a state group.
-    pub fn state_event_in_group(&self, group: u64, event_type: &str, state_key: &str) -> Result<Option<StoredEvent>> {
-        let Some(key) = self.state.key_short(event_type, state_key)? else { return Ok(None) };
+    pub fn state_event_in_group(
+        &self,
+        group: u64,
+        event_type: &str,
+        state_key: &str,
+    ) -> Result<Option<StoredEvent>> {
+        let Some(key) = self.state.key_short(event_type, state_key)? else {
+            return Ok(None);
+        };
         match self.state.load(group)?.get(&key) {
             Some(ev) => self.stored(*ev),
             None => Ok(None),
@@ -263,7 +375,13 @@ impl Timeline {
 
     /// Timeline entries of a room from stream position `from` (exclusive), newest first
     /// when `backward`. Returns `(position, event short id)` pairs.
-    pub fn timeline_positions(&self, room_short: u64, from: u64, backward: bool, limit: usize) -> Result<Vec<(u64, u64)>> {
+    pub fn timeline_positions(
+        &self,
+        room_short: u64,
+        from: u64,
+        backward: bool,
+        limit: usize,
+    ) -> Result<Vec<(u64, u64)>> {
         let prefix = room_short.to_be_bytes();
         let mut out = Vec::with_capacity(limit.min(1024));
         if backward {
@@ -292,8 +410,16 @@ impl Timeline {
     }
 
     /// A previous send with the same transaction id from the same device.
-    pub fn txn_event(&self, user: &UserId, device: &str, txn: &str) -> Result<Option<OwnedEventId>> {
-        match self.db.get("txn_ids", &str_key(&[user.as_str(), device, txn]))? {
+    pub fn txn_event(
+        &self,
+        user: &UserId,
+        device: &str,
+        txn: &str,
+    ) -> Result<Option<OwnedEventId>> {
+        match self
+            .db
+            .get("txn_ids", &str_key(&[user.as_str(), device, txn]))?
+        {
             Some(v) => Ok(Some(EventId::parse(String::from_utf8_lossy(&v).as_ref())?)),
             None => Ok(None),
         }
@@ -345,24 +471,61 @@ fn base_object(
     if !content.is_object() {
         return Err(Error::bad_json("event content must be a JSON object"));
     }
-    let content = CanonicalJsonValue::try_from(content)
-        .map_err(|e| Error::bad_json(format!("content is not canonical JSON (floats and integers beyond 2^53 are not allowed): {e}")))?;
+    let content = CanonicalJsonValue::try_from(content).map_err(|e| {
+        Error::bad_json(format!(
+            "content is not canonical JSON (floats and integers beyond 2^53 are not allowed): {e}"
+        ))
+    })?;
     let mut o = CanonicalJsonObject::new();
     o.insert("type".into(), CanonicalJsonValue::String(kind.to_string()));
-    o.insert("sender".into(), CanonicalJsonValue::String(sender.to_string()));
+    o.insert(
+        "sender".into(),
+        CanonicalJsonValue::String(sender.to_string()),
+    );
     o.insert("content".into(), content);
-    o.insert("origin_server_ts".into(), CanonicalJsonValue::Integer(ts.get().into()));
-    o.insert("depth".into(), CanonicalJsonValue::Integer(ruma::Int::try_from(depth).unwrap_or(ruma::Int::MAX)));
-    o.insert("prev_events".into(), CanonicalJsonValue::Array(prev_events.into_iter().map(|e| CanonicalJsonValue::String(e.to_string())).collect()));
-    o.insert("auth_events".into(), CanonicalJsonValue::Array(auth_events.into_iter().map(|e| CanonicalJsonValue::String(e.to_string())).collect()));
+    o.insert(
+        "origin_server_ts".into(),
+        CanonicalJsonValue::Integer(ts.get().into()),
+    );
+    o.insert(
+        "depth".into(),
+        CanonicalJsonValue::Integer(ruma::Int::try_from(depth).unwrap_or(ruma::Int::MAX)),
+    );
+    o.insert(
+        "prev_events".into(),
+        CanonicalJsonValue::Array(
+            prev_events
+                .into_iter()
+                .map(|e| CanonicalJsonValue::String(e.to_string()))
+                .collect(),
+        ),
+    );
+    o.insert(
+        "auth_events".into(),
+        CanonicalJsonValue::Array(
+            auth_events
+                .into_iter()
+                .map(|e| CanonicalJsonValue::String(e.to_string()))
+                .collect(),
+        ),
+    );
     if let Some(sk) = state_key {
-        o.insert("state_key".into(), CanonicalJsonValue::String(sk.to_owned()));
+        o.insert(
+            "state_key".into(),
+            CanonicalJsonValue::String(sk.to_owned()),
+        );
     }
     Ok(o)
 }
 
 impl<'a> Draft<'a> {
-    fn new(tl: &'a Timeline, guard: OwnedMutexGuard<()>, room_short: u64, record: RoomRecord, rules: RoomVersionRules) -> Self {
+    fn new(
+        tl: &'a Timeline,
+        guard: OwnedMutexGuard<()>,
+        room_short: u64,
+        record: RoomRecord,
+        rules: RoomVersionRules,
+    ) -> Self {
         Self {
             tl,
             guard: Some(guard),
@@ -394,7 +557,9 @@ impl<'a> Draft<'a> {
 
     /// The event currently holding a state key, counting this draft's events.
     pub fn state_short(&self, event_type: &str, state_key: &str) -> Result<Option<u64>> {
-        let Some(key) = self.tl.state.key_short(event_type, state_key)? else { return Ok(None) };
+        let Some(key) = self.tl.state.key_short(event_type, state_key)? else {
+            return Ok(None);
+        };
         if let Some(ev) = self.pending_state.get(&key) {
             return Ok(Some(*ev));
         }
@@ -412,28 +577,46 @@ impl<'a> Draft<'a> {
     }
 
     pub fn state_content(&self, event_type: &str, state_key: &str) -> Result<Option<JsonValue>> {
-        Ok(self.state_pdu(event_type, state_key)?.map(|p| p.content_json()))
+        Ok(self
+            .state_pdu(event_type, state_key)?
+            .map(|p| p.content_json()))
     }
 
     /// The membership of a user in the draft's current state.
     pub fn membership(&self, user: &UserId) -> Result<Option<String>> {
         Ok(self
             .state_content("m.room.member", user.as_str())?
-            .and_then(|c| c.get("membership").and_then(|m| m.as_str()).map(str::to_owned)))
+            .and_then(|c| {
+                c.get("membership")
+                    .and_then(|m| m.as_str())
+                    .map(str::to_owned)
+            }))
     }
 
     pub fn power_levels(&self) -> Result<PowerLevels> {
-        let create = self.state_pdu("m.room.create", "")?.ok_or_else(|| Error::internal("room without create event"))?;
-        PowerLevels::new(&self.rules, &create, self.state_content("m.room.power_levels", "")?)
+        let create = self
+            .state_pdu("m.room.create", "")?
+            .ok_or_else(|| Error::internal("room without create event"))?;
+        PowerLevels::new(
+            &self.rules,
+            &create,
+            self.state_content("m.room.power_levels", "")?,
+        )
     }
 
     /// Build, authorise, hash and sign one event, and stage it for the commit.
     pub fn append(&mut self, sender: &UserId, new: NewEvent) -> Result<Arc<Pdu>> {
         if new.kind == TimelineEventType::RoomCreate {
-            return Err(Error::forbidden("a room has exactly one m.room.create event"));
+            return Err(Error::forbidden(
+                "a room has exactly one m.room.create event",
+            ));
         }
-        if new.kind.to_string().contains('\0') || new.state_key.as_deref().is_some_and(|k| k.contains('\0')) {
-            return Err(Error::invalid_param("event types and state keys may not contain NUL"));
+        if new.kind.to_string().contains('\0')
+            || new.state_key.as_deref().is_some_and(|k| k.contains('\0'))
+        {
+            return Err(Error::invalid_param(
+                "event types and state keys may not contain NUL",
+            ));
         }
         let mut content = new.content;
         // Since room version 11 `redacts` lives in the content; before, at the top level.
@@ -446,8 +629,14 @@ impl<'a> Draft<'a> {
             obj.insert("redacts".into(), JsonValue::String(target.to_string()));
         }
         let raw_content = serde_json::value::to_raw_value(&content)?;
-        let auth_types = state_res::auth_types_for_event(&new.kind, sender, new.state_key.as_deref(), &raw_content, &self.rules.authorization)
-            .map_err(|e| Error::bad_json(format!("invalid event content: {e}")))?;
+        let auth_types = state_res::auth_types_for_event(
+            &new.kind,
+            sender,
+            new.state_key.as_deref(),
+            &raw_content,
+            &self.rules.authorization,
+        )
+        .map_err(|e| Error::bad_json(format!("invalid event content: {e}")))?;
         let mut auth_events = Vec::new();
         for (ty, sk) in &auth_types {
             if let Some(p) = self.state_pdu(&ty.to_string(), sk)? {
@@ -455,7 +644,9 @@ impl<'a> Draft<'a> {
             }
         }
         let depth = self.record.depth + 1;
-        let ts = new.timestamp.unwrap_or_else(MilliSecondsSinceUnixEpoch::now);
+        let ts = new
+            .timestamp
+            .unwrap_or_else(MilliSecondsSinceUnixEpoch::now);
         let mut object = base_object(
             &new.kind,
             sender,
@@ -466,33 +657,55 @@ impl<'a> Draft<'a> {
             self.record.extremities.clone(),
             auth_events,
         )?;
-        object.insert("room_id".into(), CanonicalJsonValue::String(self.record.room_id.to_string()));
+        object.insert(
+            "room_id".into(),
+            CanonicalJsonValue::String(self.record.room_id.to_string()),
+        );
         if new.kind == TimelineEventType::RoomRedaction
             && let Some(target) = &new.redacts
             && !redacts_in_content
         {
-            object.insert("redacts".into(), CanonicalJsonValue::String(target.to_string()));
+            object.insert(
+                "redacts".into(),
+                CanonicalJsonValue::String(target.to_string()),
+            );
         }
         // Refuse oversized events before spending a signature on them.
         to_json_checked(&object)?;
         let server = self.tl.globals.server_name().as_str().to_owned();
-        hash_and_sign_event(&server, &self.tl.globals.keypair, &mut object, &self.rules.redaction).map_err(|e| match e {
-            ruma::signatures::JsonError::PduTooLarge => Error::too_large("the event is larger than 65536 bytes"),
+        hash_and_sign_event(
+            &server,
+            &self.tl.globals.keypair,
+            &mut object,
+            &self.rules.redaction,
+        )
+        .map_err(|e| match e {
+            ruma::signatures::JsonError::PduTooLarge => {
+                Error::too_large("the event is larger than 65536 bytes")
+            }
             other => Error::internal(format!("cannot sign event: {other}")),
         })?;
         let hash = reference_hash(&object, &self.rules).map_err(|e| match e {
-            ruma::signatures::JsonError::PduTooLarge => Error::too_large("the event is larger than 65536 bytes"),
+            ruma::signatures::JsonError::PduTooLarge => {
+                Error::too_large("the event is larger than 65536 bytes")
+            }
             other => Error::internal(format!("cannot hash event: {other}")),
         })?;
         let event_id: OwnedEventId = EventId::parse(format!("${hash}"))?;
         let json = to_json_checked(&object)?;
         let pdu = Arc::new(Pdu::from_json(event_id, &json)?);
 
-        state_res::check_state_independent_auth_rules(&self.rules.authorization, &*pdu, |id: &EventId| self.fetch_event(id))
-            .map_err(Error::forbidden)?;
-        state_res::check_state_dependent_auth_rules(&self.rules.authorization, &*pdu, |ty: &StateEventType, sk: &str| {
-            self.state_pdu(&ty.to_string(), sk).ok().flatten()
-        })
+        state_res::check_state_independent_auth_rules(
+            &self.rules.authorization,
+            &*pdu,
+            |id: &EventId| self.fetch_event(id),
+        )
+        .map_err(Error::forbidden)?;
+        state_res::check_state_dependent_auth_rules(
+            &self.rules.authorization,
+            &*pdu,
+            |ty: &StateEventType, sk: &str| self.state_pdu(&ty.to_string(), sk).ok().flatten(),
+        )
         .map_err(Error::forbidden)?;
         if pdu.kind == TimelineEventType::RoomRedaction {
             self.check_redaction(&pdu)?;
@@ -505,21 +718,39 @@ impl<'a> Draft<'a> {
     /// and others' events only with the `redact` power level.
     fn check_redaction(&self, redaction: &Pdu) -> Result<()> {
         let Some(target_id) = redaction.redacted_event() else {
-            return Err(Error::bad_json("a redaction must name the event it redacts"));
+            return Err(Error::bad_json(
+                "a redaction must name the event it redacts",
+            ));
         };
-        let Some(target) = self.fetch_event(&target_id) else { return Ok(()) };
-        if target.room_id.as_deref().is_some_and(|r| r != self.record.room_id) {
+        let Some(target) = self.fetch_event(&target_id) else {
+            return Ok(());
+        };
+        if target
+            .room_id
+            .as_deref()
+            .is_some_and(|r| r != self.record.room_id)
+        {
             return Err(Error::bad_json("the redacted event is in another room"));
         }
         let power = self.power_levels()?;
-        if target.sender != redaction.sender && !power.levels.user_can_redact_event_of_other(&redaction.sender) {
+        if target.sender != redaction.sender
+            && !power
+                .levels
+                .user_can_redact_event_of_other(&redaction.sender)
+        {
             return Err(Error::forbidden("you may only redact your own events"));
         }
         Ok(())
     }
 
     /// Stage an authorised event: PDU, metadata, timeline and stream entries, state.
-    fn store(&mut self, object: CanonicalJsonObject, json: Vec<u8>, pdu: Arc<Pdu>, txn: Option<(String, String)>) -> Result<()> {
+    fn store(
+        &mut self,
+        object: CanonicalJsonObject,
+        json: Vec<u8>,
+        pdu: Arc<Pdu>,
+        txn: Option<(String, String)>,
+    ) -> Result<()> {
         let db = &self.tl.db;
         let short = db.get_or_create_short_id(IdKind::Event, pdu.event_id.as_str())?;
         let ticket = db.stream.reserve();
@@ -527,17 +758,32 @@ impl<'a> Draft<'a> {
         self.tickets.push(ticket);
 
         let state_before = self.record.state_group;
-        let mut meta = EventMeta { room: self.room_short, pos, state_before, state_after: state_before, txn: txn.clone(), ..Default::default() };
+        let mut meta = EventMeta {
+            room: self.room_short,
+            pos,
+            state_before,
+            state_after: state_before,
+            txn: txn.clone(),
+            ..Default::default()
+        };
         if let Some(sk) = &pdu.state_key {
-            let key = self.tl.state.key_short_or_create(&pdu.kind.to_string(), sk)?;
+            let key = self
+                .tl
+                .state
+                .key_short_or_create(&pdu.kind.to_string(), sk)?;
             meta.replaces = match self.pending_state.get(&key) {
                 Some(prev) => Some(*prev),
                 None => self.tl.state.current(self.room_short, key)?,
             };
-            let group = self.tl.state.new_group(&mut self.batch, state_before, &[(key, short)])?;
+            let group = self
+                .tl
+                .state
+                .new_group(&mut self.batch, state_before, &[(key, short)])?;
             meta.state_after = group;
             self.record.state_group = group;
-            self.tl.state.set_current(&mut self.batch, self.room_short, key, short);
+            self.tl
+                .state
+                .set_current(&mut self.batch, self.room_short, key, short);
             self.pending_state.insert(key, short);
             if pdu.kind == TimelineEventType::RoomMember {
                 let membership = pdu
@@ -550,8 +796,18 @@ impl<'a> Draft<'a> {
                 if let Ok(target) = UserId::parse(sk.as_str()) {
                     self.affected.push(target);
                 }
-                self.batch.put(db, "user_rooms", &u64_key(&[user_short, self.room_short]), membership.as_bytes());
-                self.batch.put(db, "room_members", &u64_key(&[self.room_short, user_short]), membership.as_bytes());
+                self.batch.put(
+                    db,
+                    "user_rooms",
+                    &u64_key(&[user_short, self.room_short]),
+                    membership.as_bytes(),
+                );
+                self.batch.put(
+                    db,
+                    "room_members",
+                    &u64_key(&[self.room_short, user_short]),
+                    membership.as_bytes(),
+                );
             }
         }
         if pdu.kind == TimelineEventType::RoomRedaction
@@ -560,12 +816,28 @@ impl<'a> Draft<'a> {
             self.apply_redaction(&target, &pdu.event_id, &object)?;
         }
         if let Some((device, txn_id)) = &txn {
-            self.batch.put(db, "txn_ids", &str_key(&[pdu.sender.as_str(), device, txn_id]), pdu.event_id.as_bytes());
+            self.batch.put(
+                db,
+                "txn_ids",
+                &str_key(&[pdu.sender.as_str(), device, txn_id]),
+                pdu.event_id.as_bytes(),
+            );
         }
         self.batch.put(db, "pdus", &short.to_be_bytes(), &json);
-        self.batch.put(db, "timeline", &u64_key(&[self.room_short, pos]), &short.to_be_bytes());
-        self.batch.put(db, "stream", &pos.to_be_bytes(), &short.to_be_bytes());
-        self.batch.put(db, "event_meta", &short.to_be_bytes(), &serde_json::to_vec(&meta)?);
+        self.batch.put(
+            db,
+            "timeline",
+            &u64_key(&[self.room_short, pos]),
+            &short.to_be_bytes(),
+        );
+        self.batch
+            .put(db, "stream", &pos.to_be_bytes(), &short.to_be_bytes());
+        self.batch.put(
+            db,
+            "event_meta",
+            &short.to_be_bytes(),
+            &serde_json::to_vec(&meta)?,
+        );
         self.record.extremities = vec![pdu.event_id.clone()];
         self.record.depth = u64::from(pdu.depth);
         self.pending.insert(pdu.event_id.clone(), pdu.clone());
@@ -578,9 +850,16 @@ impl<'a> Draft<'a> {
 
     /// Replace the stored target with its redacted form; the reference hash and
     /// signatures stay valid because they cover the redacted form.
-    fn apply_redaction(&mut self, target: &EventId, redaction_id: &EventId, redaction: &CanonicalJsonObject) -> Result<()> {
+    fn apply_redaction(
+        &mut self,
+        target: &EventId,
+        redaction_id: &EventId,
+        redaction: &CanonicalJsonObject,
+    ) -> Result<()> {
         let db = &self.tl.db;
-        let Some(short) = self.tl.event_short(target)? else { return Ok(()) };
+        let Some(short) = self.tl.event_short(target)? else {
+            return Ok(());
+        };
         let json = match self.pending_json.get(&short) {
             Some(j) => j.clone(),
             None => match db.get("pdus", &short.to_be_bytes())? {
@@ -600,11 +879,25 @@ impl<'a> Draft<'a> {
         }
         let mut because = redaction.clone();
         because.remove("signatures");
-        let redacted = redact(json, &self.rules.redaction, Some(RedactedBecause::from_json(because)))
-            .map_err(|e| Error::internal(format!("cannot redact: {e}")))?;
+        let redacted = redact(
+            json,
+            &self.rules.redaction,
+            Some(RedactedBecause::from_json(because)),
+        )
+        .map_err(|e| Error::internal(format!("cannot redact: {e}")))?;
         meta.redacted_by = Some(redaction_id.to_string());
-        self.batch.put(db, "pdus", &short.to_be_bytes(), &serde_json::to_vec(&redacted)?);
-        self.batch.put(db, "event_meta", &short.to_be_bytes(), &serde_json::to_vec(&meta)?);
+        self.batch.put(
+            db,
+            "pdus",
+            &short.to_be_bytes(),
+            &serde_json::to_vec(&redacted)?,
+        );
+        self.batch.put(
+            db,
+            "event_meta",
+            &short.to_be_bytes(),
+            &serde_json::to_vec(&meta)?,
+        );
         Ok(())
     }
 
@@ -614,7 +907,12 @@ impl<'a> Draft<'a> {
             return Ok(self.record);
         }
         let db = self.tl.db.clone();
-        self.batch.put(&db, "rooms", &self.room_short.to_be_bytes(), &serde_json::to_vec(&self.record)?);
+        self.batch.put(
+            &db,
+            "rooms",
+            &self.room_short.to_be_bytes(),
+            &serde_json::to_vec(&self.record)?,
+        );
         let batch = std::mem::take(&mut self.batch);
         // Apply under the room lock, so the next event of the room builds on this one;
         // then let the next writer in while this one waits for the log to reach disk.
@@ -628,8 +926,14 @@ impl<'a> Draft<'a> {
         let last = self.tickets.iter().map(|t| t.position).max().unwrap_or(0);
         self.tickets.clear();
         let mut users = self.affected.clone();
-        users.extend(members_in(&self.tl.db, self.room_short, &["join", "invite", "knock"])?);
-        self.tl.notifier.notify_all(users.iter().map(|u| &**u), last);
+        users.extend(members_in(
+            &self.tl.db,
+            self.room_short,
+            &["join", "invite", "knock"],
+        )?);
+        self.tl
+            .notifier
+            .notify_all(users.iter().map(|u| &**u), last);
         Ok(self.record)
     }
 }

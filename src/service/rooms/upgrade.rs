@@ -19,22 +19,38 @@ const CARRIED_STATE: &[&str] = &[
 ];
 
 impl Rooms {
-    pub async fn upgrade_room(&self, user: &UserId, old_room: &RoomId, version: RoomVersionId, additional_creators: Vec<OwnedUserId>) -> Result<OwnedRoomId> {
+    pub async fn upgrade_room(
+        &self,
+        user: &UserId,
+        old_room: &RoomId,
+        version: RoomVersionId,
+        additional_creators: Vec<OwnedUserId>,
+    ) -> Result<OwnedRoomId> {
         if !SUPPORTED_VERSIONS.contains(&version) {
-            return Err(Error::unsupported_room_version(format!("room version {version} is not supported")));
+            return Err(Error::unsupported_room_version(format!(
+                "room version {version} is not supported"
+            )));
         }
         let (old_short, old_record) = self.timeline.room(old_room)?;
         if self.membership(old_room, user)?.as_deref() != Some("join") {
             return Err(Error::forbidden("You are not a member of this room"));
         }
         let power = self.timeline.power_levels(old_short, &old_record)?;
-        if !power.levels.user_can_send_state(user, ruma::events::StateEventType::RoomTombstone) {
+        if !power
+            .levels
+            .user_can_send_state(user, ruma::events::StateEventType::RoomTombstone)
+        {
             return Err(Error::forbidden("You may not upgrade this room"));
         }
-        let rules = version.rules().ok_or_else(|| Error::unsupported_room_version("unknown room version"))?;
+        let rules = version
+            .rules()
+            .ok_or_else(|| Error::unsupported_room_version("unknown room version"))?;
         let last_event = old_record.extremities.first().cloned();
 
-        let old_create = self.timeline.current_state_content(old_short, "m.room.create", "")?.unwrap_or_else(|| json!({}));
+        let old_create = self
+            .timeline
+            .current_state_content(old_short, "m.room.create", "")?
+            .unwrap_or_else(|| json!({}));
         let mut create = json!({ "room_version": version.to_string() });
         for key in ["type", "m.federate"] {
             if let Some(v) = old_create.get(key) {
@@ -58,10 +74,16 @@ impl Rooms {
         let mut draft = self.timeline.begin_new_room(version, user, create).await?;
         let new_room = draft.room_id().to_owned();
         let member = json!({ "membership": "join" });
-        draft.append(user, NewEvent::state(TimelineEventType::RoomMember, user.as_str(), member))?;
+        draft.append(
+            user,
+            NewEvent::state(TimelineEventType::RoomMember, user.as_str(), member),
+        )?;
 
         // Power levels: the old ones, with creators removed where they are implicit.
-        let mut levels = self.timeline.current_state_content(old_short, "m.room.power_levels", "")?.unwrap_or_else(|| json!({}));
+        let mut levels = self
+            .timeline
+            .current_state_content(old_short, "m.room.power_levels", "")?
+            .unwrap_or_else(|| json!({}));
         if rules.authorization.explicitly_privilege_room_creators {
             if let Some(users) = levels.get_mut("users").and_then(|u| u.as_object_mut()) {
                 users.remove(user.as_str());
@@ -72,30 +94,54 @@ impl Rooms {
         } else {
             levels["users"][user.as_str()] = json!(100);
         }
-        draft.append(user, NewEvent::state(TimelineEventType::RoomPowerLevels, "", levels))?;
+        draft.append(
+            user,
+            NewEvent::state(TimelineEventType::RoomPowerLevels, "", levels),
+        )?;
         for kind in CARRIED_STATE {
             if let Some(content) = self.timeline.current_state_content(old_short, kind, "")? {
                 draft.append(user, NewEvent::state(*kind, "", content))?;
             }
         }
         let aliases = self.local_aliases(old_room)?;
-        if let Some(alias) = self.timeline.current_state_content(old_short, "m.room.canonical_alias", "")? {
-            draft.append(user, NewEvent::state(TimelineEventType::RoomCanonicalAlias, "", alias))?;
+        if let Some(alias) =
+            self.timeline
+                .current_state_content(old_short, "m.room.canonical_alias", "")?
+        {
+            draft.append(
+                user,
+                NewEvent::state(TimelineEventType::RoomCanonicalAlias, "", alias),
+            )?;
         }
         draft.commit().await?;
 
         // The tombstone, and the old room restricted so that talk moves on.
         let mut old = self.timeline.begin(old_room).await?;
-        old.append(user, NewEvent::state(TimelineEventType::RoomTombstone, "", json!({
-            "body": "This room has been replaced",
-            "replacement_room": new_room,
-        })))?;
-        let mut old_levels = old.state_content("m.room.power_levels", "")?.unwrap_or_else(|| json!({}));
-        let users_default = old_levels.get("users_default").and_then(|v| v.as_i64()).unwrap_or(0);
+        old.append(
+            user,
+            NewEvent::state(
+                TimelineEventType::RoomTombstone,
+                "",
+                json!({
+                    "body": "This room has been replaced",
+                    "replacement_room": new_room,
+                }),
+            ),
+        )?;
+        let mut old_levels = old
+            .state_content("m.room.power_levels", "")?
+            .unwrap_or_else(|| json!({}));
+        let users_default = old_levels
+            .get("users_default")
+            .and_then(|v| v.as_i64())
+            .unwrap_or(0);
         let restricted = (users_default + 1).max(50);
         old_levels["events_default"] = json!(restricted);
         old_levels["invite"] = json!(restricted);
-        old.append(user, NewEvent::state(TimelineEventType::RoomPowerLevels, "", old_levels))?;
+        old.append(
+            user,
+            NewEvent::state(TimelineEventType::RoomPowerLevels, "", old_levels),
+        )?;
         old.commit().await?;
 
         for alias in aliases {

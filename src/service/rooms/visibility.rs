@@ -6,7 +6,13 @@ use super::{Rooms, pdu::StoredEvent};
 use crate::error::{Error, Result};
 
 fn field(event: Option<StoredEvent>, name: &str) -> Option<String> {
-    event.and_then(|e| e.pdu.content_json().get(name).and_then(|v| v.as_str()).map(str::to_owned))
+    event.and_then(|e| {
+        e.pdu
+            .content_json()
+            .get(name)
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    })
 }
 
 impl Rooms {
@@ -14,17 +20,25 @@ impl Rooms {
     /// and the user's membership then and now.
     pub fn can_see_event(&self, user: &UserId, event: &StoredEvent) -> Result<bool> {
         // Everyone sees the events that changed their own membership.
-        if event.pdu.kind == ruma::events::TimelineEventType::RoomMember && event.pdu.state_key.as_deref() == Some(user.as_str()) {
+        if event.pdu.kind == ruma::events::TimelineEventType::RoomMember
+            && event.pdu.state_key.as_deref() == Some(user.as_str())
+        {
             return Ok(true);
         }
         let group = event.meta.state_after;
         let tl = &self.timeline;
-        let visibility = field(tl.state_event_in_group(group, "m.room.history_visibility", "")?, "history_visibility")
-            .unwrap_or_else(|| "shared".to_owned());
+        let visibility = field(
+            tl.state_event_in_group(group, "m.room.history_visibility", "")?,
+            "history_visibility",
+        )
+        .unwrap_or_else(|| "shared".to_owned());
         if visibility == "world_readable" {
             return Ok(true);
         }
-        let then = field(tl.state_event_in_group(group, "m.room.member", user.as_str())?, "membership");
+        let then = field(
+            tl.state_event_in_group(group, "m.room.member", user.as_str())?,
+            "membership",
+        );
         if then.as_deref() == Some("join") {
             return Ok(true);
         }
@@ -42,7 +56,10 @@ impl Rooms {
         match self.membership(room_id, user)?.as_deref() {
             Some("join") => return Ok(record.state_group),
             Some("leave") | Some("ban") => {
-                if let Some(ev) = self.timeline.current_state_event(room_short, "m.room.member", user.as_str())? {
+                if let Some(ev) =
+                    self.timeline
+                        .current_state_event(room_short, "m.room.member", user.as_str())?
+                {
                     return Ok(ev.meta.state_after);
                 }
             }
@@ -51,7 +68,11 @@ impl Rooms {
         let visibility = self
             .timeline
             .current_state_content(room_short, "m.room.history_visibility", "")?
-            .and_then(|c| c.get("history_visibility").and_then(|v| v.as_str()).map(str::to_owned));
+            .and_then(|c| {
+                c.get("history_visibility")
+                    .and_then(|v| v.as_str())
+                    .map(str::to_owned)
+            });
         if visibility.as_deref() == Some("world_readable") {
             return Ok(record.state_group);
         }
