@@ -10,6 +10,7 @@ use ruma::api::{
     client::uiaa::UiaaInfo,
     error::{
         ErrorKind, LimitExceededErrorData, RetryAfter, StandardErrorBody, UnknownTokenErrorData,
+        WrongRoomKeysVersionErrorData,
     },
 };
 
@@ -129,6 +130,16 @@ impl Error {
     }
     pub fn token_incorrect(message: impl Into<String>) -> Self {
         Self::matrix(StatusCode::UNAUTHORIZED, ErrorKind::Unauthorized, message)
+    }
+    pub fn wrong_room_keys_version(current: Option<String>) -> Self {
+        match current {
+            Some(v) => Self::matrix(
+                StatusCode::FORBIDDEN,
+                ErrorKind::WrongRoomKeysVersion(WrongRoomKeysVersionErrorData::new(v)),
+                "This is not the current backup version",
+            ),
+            None => Self::not_found("No backup version exists"),
+        }
     }
     pub fn internal(message: impl std::fmt::Display) -> Self {
         Self::Internal(message.to_string())

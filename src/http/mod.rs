@@ -107,6 +107,28 @@ pub fn router(services: Arc<Services>) -> Router {
     let r = route(r, api::push::set_enabled);
     let r = route(r, api::push::get_actions);
     let r = route(r, api::push::set_actions);
+    // End-to-end encryption
+    let r = route(r, api::keys::upload);
+    let r = route(r, api::keys::query);
+    let r = route(r, api::keys::claim);
+    let r = route(r, api::keys::changes);
+    let r = route(r, api::keys::upload_signing_keys);
+    let r = route(r, api::keys::upload_signatures);
+    let r = route(r, api::to_device::send);
+    let r = route(r, api::backup::create_version);
+    let r = route(r, api::backup::latest_version);
+    let r = route(r, api::backup::get_version);
+    let r = route(r, api::backup::update_version);
+    let r = route(r, api::backup::delete_version);
+    let r = route(r, api::backup::put_keys);
+    let r = route(r, api::backup::put_room_keys);
+    let r = route(r, api::backup::put_session_key);
+    let r = route(r, api::backup::get_keys);
+    let r = route(r, api::backup::get_room_keys);
+    let r = route(r, api::backup::get_session_key);
+    let r = route(r, api::backup::delete_keys);
+    let r = route(r, api::backup::delete_room_keys);
+    let r = route(r, api::backup::delete_session_key);
 
     let r = r
         .route(

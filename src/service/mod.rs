@@ -1,6 +1,7 @@
 //! Domain logic. [`Services`] is built once at start-up and handed to the HTTP layer;
 //! each service receives the others it needs explicitly (no global state).
 
+pub mod e2ee;
 pub mod ephemeral;
 pub mod globals;
 pub mod notifier;
@@ -23,6 +24,7 @@ pub struct Services {
     pub rooms: rooms::Rooms,
     pub notifier: Arc<notifier::Notifier>,
     pub ephemeral: ephemeral::Ephemeral,
+    pub e2ee: e2ee::E2ee,
     pub login_limit: ratelimit::RateLimiter,
     pub register_limit: ratelimit::RateLimiter,
 }
@@ -44,12 +46,19 @@ impl Services {
         let timeline =
             rooms::timeline::Timeline::new(db.clone(), globals.clone(), state, notifier.clone());
         let rooms = rooms::Rooms::new(db.clone(), globals.clone(), users.clone(), timeline);
+        let e2ee = e2ee::E2ee::new(
+            db.clone(),
+            globals.server_name().to_owned(),
+            users.clone(),
+            notifier.clone(),
+        );
         Ok(Arc::new(Self {
             globals,
             users,
             uiaa: uiaa::Uiaa::default(),
             rooms,
             ephemeral: ephemeral::Ephemeral::new(db.clone(), notifier.clone()),
+            e2ee,
             db,
             notifier,
             login_limit: ratelimit::RateLimiter::new(rl.login, rl.enabled),

@@ -3,7 +3,7 @@
 //! wait on the notifier and wake the moment a commit concerns the user.
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{HashMap, HashSet},
     time::Duration,
 };
 
@@ -65,6 +65,8 @@ impl SyncFilter {
 
 pub struct SyncRequest {
     pub since: Option<u64>,
+    /// To-device messages at or below this position were delivered: delete them.
+    pub to_device_acked: Option<u64>,
     pub full_state: bool,
     pub timeout: Duration,
     pub filter: SyncFilter,
@@ -74,20 +76,49 @@ pub struct SyncRequest {
 /// Longest a long-poll may hang.
 const MAX_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// Parse a `since` token (`s<position>`).
-pub fn parse_since(token: &str, visible: u64) -> Result<u64> {
-    let pos: u64 = token
-        .strip_prefix('s')
-        .and_then(|n| n.parse().ok())
-        .ok_or_else(|| {
-            Error::invalid_param(format!("'{token}' is not a sync token from this server"))
-        })?;
+/// A sync token: `s<position>`, or `s<position>_<to-device position>` when the
+/// response left to-device messages for the next one (it delivered those at or below
+/// the second position).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyncToken {
+    pub pos: u64,
+    pub to_device: u64,
+}
+
+impl SyncToken {
+    fn format(pos: u64, to_device: u64) -> String {
+        if to_device < pos {
+            format!("s{pos}_{to_device}")
+        } else {
+            format!("s{pos}")
+        }
+    }
+}
+
+/// Parse a `since` token.
+pub fn parse_since(token: &str, visible: u64) -> Result<SyncToken> {
+    let invalid =
+        || Error::invalid_param(format!("'{token}' is not a sync token from this server"));
+    let rest = token.strip_prefix('s').ok_or_else(invalid)?;
+    let (pos, to_device) = match rest.split_once('_') {
+        Some((p, t)) => (
+            p.parse::<u64>().map_err(|_| invalid())?,
+            t.parse::<u64>().map_err(|_| invalid())?,
+        ),
+        None => {
+            let p = rest.parse::<u64>().map_err(|_| invalid())?;
+            (p, p)
+        }
+    };
     if pos > visible {
         return Err(Error::invalid_param(
             "this sync token is from the future: it was not issued by this server",
         ));
     }
-    Ok(pos)
+    Ok(SyncToken {
+        pos,
+        to_device: to_device.min(pos),
+    })
 }
 
 fn type_allowed(filter: &EventFilter, kind: &str) -> bool {
@@ -127,6 +158,9 @@ pub async fn sync(
     let mut visible_rx = s.db.stream.subscribe();
     if let Some(p) = &req.set_presence {
         set_presence_from_sync(s, user, p)?;
+    }
+    if let Some(acked) = req.to_device_acked {
+        s.e2ee.ack_to_device(user, device.into(), acked)?;
     }
     let timeout = req.timeout.min(MAX_TIMEOUT);
     let deadline = tokio::time::Instant::now() + timeout;
@@ -190,14 +224,9 @@ fn set_presence_from_sync(s: &Services, user: &UserId, state: &str) -> Result<()
 
 /// Everyone who shares a joined room with the user.
 pub fn peers(s: &Services, user: &UserId) -> Result<Vec<OwnedUserId>> {
-    let mut out = BTreeSet::new();
-    for room in s.rooms.rooms_with_membership(user, "join")? {
-        if let Some(short) = s.rooms.timeline.room_short(&room)? {
-            out.extend(super::rooms::timeline::members_with(&s.db, short, "join")?);
-        }
-    }
-    out.remove(user);
-    Ok(out.into_iter().collect())
+    Ok(super::rooms::timeline::joined_peers(&s.db, user)?
+        .into_iter()
+        .collect())
 }
 
 /// Whether anything happened in a room in `(since, now]`: an event (membership changes
@@ -424,20 +453,34 @@ fn build(
         }
     }
 
+    // End-to-end encryption: messages for this device, whose keys to re-query, and
+    // how many one-time keys the device has left.
+    let device_id: &ruma::DeviceId = device.into();
+    let to_device = s.e2ee.pending_to_device(user, device_id, now)?;
+    let device_lists = match req.since {
+        Some(since) => s.e2ee.device_list_changes(user, since, now)?,
+        None => Default::default(),
+    };
+    let otk_counts = s.e2ee.one_time_key_counts(user, device_id)?;
+    let fallback_types = s.e2ee.unused_fallback_key_types(user, device_id)?;
+
     let has_content = !(join.is_empty()
         && invite.is_empty()
         && knock.is_empty()
         && leave.is_empty()
         && account_data.is_empty()
-        && presence.is_empty());
+        && presence.is_empty()
+        && to_device.events.is_empty()
+        && device_lists.is_empty());
     let response = json!({
-        "next_batch": format!("s{now}"),
+        "next_batch": SyncToken::format(now, to_device.through),
         "rooms": { "join": join, "invite": invite, "knock": knock, "leave": leave },
         "account_data": { "events": account_data },
         "presence": { "events": presence },
-        "to_device": { "events": [] },
-        "device_lists": { "changed": [], "left": [] },
-        "device_one_time_keys_count": {},
+        "to_device": { "events": to_device.events },
+        "device_lists": { "changed": device_lists.changed, "left": device_lists.left },
+        "device_one_time_keys_count": otk_counts,
+        "device_unused_fallback_key_types": fallback_types,
     });
     Ok((response, has_content))
 }

@@ -105,6 +105,46 @@ pub const COLUMN_FAMILIES: &[(&str, &str)] = &[
         "receipt_stream",
         "room short id + stream position → the receipt that changed",
     ),
+    (
+        "membership_stream",
+        "stream position → room short id + user short id + joined (1) or left (0)",
+    ),
+    (
+        "device_keys",
+        "user id SEP device id → the device's signed identity keys",
+    ),
+    (
+        "one_time_keys",
+        "user id SEP device id SEP algorithm SEP key id → one-time key",
+    ),
+    (
+        "fallback_keys",
+        "user id SEP device id SEP algorithm → fallback key and whether it was used",
+    ),
+    (
+        "cross_signing_keys",
+        "user id SEP master|self_signing|user_signing → cross-signing key",
+    ),
+    (
+        "key_signatures",
+        "user id SEP signed key id SEP signer user id SEP signer key id → signature",
+    ),
+    (
+        "device_list_stream",
+        "stream position → user id whose devices or keys changed",
+    ),
+    (
+        "to_device",
+        "user id SEP device id SEP stream position + index → to-device message",
+    ),
+    (
+        "backup_versions",
+        "user id SEP version (u64) → backup algorithm, auth data, etag, key count",
+    ),
+    (
+        "backup_keys",
+        "user id SEP version (u64) SEP room id SEP session id → backed-up room key",
+    ),
 ];
 
 /// The schema this build reads and writes. Opening an older database runs the

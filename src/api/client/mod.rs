@@ -3,10 +3,12 @@
 pub mod account;
 pub mod account_data;
 pub mod admin;
+pub mod backup;
 pub mod device;
 pub mod directory;
 pub mod discovery;
 pub mod ephemeral;
+pub mod keys;
 pub mod membership;
 pub mod message;
 pub mod profile;
@@ -15,3 +17,4 @@ pub mod room;
 pub mod session;
 pub mod state;
 pub mod sync;
+pub mod to_device;

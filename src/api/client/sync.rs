@@ -101,7 +101,8 @@ pub async fn sync_events(
         .map(|t| parse_since(t, s.db.stream.visible()))
         .transpose()?;
     let request = SyncRequest {
-        since,
+        since: since.map(|t| t.pos),
+        to_device_acked: since.map(|t| t.to_device),
         full_state: req.full_state,
         timeout: req.timeout.unwrap_or(Duration::ZERO),
         filter,

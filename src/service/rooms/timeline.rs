@@ -796,6 +796,27 @@ impl<'a> Draft<'a> {
                 if let Ok(target) = UserId::parse(sk.as_str()) {
                     self.affected.push(target);
                 }
+                let was_joined = match meta.replaces {
+                    Some(prev) => {
+                        let prev = match self.pending_short.get(&prev) {
+                            Some(p) => Some(p.clone()),
+                            None => self.tl.pdu_by_short(prev)?,
+                        };
+                        prev.is_some_and(|p| {
+                            p.content_json().get("membership").and_then(|m| m.as_str())
+                                == Some("join")
+                        })
+                    }
+                    None => false,
+                };
+                let joined = membership == "join";
+                if was_joined != joined {
+                    // Who starts or stops sharing the room: device lists follow this.
+                    let mut value = u64_key(&[self.room_short, user_short]);
+                    value.push(u8::from(joined));
+                    self.batch
+                        .put(db, "membership_stream", &pos.to_be_bytes(), &value);
+                }
                 self.batch.put(
                     db,
                     "user_rooms",
@@ -936,6 +957,31 @@ impl<'a> Draft<'a> {
             .notify_all(users.iter().map(|u| &**u), last);
         Ok(self.record)
     }
+}
+
+/// The short ids of the rooms the user has joined.
+pub fn joined_room_shorts(db: &Db, user: &UserId) -> Result<Vec<u64>> {
+    let Some(u) = db.short_id(IdKind::User, user.as_str())? else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for item in db.scan_prefix("user_rooms", &u.to_be_bytes()) {
+        let (k, v) = item?;
+        if v.as_ref() == b"join" {
+            out.push(u64_at(&k, 1));
+        }
+    }
+    Ok(out)
+}
+
+/// Everyone who shares at least one joined room with the user (the user left out).
+pub fn joined_peers(db: &Db, user: &UserId) -> Result<std::collections::BTreeSet<OwnedUserId>> {
+    let mut out = std::collections::BTreeSet::new();
+    for room in joined_room_shorts(db, user)? {
+        out.extend(members_with(db, room, "join")?);
+    }
+    out.remove(user);
+    Ok(out)
 }
 
 /// Users whose membership in a room is `membership`, from the membership table.
