@@ -31,6 +31,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub rate_limits: RateLimitsConfig,
     pub database: DatabaseConfig,
+    pub media: MediaConfig,
+    pub push: PushConfig,
 }
 
 impl Default for Config {
@@ -46,6 +48,8 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             rate_limits: RateLimitsConfig::default(),
             database: DatabaseConfig::default(),
+            media: MediaConfig::default(),
+            push: PushConfig::default(),
         }
     }
 }
@@ -190,6 +194,53 @@ impl Default for DatabaseConfig {
     }
 }
 
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MediaConfig {
+    /// Largest file a user may upload, in bytes.
+    pub max_upload_bytes: usize,
+    /// Images with more pixels than this are not decoded for thumbnails (image bombs).
+    pub max_thumbnail_pixels: u64,
+    /// Serve media through the deprecated unauthenticated `/_matrix/media/v3/download`
+    /// and `/thumbnail` routes too. Off by default, as the spec now advises ("frozen").
+    pub legacy_unauthenticated: bool,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        Self {
+            max_upload_bytes: 50 * 1024 * 1024,
+            max_thumbnail_pixels: 40_000_000,
+            legacy_unauthenticated: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PushConfig {
+    /// Whether notifications are sent to push gateways at all.
+    pub enabled: bool,
+    /// How long one request to a push gateway may take, in seconds.
+    pub timeout_secs: u64,
+    /// Give up on a notification (and drop it) after this many hours of failures.
+    pub max_retry_hours: u64,
+    /// Push gateways must use https unless their host is listed here (tests, a gateway
+    /// on the same machine).
+    pub allow_http_hosts: Vec<String>,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            timeout_secs: 10,
+            max_retry_hours: 24,
+            allow_http_hosts: vec!["127.0.0.1".to_owned(), "localhost".to_owned()],
+        }
+    }
+}
+
 /// A configuration problem, told with where it is.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -291,6 +342,12 @@ impl Config {
                 ));
             }
         }
+        if self.media.max_upload_bytes == 0 {
+            return Err("media.max_upload_bytes: must be positive".to_owned());
+        }
+        if self.push.timeout_secs == 0 {
+            return Err("push.timeout_secs: must be positive".to_owned());
+        }
         if let Some(url) = &self.public_baseurl
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {
@@ -319,6 +376,8 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "limits",
     "rate_limits",
     "database",
+    "media",
+    "push",
 ];
 
 /// An environment value is read as a TOML value when it parses as one (`true`, `42`),

@@ -141,6 +141,20 @@ impl Error {
             None => Self::not_found("No backup version exists"),
         }
     }
+    pub fn cannot_overwrite_media() -> Self {
+        Self::matrix(
+            StatusCode::CONFLICT,
+            ErrorKind::CannotOverwriteMedia,
+            "This media id already has its content",
+        )
+    }
+    pub fn not_yet_uploaded() -> Self {
+        Self::matrix(
+            StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::NotYetUploaded,
+            "The content of this media id has not been uploaded yet",
+        )
+    }
     pub fn internal(message: impl std::fmt::Display) -> Self {
         Self::Internal(message.to_string())
     }

@@ -11,7 +11,7 @@ use tower_http::{
     trace::TraceLayer,
 };
 
-pub use self::ruma_glue::{Ruma, RumaResponse, route, route_json};
+pub use self::ruma_glue::{Ruma, RumaResponse, route, route_with};
 use crate::{
     api::{client as api, server},
     error::Error,
@@ -91,7 +91,7 @@ pub fn router(services: Arc<Services>) -> Router {
     let r = route(r, api::message::context);
     let r = route(r, api::message::timestamp_to_event);
     // Sync and ephemeral data
-    let r = route_json(r, api::sync::sync_events);
+    let r = route_with(r, api::sync::sync_events);
     let r = route(r, api::ephemeral::typing);
     let r = route(r, api::ephemeral::receipt);
     let r = route(r, api::ephemeral::read_markers);
@@ -129,6 +129,18 @@ pub fn router(services: Arc<Services>) -> Router {
     let r = route(r, api::backup::delete_keys);
     let r = route(r, api::backup::delete_room_keys);
     let r = route(r, api::backup::delete_session_key);
+    // Media
+    let r = route(r, api::media::upload);
+    let r = route(r, api::media::create);
+    let r = route_with(r, api::media::upload_to);
+    let r = route(r, api::media::config);
+    let r = route(r, api::media::legacy_config);
+    let r = route_with(r, api::media::download);
+    let r = route_with(r, api::media::download_as);
+    let r = route_with(r, api::media::thumbnail);
+    let r = route_with(r, api::media::legacy_download);
+    let r = route_with(r, api::media::legacy_download_as);
+    let r = route_with(r, api::media::legacy_thumbnail);
 
     let r = r
         .route(
@@ -139,7 +151,14 @@ pub fn router(services: Arc<Services>) -> Router {
         .route("/_matrix/key/v2/server/{key_id}", get(server::server_keys))
         .route("/health", get(|| async { "OK" }));
 
-    let limit = services.globals.config.limits.max_request_bytes;
+    // Bodies are read (and limited) by the `Ruma` extractor: JSON bodies to
+    // `limits.max_request_bytes`, uploads to `media.max_upload_bytes`.
+    let limit = services
+        .globals
+        .config
+        .limits
+        .max_request_bytes
+        .max(services.media.max_upload_bytes());
     r.fallback(|| async {
         Error::unrecognized(http::StatusCode::NOT_FOUND, "Unrecognized request").into_response()
     })

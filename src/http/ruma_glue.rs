@@ -43,6 +43,13 @@ impl<T> Ruma<T> {
             .as_deref()
             .expect("endpoint requires authentication")
     }
+    /// The authenticated user and the request, taken apart (to move large bodies).
+    pub fn into_user_and_request(self) -> (OwnedUserId, T) {
+        (
+            self.user.expect("endpoint requires authentication"),
+            self.request,
+        )
+    }
     pub fn ip_key(&self) -> String {
         self.ip
             .map(|i| i.to_string())
@@ -102,7 +109,11 @@ where
         while path_args.len() < expected {
             path_args.push(String::new());
         }
-        let limit = services.globals.config.limits.max_request_bytes;
+        let limit = if is_json_endpoint(&parts) {
+            services.globals.config.limits.max_request_bytes
+        } else {
+            services.media.max_upload_bytes()
+        };
         let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
             Error::too_large(format!("request bodies may be at most {limit} bytes"))
         })?;
@@ -261,13 +272,14 @@ where
     router
 }
 
-/// Like [`route`], for handlers that answer with JSON they assemble themselves (`/sync`,
-/// whose response is built directly rather than through ruma's types).
-pub fn route_json<T, F, Fut>(router: Router<Arc<Services>>, handler: F) -> Router<Arc<Services>>
+/// Like [`route`], for handlers that build their response themselves: `/sync`, whose
+/// JSON is assembled directly, and media downloads, which add security headers.
+pub fn route_with<T, F, Fut, R>(router: Router<Arc<Services>>, handler: F) -> Router<Arc<Services>>
 where
     T: IncomingRequest + Send + 'static,
     F: Fn(Arc<Services>, Ruma<T>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Result<axum::Json<serde_json::Value>, Error>> + Send + 'static,
+    Fut: Future<Output = Result<R, Error>> + Send + 'static,
+    R: IntoResponse + 'static,
 {
     let filter = MethodFilter::try_from(T::METHOD).expect("ruma endpoints use standard methods");
     let mut router = router;

@@ -4,6 +4,7 @@
 pub mod e2ee;
 pub mod ephemeral;
 pub mod globals;
+pub mod media;
 pub mod notifier;
 pub mod push;
 pub mod ratelimit;
@@ -25,6 +26,7 @@ pub struct Services {
     pub notifier: Arc<notifier::Notifier>,
     pub ephemeral: ephemeral::Ephemeral,
     pub e2ee: e2ee::E2ee,
+    pub media: media::Media,
     pub login_limit: ratelimit::RateLimiter,
     pub register_limit: ratelimit::RateLimiter,
 }
@@ -52,6 +54,11 @@ impl Services {
             users.clone(),
             notifier.clone(),
         );
+        let media = media::Media::new(
+            db.clone(),
+            &globals.config.data_dir,
+            globals.config.media.clone(),
+        )?;
         Ok(Arc::new(Self {
             globals,
             users,
@@ -59,6 +66,7 @@ impl Services {
             rooms,
             ephemeral: ephemeral::Ephemeral::new(db.clone(), notifier.clone()),
             e2ee,
+            media,
             db,
             notifier,
             login_limit: ratelimit::RateLimiter::new(rl.login, rl.enabled),

@@ -145,6 +145,14 @@ pub const COLUMN_FAMILIES: &[(&str, &str)] = &[
         "backup_keys",
         "user id SEP version (u64) SEP room id SEP session id → backed-up room key",
     ),
+    (
+        "media",
+        "media id → file hash, content type, file name, size, uploader (or a pending upload)",
+    ),
+    (
+        "media_thumbnails",
+        "media id SEP width x height SEP method → thumbnail hash and content type",
+    ),
 ];
 
 /// The schema this build reads and writes. Opening an older database runs the

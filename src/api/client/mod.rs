@@ -9,6 +9,7 @@ pub mod directory;
 pub mod discovery;
 pub mod ephemeral;
 pub mod keys;
+pub mod media;
 pub mod membership;
 pub mod message;
 pub mod profile;
