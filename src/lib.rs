@@ -26,7 +26,12 @@ pub async fn run(
         key_id = %services.globals.key_id(),
         "Salon is serving"
     );
-    http::serve(services.clone(), listener, shutdown).await?;
+    let (stop_push, push_stopped) = tokio::sync::oneshot::channel();
+    let push_sender = tokio::spawn(service::push::sender::run(services.clone(), push_stopped));
+    let served = http::serve(services.clone(), listener, shutdown).await;
+    let _ = stop_push.send(());
+    let _ = push_sender.await;
+    served?;
     services.db.flush()?;
     Ok(())
 }

@@ -107,6 +107,9 @@ pub fn router(services: Arc<Services>) -> Router {
     let r = route(r, api::push::set_enabled);
     let r = route(r, api::push::get_actions);
     let r = route(r, api::push::set_actions);
+    let r = route(r, api::push::pushers);
+    let r = route(r, api::push::set_pusher);
+    let r = route(r, api::push::notifications);
     // End-to-end encryption
     let r = route(r, api::keys::upload);
     let r = route(r, api::keys::query);

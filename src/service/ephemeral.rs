@@ -237,6 +237,26 @@ impl Ephemeral {
         Ok(best)
     }
 
+    /// A user's receipt of a kind in one thread exactly (`None`: unthreaded).
+    pub fn receipt_in_thread(
+        &self,
+        room_short: u64,
+        user: &UserId,
+        kind: &str,
+        thread: Option<&str>,
+    ) -> Result<Option<Receipt>> {
+        let Some(user_short) = self.db.short_id(IdKind::User, user.as_str())? else {
+            return Ok(None);
+        };
+        match self.db.get(
+            "receipts",
+            &Self::receipt_key(room_short, user_short, kind, thread),
+        )? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            None => Ok(None),
+        }
+    }
+
     /// Every current receipt of a room.
     pub fn receipts(&self, room_short: u64) -> Result<Vec<Receipt>> {
         let prefix = room_short.to_be_bytes();

@@ -27,6 +27,7 @@ pub struct Services {
     pub ephemeral: ephemeral::Ephemeral,
     pub e2ee: e2ee::E2ee,
     pub media: media::Media,
+    pub push: Arc<push::Push>,
     pub login_limit: ratelimit::RateLimiter,
     pub register_limit: ratelimit::RateLimiter,
 }
@@ -44,9 +45,19 @@ impl Services {
         let globals = Arc::new(Globals::load(config, &db)?);
         let notifier = Arc::new(notifier::Notifier::default());
         let users = Arc::new(users::Users::new(db.clone(), notifier.clone()));
+        let push = Arc::new(push::Push::new(
+            db.clone(),
+            users.clone(),
+            globals.config.push.clone(),
+        ));
         let state = Arc::new(rooms::state::StateService::new(db.clone()));
-        let timeline =
-            rooms::timeline::Timeline::new(db.clone(), globals.clone(), state, notifier.clone());
+        let timeline = rooms::timeline::Timeline::new(
+            db.clone(),
+            globals.clone(),
+            state,
+            notifier.clone(),
+            push.clone(),
+        );
         let rooms = rooms::Rooms::new(db.clone(), globals.clone(), users.clone(), timeline);
         let e2ee = e2ee::E2ee::new(
             db.clone(),
@@ -67,10 +78,38 @@ impl Services {
             ephemeral: ephemeral::Ephemeral::new(db.clone(), notifier.clone()),
             e2ee,
             media,
+            push,
             db,
             notifier,
             login_limit: ratelimit::RateLimiter::new(rl.login, rl.enabled),
             register_limit: ratelimit::RateLimiter::new(rl.register, rl.enabled),
         }))
+    }
+}
+
+impl Services {
+    /// Remove a device: its session, keys and pending messages, and the pushers it set.
+    /// The people who share rooms with its owner learn that the device list changed.
+    pub fn remove_device(&self, user: &ruma::UserId, device: &ruma::DeviceId) -> Result<bool> {
+        if !self.e2ee.remove_device(user, device)? {
+            return Ok(false);
+        }
+        self.push.delete_pushers_of_device(user, device.as_str())?;
+        Ok(true)
+    }
+
+    /// Remove every device of the user except `keep`.
+    pub fn remove_devices_except(
+        &self,
+        user: &ruma::UserId,
+        keep: Option<&ruma::DeviceId>,
+    ) -> Result<()> {
+        for d in self.users.devices(user)? {
+            if keep.is_some_and(|k| k.as_str() == d.device_id) {
+                continue;
+            }
+            self.remove_device(user, d.device_id.as_str().into())?;
+        }
+        Ok(())
     }
 }

@@ -33,6 +33,8 @@ pub struct SyncFilter {
     pub include_leave: bool,
     pub timeline: EventFilter,
     pub timeline_limit: usize,
+    /// Count thread notifications apart (`unread_thread_notifications`).
+    pub thread_counts: bool,
     pub state: EventFilter,
     pub ephemeral: EventFilter,
     pub room_account_data: EventFilter,
@@ -48,6 +50,7 @@ impl Default for SyncFilter {
             include_leave: false,
             timeline: EventFilter::default(),
             timeline_limit: 10,
+            thread_counts: false,
             state: EventFilter::default(),
             ephemeral: EventFilter::default(),
             room_account_data: EventFilter::default(),
@@ -699,13 +702,20 @@ fn joined_room(
         events.push(sync_format(s, e, device)?);
     }
 
+    let (unread, unread_threads) =
+        unread_counts(s, user, room_short, now, req.filter.thread_counts)?;
     let mut room = json!({
         "timeline": { "events": events, "limited": limited, "prev_batch": prev_batch },
         "state": { "events": state },
         "ephemeral": { "events": ephemeral },
         "account_data": { "events": account_data },
-        "unread_notifications": unread_counts(s, user, room_short, now)?,
+        "unread_notifications": unread,
     });
+    if let Some(threads) = unread_threads
+        && threads.as_object().is_some_and(|t| !t.is_empty())
+    {
+        room["unread_thread_notifications"] = threads;
+    }
     let membership_changed = timeline
         .iter()
         .any(|e| e.pdu.kind == ruma::events::TimelineEventType::RoomMember);
@@ -733,51 +743,85 @@ fn summary(s: &Services, user: &UserId, room_short: u64) -> Result<JsonValue> {
     }))
 }
 
-/// Messages from others after the user's read receipt. Highlights become exact with
-/// push rules; until then a mention of the user's id counts as one.
-fn unread_counts(s: &Services, user: &UserId, room_short: u64, now: u64) -> Result<JsonValue> {
+/// Which read receipts a read position is taken from.
+#[derive(Clone, Copy)]
+pub enum ReadScope<'a> {
+    /// Unthreaded receipts only: everything before them is read.
+    Unthreaded,
+    /// Unthreaded receipts and those for the main timeline.
+    Main,
+    /// Unthreaded receipts and those for one thread.
+    Thread(&'a str),
+}
+
+/// The stream position up to which the user has read (their latest public or private
+/// read receipt within `scope`).
+pub fn read_position(
+    s: &Services,
+    user: &UserId,
+    room_short: u64,
+    scope: ReadScope<'_>,
+) -> Result<u64> {
     let tl = &s.rooms.timeline;
     let mut read_pos = 0;
+    let threads: &[Option<&str>] = match scope {
+        ReadScope::Unthreaded => &[None],
+        ReadScope::Main => &[None, Some("main")],
+        ReadScope::Thread(t) => &[None, Some(t)],
+    };
     for kind in ["m.read", "m.read.private"] {
-        if let Some(r) = s.ephemeral.receipt_of(room_short, user, kind)?
-            && let Some(e) = tl.event_short(&r.event_id)?
-            && let Some(m) = tl.meta(e)?
-        {
-            read_pos = read_pos.max(m.pos);
+        for thread in threads {
+            if let Some(r) = s
+                .ephemeral
+                .receipt_in_thread(room_short, user, kind, *thread)?
+                && let Some(e) = tl.event_short(&r.event_id)?
+                && let Some(m) = tl.meta(e)?
+            {
+                read_pos = read_pos.max(m.pos);
+            }
         }
     }
-    let mut notifications = 0u64;
-    let mut highlights = 0u64;
-    let mut cursor = now;
-    'scan: loop {
-        let batch = tl.timeline_positions(room_short, cursor + 1, true, 64)?;
-        if batch.is_empty() {
-            break;
-        }
-        for (pos, short) in &batch {
-            if *pos <= read_pos || notifications >= 999 {
-                break 'scan;
-            }
-            cursor = pos - 1;
-            let Some(pdu) = tl.pdu_by_short(*short)? else {
-                continue;
-            };
-            if pdu.sender == user {
-                break 'scan; // The user's own message implies they have read up to here.
-            }
-            let kind = pdu.kind.to_string();
-            if kind == "m.room.message" || kind == "m.room.encrypted" || kind == "m.sticker" {
-                notifications += 1;
-                if pdu.content.get().contains(user.as_str()) {
-                    highlights += 1;
-                }
-            }
-        }
-        if batch.len() < 64 {
-            break;
-        }
-    }
-    Ok(json!({ "notification_count": notifications, "highlight_count": highlights }))
+    Ok(read_pos)
+}
+
+/// Notifications the push rules gave the user after their read receipts: for the room,
+/// or (when the filter asks) for the main timeline and each thread apart.
+fn unread_counts(
+    s: &Services,
+    user: &UserId,
+    room_short: u64,
+    now: u64,
+    by_thread: bool,
+) -> Result<(JsonValue, Option<JsonValue>)> {
+    let main_read = read_position(s, user, room_short, ReadScope::Main)?;
+    let (main, threads) = if by_thread {
+        let unthreaded = read_position(s, user, room_short, ReadScope::Unthreaded)?;
+        let thread_read = |t: &str| {
+            read_position(s, user, room_short, ReadScope::Thread(t)).unwrap_or(unthreaded)
+        };
+        s.push.counts(
+            user,
+            room_short,
+            unthreaded,
+            main_read,
+            now,
+            Some(&thread_read),
+        )?
+    } else {
+        s.push
+            .counts(user, room_short, main_read, main_read, now, None)?
+    };
+    let counts = |c: &super::push::Counts| json!({ "notification_count": c.notifications, "highlight_count": c.highlights });
+    let threads = by_thread.then(|| {
+        JsonValue::Object(
+            threads
+                .iter()
+                .filter(|(_, c)| c.notifications > 0)
+                .map(|(t, c)| (t.clone(), counts(c)))
+                .collect(),
+        )
+    });
+    Ok((counts(&main), threads))
 }
 
 fn left_room(

@@ -153,6 +153,19 @@ pub const COLUMN_FAMILIES: &[(&str, &str)] = &[
         "media_thumbnails",
         "media id SEP width x height SEP method → thumbnail hash and content type",
     ),
+    (
+        "push_actions",
+        "user short id + room short id + stream position → what the push rules said",
+    ),
+    (
+        "user_notifications",
+        "user short id + stream position → room short id, for /notifications",
+    ),
+    ("pushers", "user id SEP app id SEP push key → pusher"),
+    (
+        "push_queue",
+        "stream position + user short id + push key → notification for a push gateway",
+    ),
 ];
 
 /// The schema this build reads and writes. Opening an older database runs the

@@ -154,8 +154,7 @@ pub async fn change_password(
     }
     s.users.set_password(req.user(), &req.new_password).await?;
     if req.logout_devices {
-        s.e2ee
-            .remove_devices_except(req.user(), Some(req.device()))?;
+        s.remove_devices_except(req.user(), Some(req.device()))?;
     }
     Ok(change_password::v3::Response::new())
 }
@@ -181,7 +180,7 @@ pub async fn deactivate(
             }
         }
     }
-    s.e2ee.remove_devices_except(&user, None)?;
+    s.remove_devices_except(&user, None)?;
     s.users.deactivate(&user)?;
     tracing::info!(user_id = %user, "account deactivated");
     Ok(deactivate::v3::Response::new(

@@ -75,7 +75,7 @@ pub async fn delete(
             Some(req.user()),
         )
         .await?;
-    s.e2ee.remove_device(req.user(), &req.device_id)?;
+    s.remove_device(req.user(), &req.device_id)?;
     Ok(delete_device::v3::Response::new())
 }
 
@@ -92,7 +92,7 @@ pub async fn delete_many(
         )
         .await?;
     for d in &req.devices {
-        s.e2ee.remove_device(req.user(), d)?;
+        s.remove_device(req.user(), d)?;
     }
     Ok(delete_devices::v3::Response::new())
 }

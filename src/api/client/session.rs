@@ -110,7 +110,7 @@ pub async fn logout(
     s: Arc<Services>,
     req: Ruma<logout::v3::Request>,
 ) -> Result<logout::v3::Response> {
-    s.e2ee.remove_device(req.user(), req.device())?;
+    s.remove_device(req.user(), req.device())?;
     Ok(logout::v3::Response::new())
 }
 
@@ -118,6 +118,6 @@ pub async fn logout_all(
     s: Arc<Services>,
     req: Ruma<logout_all::v3::Request>,
 ) -> Result<logout_all::v3::Response> {
-    s.e2ee.remove_devices_except(req.user(), None)?;
+    s.remove_devices_except(req.user(), None)?;
     Ok(logout_all::v3::Response::new())
 }

@@ -33,6 +33,7 @@ pub fn sync_filter(def: &FilterDefinition) -> SyncFilter {
         include_leave: room.include_leave,
         timeline: event_filter(&room.timeline),
         timeline_limit: limit_of(&room.timeline, 10),
+        thread_counts: room.timeline.unread_thread_notifications,
         state: event_filter(&room.state),
         ephemeral: event_filter(&room.ephemeral),
         room_account_data: event_filter(&room.account_data),

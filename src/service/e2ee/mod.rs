@@ -97,7 +97,7 @@ impl E2ee {
         self.commit_change(batch, user, ticket)
     }
 
-    /// Remove a device: its session, keys, one-time keys and pending messages; the
+    /// Remove a device's session and its keys, one-time keys and pending messages; the
     /// people who share rooms with its owner learn that the device list changed.
     pub fn remove_device(&self, user: &UserId, device: &DeviceId) -> Result<bool> {
         if !self.users.remove_device(user, device)? {
@@ -105,17 +105,6 @@ impl E2ee {
         }
         self.forget_device_data(user, device)?;
         Ok(true)
-    }
-
-    /// Remove every device of the user except `keep`.
-    pub fn remove_devices_except(&self, user: &UserId, keep: Option<&DeviceId>) -> Result<()> {
-        for d in self.users.devices(user)? {
-            if keep.is_some_and(|k| k.as_str() == d.device_id) {
-                continue;
-            }
-            self.remove_device(user, d.device_id.as_str().into())?;
-        }
-        Ok(())
     }
 
     fn forget_device_data(&self, user: &UserId, device: &DeviceId) -> Result<()> {

@@ -28,6 +28,7 @@ use crate::{
     service::{
         globals::{Globals, random_string},
         notifier::Notifier,
+        push::{Push, RoomContext},
     },
     storage::{Batch, Db, IdKind, StreamTicket, decode_u64, str_key, u64_at, u64_key},
 };
@@ -94,6 +95,7 @@ pub struct Timeline {
     globals: Arc<Globals>,
     pub state: Arc<StateService>,
     notifier: Arc<Notifier>,
+    push: Arc<Push>,
     locks: Mutex<HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -103,12 +105,14 @@ impl Timeline {
         globals: Arc<Globals>,
         state: Arc<StateService>,
         notifier: Arc<Notifier>,
+        push: Arc<Push>,
     ) -> Self {
         Self {
             db,
             globals,
             state,
             notifier,
+            push,
             locks: Mutex::new(HashMap::new()),
         }
     }
@@ -922,11 +926,111 @@ impl<'a> Draft<'a> {
         Ok(())
     }
 
+    /// Evaluate the push rules of every recipient for each event of this draft, and
+    /// stage what notifies in the same batch as the events.
+    async fn stage_push(&mut self) -> Result<()> {
+        let mut events: Vec<(u64, u64)> = self
+            .pending_meta
+            .iter()
+            .map(|(short, meta)| (meta.pos, *short))
+            .collect();
+        events.sort_unstable();
+        // Who is joined once this draft is applied.
+        let mut joined: std::collections::BTreeSet<OwnedUserId> =
+            members_with(&self.tl.db, self.room_short, "join")?
+                .into_iter()
+                .collect();
+        for (_, short) in &events {
+            let pdu = &self.pending_short[short];
+            if pdu.kind == TimelineEventType::RoomMember
+                && let Some(target) = pdu.state_key.as_deref().and_then(|k| UserId::parse(k).ok())
+            {
+                if membership_of(pdu) == "join" {
+                    joined.insert(target);
+                } else {
+                    joined.remove(&target);
+                }
+            }
+        }
+        let someone_to_tell = events.iter().any(|(_, short)| {
+            let pdu = &self.pending_short[short];
+            joined.iter().any(|u| *u != pdu.sender)
+                || (pdu.kind == TimelineEventType::RoomMember && membership_of(pdu) == "invite")
+        });
+        if !someone_to_tell {
+            return Ok(());
+        }
+        let power_levels = self
+            .power_levels()
+            .ok()
+            .map(|pl| ruma::push::PushConditionPowerLevelsCtx::from(pl.levels));
+        let room_id = self.record.room_id.clone();
+        let ctx = RoomContext {
+            room_id: &room_id,
+            room_short: self.room_short,
+            member_count: joined.len() as u64,
+            power_levels,
+        };
+        let mut names: HashMap<OwnedUserId, String> = HashMap::new();
+        for (pos, short) in events {
+            let pdu = self.pending_short[&short].clone();
+            let mut recipients = Vec::new();
+            let mut targets: Vec<OwnedUserId> = joined.iter().cloned().collect();
+            if pdu.kind == TimelineEventType::RoomMember
+                && membership_of(&pdu) == "invite"
+                && let Some(target) = pdu.state_key.as_deref().and_then(|k| UserId::parse(k).ok())
+            {
+                targets.push(target);
+            }
+            for user in targets {
+                if user == pdu.sender {
+                    continue;
+                }
+                let name = match names.get(&user) {
+                    Some(n) => n.clone(),
+                    None => {
+                        let n = self
+                            .state_content("m.room.member", user.as_str())?
+                            .and_then(|c| c.get("displayname")?.as_str().map(str::to_owned))
+                            .unwrap_or_else(|| user.localpart().to_owned());
+                        names.insert(user.clone(), n.clone());
+                        n
+                    }
+                };
+                recipients.push((user, name));
+            }
+            if recipients.is_empty() {
+                continue;
+            }
+            let raw = ruma::serde::Raw::from_json(serde_json::value::to_raw_value(
+                &self.pending_json[&short],
+            )?);
+            let content = pdu.content_json();
+            let thread = content
+                .get("m.relates_to")
+                .filter(|r| r.get("rel_type").and_then(|t| t.as_str()) == Some("m.thread"))
+                .and_then(|r| r.get("event_id")?.as_str().map(str::to_owned));
+            let push = self.tl.push.clone();
+            push.stage_event(
+                &mut self.batch,
+                &ctx,
+                &raw,
+                short,
+                pos,
+                thread.as_deref(),
+                &recipients,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
     /// Write everything staged, atomically and durably, then make it visible.
     pub async fn commit(mut self) -> Result<RoomRecord> {
         if !self.touched {
             return Ok(self.record);
         }
+        self.stage_push().await?;
         let db = self.tl.db.clone();
         self.batch.put(
             &db,
@@ -955,8 +1059,17 @@ impl<'a> Draft<'a> {
         self.tl
             .notifier
             .notify_all(users.iter().map(|u| &**u), last);
+        self.tl.push.wake_sender();
         Ok(self.record)
     }
+}
+
+fn membership_of(pdu: &Pdu) -> String {
+    pdu.content_json()
+        .get("membership")
+        .and_then(|m| m.as_str())
+        .unwrap_or("leave")
+        .to_owned()
 }
 
 /// The short ids of the rooms the user has joined.

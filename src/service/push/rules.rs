@@ -1,12 +1,11 @@
 //! Push rules: each user's ruleset, stored as the `m.push_rules` account data the spec
-//! defines, starting from the server-default rules. (Evaluating them for notification
-//! counts and pushers is the next step.)
+//! defines, starting from the server-default rules.
 
 use ruma::{UserId, push::Ruleset};
 use serde_json::{Value as JsonValue, json};
 
-use super::users::Users;
 use crate::error::Result;
+use crate::service::users::Users;
 
 pub const ACCOUNT_DATA_TYPE: &str = "m.push_rules";
 

@@ -1,0 +1,439 @@
+//! Push: each user's rules, their evaluation for every event and every member (which
+//! feeds exact unread counts, `/notifications` and pushers), the pushers themselves, and
+//! the persistent queue of notifications for push gateways ([`sender`] delivers it).
+//!
+//! Evaluation happens in the event pipeline, in the same atomic write as the event:
+//! an event that was committed has its notifications recorded, and a notification for
+//! a push gateway is queued on disk before anyone is told the event exists.
+
+pub mod rules;
+pub mod sender;
+
+use std::{collections::HashMap, sync::Arc};
+
+use parking_lot::Mutex;
+use ruma::{
+    OwnedRoomId, OwnedUserId, RoomId, UInt, UserId,
+    api::client::push::{Pusher, PusherKind},
+    push::{Action, PushConditionPowerLevelsCtx, PushConditionRoomCtx, Ruleset},
+    serde::Raw,
+};
+use serde::{Deserialize, Serialize};
+
+pub use self::rules::{ACCOUNT_DATA_TYPE, account_data_content};
+use super::users::{Users, now_ms};
+use crate::{
+    config::PushConfig,
+    error::{Error, Result},
+    storage::{Batch, Db, IdKind, str_key, str_prefix, u64_at, u64_key},
+};
+
+/// What the rules said about one event for one user, as stored in `push_actions`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PushAction {
+    pub event: u64,
+    pub highlight: bool,
+    /// The thread the event belongs to, for per-thread counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread: Option<String>,
+    pub actions: Vec<Action>,
+}
+
+/// A pusher as stored: the client's definition and the device that set it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PusherRecord {
+    pub pusher: serde_json::Value,
+    pub device_id: String,
+    pub created_ts: u64,
+}
+
+impl PusherRecord {
+    pub fn parsed(&self) -> Result<Pusher> {
+        serde_json::from_value(self.pusher.clone())
+            .map_err(|e| Error::internal(format!("stored pusher unreadable: {e}")))
+    }
+}
+
+/// One notification waiting for a push gateway.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct QueuedPush {
+    pub user: OwnedUserId,
+    pub app_id: String,
+    pub pushkey: String,
+    pub room_id: OwnedRoomId,
+    pub event_short: u64,
+    pub actions: Vec<Action>,
+    pub attempts: u32,
+    pub first_try_ms: u64,
+    pub next_try_ms: u64,
+}
+
+/// Unread counts of one room (or thread).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub notifications: u64,
+    pub highlights: u64,
+}
+
+/// The room as push rules see it when an event is evaluated.
+pub struct RoomContext<'a> {
+    pub room_id: &'a RoomId,
+    pub room_short: u64,
+    pub member_count: u64,
+    pub power_levels: Option<PushConditionPowerLevelsCtx>,
+}
+
+pub struct Push {
+    db: Arc<Db>,
+    users: Arc<Users>,
+    pub config: PushConfig,
+    rules: Mutex<HashMap<OwnedUserId, Arc<Ruleset>>>,
+    /// Wakes the sender when something was queued.
+    pub queued: tokio::sync::Notify,
+}
+
+/// Counting stops here: clients show "99+" long before.
+const MAX_COUNT: u64 = 999;
+
+impl Push {
+    pub fn new(db: Arc<Db>, users: Arc<Users>, config: PushConfig) -> Self {
+        Self {
+            db,
+            users,
+            config,
+            rules: Mutex::new(HashMap::new()),
+            queued: tokio::sync::Notify::new(),
+        }
+    }
+
+    // --- rules ---
+
+    /// The user's ruleset (cached; the cache is dropped whenever rules are saved).
+    pub fn ruleset(&self, user: &UserId) -> Result<Arc<Ruleset>> {
+        if let Some(r) = self.rules.lock().get(user) {
+            return Ok(r.clone());
+        }
+        let rules = Arc::new(rules::ruleset(&self.users, user)?);
+        let mut cache = self.rules.lock();
+        if cache.len() > 10_000 {
+            cache.clear();
+        }
+        cache.insert(user.to_owned(), rules.clone());
+        Ok(rules)
+    }
+
+    pub fn save_rules(&self, user: &UserId, rules: &Ruleset) -> Result<()> {
+        rules::save(&self.users, user, rules)?;
+        self.rules.lock().remove(user);
+        Ok(())
+    }
+
+    // --- evaluation, in the event pipeline ---
+
+    /// Evaluate an event for each recipient and stage what notifies: the action for
+    /// counts and `/notifications`, and a queued push per pusher of the recipient.
+    /// `recipients` are `(user, display name in the room)`.
+    pub async fn stage_event(
+        &self,
+        batch: &mut Batch,
+        room: &RoomContext<'_>,
+        event: &Raw<ruma::events::AnySyncTimelineEvent>,
+        event_short: u64,
+        pos: u64,
+        thread: Option<&str>,
+        recipients: &[(OwnedUserId, String)],
+    ) -> Result<()> {
+        for (user, display_name) in recipients {
+            let rules = self.ruleset(user)?;
+            let mut ctx = PushConditionRoomCtx::new(
+                room.room_id.to_owned(),
+                UInt::new_saturating(room.member_count),
+                user.clone(),
+                display_name.clone(),
+            );
+            if let Some(pl) = &room.power_levels {
+                ctx = ctx.with_power_levels(pl.clone());
+            }
+            let actions = rules.get_actions(event, &ctx).await;
+            if !actions.iter().any(Action::should_notify) {
+                continue;
+            }
+            let highlight = actions.iter().any(Action::is_highlight);
+            let user_short = self
+                .db
+                .get_or_create_short_id(IdKind::User, user.as_str())?;
+            let action = PushAction {
+                event: event_short,
+                highlight,
+                thread: thread.map(str::to_owned),
+                actions: actions.to_vec(),
+            };
+            batch.put(
+                &self.db,
+                "push_actions",
+                &u64_key(&[user_short, room.room_short, pos]),
+                &serde_json::to_vec(&action)?,
+            );
+            batch.put(
+                &self.db,
+                "user_notifications",
+                &u64_key(&[user_short, pos]),
+                &room.room_short.to_be_bytes(),
+            );
+            if !self.config.enabled {
+                continue;
+            }
+            for record in self.pushers(user)? {
+                let Ok(pusher) = record.parsed() else {
+                    continue;
+                };
+                if !matches!(pusher.kind, PusherKind::Http(_)) {
+                    continue;
+                }
+                let item = QueuedPush {
+                    user: user.clone(),
+                    app_id: pusher.ids.app_id.clone(),
+                    pushkey: pusher.ids.pushkey.clone(),
+                    room_id: room.room_id.to_owned(),
+                    event_short,
+                    actions: actions.to_vec(),
+                    attempts: 0,
+                    first_try_ms: 0,
+                    next_try_ms: 0,
+                };
+                let mut key = u64_key(&[pos, user_short]);
+                key.extend_from_slice(pusher.ids.pushkey.as_bytes());
+                batch.put(&self.db, "push_queue", &key, &serde_json::to_vec(&item)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Wake the sender (after a commit that may have queued pushes).
+    pub fn wake_sender(&self) {
+        self.queued.notify_one();
+    }
+
+    // --- counts and notifications ---
+
+    /// Notifications of a room up to `until` that are unread: main-timeline events after
+    /// `main_read`; with `thread_reads`, each thread's events after that thread's own
+    /// read position (counted apart), otherwise those too after `main_read`. The scan
+    /// starts after `scan_from`, below which everything is read.
+    pub fn counts(
+        &self,
+        user: &UserId,
+        room_short: u64,
+        scan_from: u64,
+        main_read: u64,
+        until: u64,
+        thread_reads: Option<&dyn Fn(&str) -> u64>,
+    ) -> Result<(Counts, HashMap<String, Counts>)> {
+        let mut main = Counts::default();
+        let mut threads: HashMap<String, Counts> = HashMap::new();
+        let Some(user_short) = self.db.short_id(IdKind::User, user.as_str())? else {
+            return Ok((main, threads));
+        };
+        let mut thread_read_cache: HashMap<String, u64> = HashMap::new();
+        let prefix = u64_key(&[user_short, room_short]);
+        let start = u64_key(&[user_short, room_short, scan_from.saturating_add(1)]);
+        for item in self.db.scan_from("push_actions", &prefix, &start, true) {
+            let (k, v) = item?;
+            let pos = u64_at(&k, 2);
+            if pos > until {
+                break;
+            }
+            let action: PushAction = serde_json::from_slice(&v)?;
+            let bucket = match (&action.thread, thread_reads) {
+                (Some(thread), Some(read_of)) => {
+                    let read = *thread_read_cache
+                        .entry(thread.clone())
+                        .or_insert_with(|| read_of(thread));
+                    if pos <= read {
+                        continue;
+                    }
+                    threads.entry(thread.clone()).or_default()
+                }
+                _ => {
+                    if pos <= main_read {
+                        continue;
+                    }
+                    &mut main
+                }
+            };
+            if bucket.notifications < MAX_COUNT {
+                bucket.notifications += 1;
+                if action.highlight {
+                    bucket.highlights += 1;
+                }
+            }
+        }
+        Ok((main, threads))
+    }
+
+    /// The user's notifications, newest first, before position `before`: `(position,
+    /// room short id, action)`.
+    pub fn notifications(
+        &self,
+        user: &UserId,
+        before: Option<u64>,
+        limit: usize,
+        only_highlight: bool,
+    ) -> Result<Vec<(u64, u64, PushAction)>> {
+        let Some(user_short) = self.db.short_id(IdKind::User, user.as_str())? else {
+            return Ok(Vec::new());
+        };
+        let prefix = user_short.to_be_bytes();
+        let from = u64_key(&[user_short, before.unwrap_or(u64::MAX).saturating_sub(1)]);
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .scan_from("user_notifications", &prefix, &from, false)
+        {
+            let (k, v) = item?;
+            let pos = u64_at(&k, 1);
+            let room_short = u64_at(&v, 0);
+            let Some(action) = self
+                .db
+                .get("push_actions", &u64_key(&[user_short, room_short, pos]))?
+            else {
+                continue;
+            };
+            let action: PushAction = serde_json::from_slice(&action)?;
+            if only_highlight && !action.highlight {
+                continue;
+            }
+            out.push((pos, room_short, action));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    // --- pushers ---
+
+    pub fn pushers(&self, user: &UserId) -> Result<Vec<PusherRecord>> {
+        self.db
+            .scan_prefix("pushers", &str_prefix(&[user.as_str()]))
+            .map(|r| Ok(serde_json::from_slice(&r?.1)?))
+            .collect()
+    }
+
+    pub fn pusher(
+        &self,
+        user: &UserId,
+        app_id: &str,
+        pushkey: &str,
+    ) -> Result<Option<PusherRecord>> {
+        match self
+            .db
+            .get("pushers", &str_key(&[user.as_str(), app_id, pushkey]))?
+        {
+            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// `/pushers/set` with a pusher: check it, then add or replace it. Without
+    /// `append`, other users' pushers with the same app id and push key are removed
+    /// (the device changed hands).
+    pub fn set_pusher(
+        &self,
+        user: &UserId,
+        device: &str,
+        pusher: &Pusher,
+        append: bool,
+    ) -> Result<()> {
+        match &pusher.kind {
+            PusherKind::Http(data) => self.check_gateway_url(&data.url)?,
+            PusherKind::Email(_) => {
+                return Err(Error::invalid_param(
+                    "email pushers are not supported by this server",
+                ));
+            }
+            _ => return Err(Error::invalid_param("unknown pusher kind")),
+        }
+        if pusher.ids.app_id.is_empty() || pusher.ids.app_id.len() > 64 {
+            return Err(Error::invalid_param("app_id must be 1 to 64 characters"));
+        }
+        if pusher.ids.pushkey.is_empty() || pusher.ids.pushkey.len() > 512 {
+            return Err(Error::invalid_param("pushkey must be 1 to 512 bytes"));
+        }
+        let mut batch = Batch::default();
+        if !append {
+            for item in self.db.scan_prefix("pushers", b"") {
+                let (k, v) = item?;
+                let record: PusherRecord = serde_json::from_slice(&v)?;
+                let Ok(other) = record.parsed() else { continue };
+                if other.ids == pusher.ids && !k.starts_with(&str_prefix(&[user.as_str()])) {
+                    batch.delete(&self.db, "pushers", &k);
+                }
+            }
+        }
+        let record = PusherRecord {
+            pusher: serde_json::to_value(pusher)?,
+            device_id: device.to_owned(),
+            created_ts: now_ms(),
+        };
+        batch.put(
+            &self.db,
+            "pushers",
+            &str_key(&[user.as_str(), &pusher.ids.app_id, &pusher.ids.pushkey]),
+            &serde_json::to_vec(&record)?,
+        );
+        self.db.commit(batch)
+    }
+
+    pub fn delete_pusher(&self, user: &UserId, app_id: &str, pushkey: &str) -> Result<()> {
+        let mut batch = Batch::default();
+        batch.delete(
+            &self.db,
+            "pushers",
+            &str_key(&[user.as_str(), app_id, pushkey]),
+        );
+        self.db.commit(batch)
+    }
+
+    /// Remove the pushers a device set (when it logs out).
+    pub fn delete_pushers_of_device(&self, user: &UserId, device: &str) -> Result<()> {
+        let mut batch = Batch::default();
+        for item in self
+            .db
+            .scan_prefix("pushers", &str_prefix(&[user.as_str()]))
+        {
+            let (k, v) = item?;
+            let record: PusherRecord = serde_json::from_slice(&v)?;
+            if record.device_id == device {
+                batch.delete(&self.db, "pushers", &k);
+            }
+        }
+        self.db.commit(batch)
+    }
+
+    /// Push gateways are reached at `/_matrix/push/v1/notify`, over https unless the
+    /// host is one the configuration allows plain http for.
+    fn check_gateway_url(&self, url: &str) -> Result<()> {
+        let bad = |why: &str| Error::invalid_param(format!("pusher url {url:?}: {why}"));
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| bad("not a URL"))?;
+        let host_port = rest.split('/').next().unwrap_or_default();
+        let host = if let Some(v6) = host_port.strip_prefix('[') {
+            v6.split(']').next().unwrap_or_default()
+        } else {
+            host_port.rsplit_once(':').map_or(host_port, |(h, _)| h)
+        };
+        if host.is_empty() {
+            return Err(bad("no host"));
+        }
+        match scheme {
+            "https" => {}
+            "http" if self.config.allow_http_hosts.iter().any(|h| h == host) => {}
+            "http" => return Err(bad("push gateways must use https")),
+            _ => return Err(bad("only http(s) URLs can be push gateways")),
+        }
+        if !rest.ends_with("/_matrix/push/v1/notify") {
+            return Err(bad("the path must be /_matrix/push/v1/notify"));
+        }
+        Ok(())
+    }
+}
