@@ -102,14 +102,51 @@ async fn random_bodies_and_ids_get_matrix_errors() {
         ),
         (reqwest::Method::PUT, "/_matrix/client/v3/devices/X".into()),
         (reqwest::Method::POST, "/_synapse/admin/v1/register".into()),
+        (
+            reqwest::Method::POST,
+            "/_matrix/client/v3/keys/upload".into(),
+        ),
+        (
+            reqwest::Method::POST,
+            "/_matrix/client/v3/keys/query".into(),
+        ),
+        (
+            reqwest::Method::POST,
+            "/_matrix/client/v3/keys/claim".into(),
+        ),
+        (
+            reqwest::Method::POST,
+            "/_matrix/client/v3/keys/device_signing/upload".into(),
+        ),
+        (
+            reqwest::Method::POST,
+            "/_matrix/client/v3/keys/signatures/upload".into(),
+        ),
+        (
+            reqwest::Method::PUT,
+            "/_matrix/client/v3/sendToDevice/m.test/fuzz".into(),
+        ),
+        (
+            reqwest::Method::POST,
+            "/_matrix/client/v3/room_keys/version".into(),
+        ),
+        (
+            reqwest::Method::PUT,
+            "/_matrix/client/v3/room_keys/keys?version=1".into(),
+        ),
+        (
+            reqwest::Method::POST,
+            "/_matrix/client/v3/pushers/set".into(),
+        ),
+        (reqwest::Method::POST, "/_matrix/media/v3/upload".into()),
     ];
     let mut runner = TestRunner::new(Config {
-        cases: 400,
+        cases: 600,
         ..Config::default()
     });
     let strategy = (0..endpoints.len(), arb_json());
     let mut txn = 0;
-    for _ in 0..400 {
+    for _ in 0..600 {
         let (i, body) = strategy.new_tree(&mut runner).expect("value").current();
         let (method, path) = &endpoints[i];
         let path = path.replace("/fuzz", &format!("/fuzz{txn}"));

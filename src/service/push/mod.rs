@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 use ruma::{
     OwnedRoomId, OwnedUserId, RoomId, UInt, UserId,
     api::client::push::{Pusher, PusherKind},
-    push::{Action, PushConditionPowerLevelsCtx, PushConditionRoomCtx, Ruleset},
+    push::{Action, FlattenedJson, PushConditionPowerLevelsCtx, PushConditionRoomCtx, Ruleset},
     serde::Raw,
 };
 use serde::{Deserialize, Serialize};
@@ -143,6 +143,9 @@ impl Push {
         thread: Option<&str>,
         recipients: &[(OwnedUserId, String)],
     ) -> Result<()> {
+        // Flatten the event once for every recipient (ruma's `get_actions` would do it
+        // per call); the loop below is `Ruleset::get_match` over that one flattening.
+        let flat = FlattenedJson::from_raw(event);
         for (user, display_name) in recipients {
             let rules = self.ruleset(user)?;
             let mut ctx = PushConditionRoomCtx::new(
@@ -154,7 +157,13 @@ impl Push {
             if let Some(pl) = &room.power_levels {
                 ctx = ctx.with_power_levels(pl.clone());
             }
-            let actions = rules.get_actions(event, &ctx).await;
+            let mut actions: &[Action] = &[];
+            for rule in rules.iter() {
+                if rule.applies(&flat, &ctx).await {
+                    actions = rule.actions();
+                    break;
+                }
+            }
             if !actions.iter().any(Action::should_notify) {
                 continue;
             }
