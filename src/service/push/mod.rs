@@ -2,9 +2,10 @@
 //! feeds exact unread counts, `/notifications` and pushers), the pushers themselves, and
 //! the persistent queue of notifications for push gateways ([`sender`] delivers it).
 //!
-//! Evaluation happens in the event pipeline, in the same atomic write as the event:
-//! an event that was committed has its notifications recorded, and a notification for
-//! a push gateway is queued on disk before anyone is told the event exists.
+//! Evaluation happens in the event pipeline, right after the room's events are written
+//! (outside the room lock) and made durable by the same log sync: an event that was
+//! acknowledged has its notifications recorded, and a notification for a push gateway
+//! is queued on disk before anyone is told the event exists.
 
 pub mod rules;
 pub mod sender;

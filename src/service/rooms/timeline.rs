@@ -1030,7 +1030,6 @@ impl<'a> Draft<'a> {
         if !self.touched {
             return Ok(self.record);
         }
-        self.stage_push().await?;
         let db = self.tl.db.clone();
         self.batch.put(
             &db,
@@ -1040,9 +1039,15 @@ impl<'a> Draft<'a> {
         );
         let batch = std::mem::take(&mut self.batch);
         // Apply under the room lock, so the next event of the room builds on this one;
-        // then let the next writer in while this one waits for the log to reach disk.
+        // then let the next writer in.
         let seq = db.write(batch)?;
         self.guard.take();
+        // Push rules are evaluated outside the lock, and what they decide is written
+        // right behind the events; one log sync makes both durable before anyone is
+        // told, so an acknowledged event always has its notifications.
+        self.stage_push().await?;
+        let push_batch = std::mem::take(&mut self.batch);
+        let seq = db.write(push_batch)?.max(seq);
         tokio::task::spawn_blocking(move || db.sync_to(seq))
             .await
             .map_err(|e| Error::internal(format!("commit task failed: {e}")))??;
