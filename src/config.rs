@@ -33,6 +33,7 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub media: MediaConfig,
     pub push: PushConfig,
+    pub appservices: AppservicesConfig,
 }
 
 impl Default for Config {
@@ -50,6 +51,7 @@ impl Default for Config {
             database: DatabaseConfig::default(),
             media: MediaConfig::default(),
             push: PushConfig::default(),
+            appservices: AppservicesConfig::default(),
         }
     }
 }
@@ -241,6 +243,33 @@ impl Default for PushConfig {
     }
 }
 
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AppservicesConfig {
+    /// A directory of appservice registration files (`*.yaml`), loaded at start.
+    pub registration_dir: Option<PathBuf>,
+    /// The bundled ping bot (`@ping`): answers `!ping` in rooms it is invited to.
+    pub ping: BundledAppservice,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BundledAppservice {
+    /// Run it inside `salon serve`.
+    pub enabled: bool,
+    /// Where it listens for the homeserver's transactions (loopback; port 0 picks one).
+    pub listen: SocketAddr,
+}
+
+impl Default for BundledAppservice {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        }
+    }
+}
+
 /// A configuration problem, told with where it is.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -378,6 +407,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "database",
     "media",
     "push",
+    "appservices",
 ];
 
 /// An environment value is read as a TOML value when it parses as one (`true`, `42`),

@@ -75,6 +75,9 @@ impl Error {
             "This endpoint needs an access token: send it as 'Authorization: Bearer <token>'",
         )
     }
+    pub fn missing_token_msg(message: impl Into<String>) -> Self {
+        Self::matrix(StatusCode::UNAUTHORIZED, ErrorKind::MissingToken, message)
+    }
     pub fn unknown_token(soft_logout: bool) -> Self {
         let mut data = UnknownTokenErrorData::new();
         data.soft_logout = soft_logout;
@@ -154,6 +157,15 @@ impl Error {
             ErrorKind::NotYetUploaded,
             "The content of this media id has not been uploaded yet",
         )
+    }
+    /// A failed `/appservice/{id}/ping`: 502 for a bad answer, 504 for none.
+    pub fn ping_failed(kind: ErrorKind, message: impl Into<String>) -> Self {
+        let status = match kind {
+            ErrorKind::UrlNotSet => StatusCode::BAD_REQUEST,
+            ErrorKind::ConnectionTimeout => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::BAD_GATEWAY,
+        };
+        Self::matrix(status, kind, message)
     }
     pub fn internal(message: impl std::fmt::Display) -> Self {
         Self::Internal(message.to_string())

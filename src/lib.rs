@@ -3,6 +3,7 @@
 //! Layers, never upwards: [`http`] → [`api`] → [`service`] → [`storage`].
 
 pub mod api;
+pub mod bundled;
 pub mod config;
 pub mod error;
 pub mod http;
@@ -26,11 +27,21 @@ pub async fn run(
         key_id = %services.globals.key_id(),
         "Salon is serving"
     );
+    let bundled = bundled::start(&services, listener.local_addr()?).await?;
+    services.ensure_appservice_users().await?;
     let (stop_push, push_stopped) = tokio::sync::oneshot::channel();
     let push_sender = tokio::spawn(service::push::sender::run(services.clone(), push_stopped));
+    let (stop_appservices, appservices_stopped) = tokio::sync::watch::channel(false);
+    let appservice_senders =
+        service::appservice::sender::spawn_all(services.clone(), appservices_stopped);
     let served = http::serve(services.clone(), listener, shutdown).await;
     let _ = stop_push.send(());
+    let _ = stop_appservices.send(true);
     let _ = push_sender.await;
+    for task in appservice_senders {
+        let _ = task.await;
+    }
+    bundled.stop().await;
     served?;
     services.db.flush()?;
     Ok(())

@@ -51,6 +51,21 @@ enum AdminCommand {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Manage appservice registrations kept in the database.
+    Appservice {
+        #[command(subcommand)]
+        command: AppserviceCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AppserviceCommand {
+    /// Add (or replace) the registration in a YAML file.
+    Register { file: std::path::PathBuf },
+    /// Every registration: from the database, the registration directory and bundled ones.
+    List,
+    /// Remove a registration added with `register`.
+    Unregister { id: String },
 }
 
 #[derive(Subcommand)]
@@ -213,6 +228,36 @@ async fn admin(config: Config, command: AdminCommand) -> anyhow::Result<()> {
                     anyhow::bail!("no such token: {token}");
                 }
                 println!("deleted {token}");
+            }
+        },
+        AdminCommand::Appservice { command } => match command {
+            AppserviceCommand::Register { file } => {
+                let origin = file.display().to_string();
+                let text = std::fs::read_to_string(&file)
+                    .map_err(|e| anyhow::anyhow!("{origin}: cannot read: {e}"))?;
+                let registration = salon::service::appservice::parse_registration(&text, &origin)?;
+                services.appservices.store(&registration)?;
+                services.ensure_appservice_users().await?;
+                println!("registered appservice {}", registration.id);
+            }
+            AppserviceCommand::List => {
+                for a in services.appservices.all() {
+                    println!(
+                        "{}\t{}\t{}\t{}",
+                        a.id(),
+                        a.sender,
+                        a.registration.url.as_deref().unwrap_or("(no url)"),
+                        a.origin
+                    );
+                }
+            }
+            AppserviceCommand::Unregister { id } => {
+                if !services.appservices.remove(&id)? {
+                    anyhow::bail!(
+                        "no appservice {id:?} was registered with `salon admin appservice register`"
+                    );
+                }
+                println!("unregistered appservice {id}");
             }
         },
     }

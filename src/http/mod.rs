@@ -32,7 +32,6 @@ pub fn router(services: Arc<Services>) -> Router {
     let r = route(r, api::account::change_password);
     let r = route(r, api::account::deactivate);
     let r = route(r, api::account::threepids);
-    let r = route(r, api::directory::protocols);
     let r = route(r, api::session::login_types);
     let r = route(r, api::session::login);
     let r = route(r, api::session::get_token);
@@ -132,6 +131,14 @@ pub fn router(services: Arc<Services>) -> Router {
     let r = route(r, api::backup::delete_keys);
     let r = route(r, api::backup::delete_room_keys);
     let r = route(r, api::backup::delete_session_key);
+    // Appservices and third-party lookups
+    let r = route(r, api::appservice::ping);
+    let r = route(r, api::appservice::protocols);
+    let r = route(r, api::appservice::protocol);
+    let r = route(r, api::appservice::locations);
+    let r = route(r, api::appservice::location_for_alias);
+    let r = route(r, api::appservice::users);
+    let r = route(r, api::appservice::user_for_id);
     // Media
     let r = route(r, api::media::upload);
     let r = route(r, api::media::create);

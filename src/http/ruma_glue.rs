@@ -15,13 +15,16 @@ use ruma::{
     OwnedDeviceId, OwnedUserId,
     api::{
         IncomingRequest, IncomingRequestExt, OutgoingResponse, OutgoingResponseExt,
-        auth_scheme::{AccessToken, AccessTokenOptional},
+        auth_scheme::{AccessToken, AccessTokenOptional, AppserviceToken, AppserviceTokenOptional},
         error::{DeserializationError, FromHttpRequestError},
         path_builder::PathBuilder,
     },
 };
 
-use crate::{error::Error, service::Services};
+use crate::{
+    error::Error,
+    service::{Services, appservice::Appservice},
+};
 
 /// A parsed, authenticated request.
 pub struct Ruma<T> {
@@ -29,7 +32,15 @@ pub struct Ruma<T> {
     pub user: Option<OwnedUserId>,
     pub device: Option<OwnedDeviceId>,
     pub ip: Option<std::net::IpAddr>,
+    /// The appservice whose `as_token` authenticated the request.
+    pub appservice: Option<Arc<Appservice>>,
+    /// `?ts=`: the timestamp an appservice wants its events to carry.
+    pub massaged_ts: Option<ruma::MilliSecondsSinceUnixEpoch>,
 }
+
+/// Appservices act without a device; their requests carry this device id, which keeps
+/// their transaction ids apart from any real device's.
+pub const APPSERVICE_DEVICE: &str = "APPSERVICE";
 
 impl<T> Ruma<T> {
     /// The authenticated user; only call on endpoints that require a token.
@@ -62,6 +73,37 @@ impl<T> std::ops::Deref for Ruma<T> {
     fn deref(&self) -> &T {
         &self.request
     }
+}
+
+fn query_param(parts: &http::request::Parts, name: &str) -> Option<String> {
+    let Query(mut query) = Query::<HashMap<String, String>>::try_from_uri(&parts.uri).ok()?;
+    query.remove(name)
+}
+
+/// Who an appservice request acts as: its own user, or (`?user_id=`) one of the users
+/// of its namespace that exists.
+fn appservice_identity(
+    services: &Services,
+    parts: &http::request::Parts,
+    appservice: &Appservice,
+) -> Result<OwnedUserId, Error> {
+    let Some(raw) = query_param(parts, "user_id") else {
+        return Ok(appservice.sender.clone());
+    };
+    let user = ruma::UserId::parse(raw.as_str())
+        .map_err(|e| Error::invalid_param(format!("user_id: {e}")))?;
+    if !appservice.claims_user(&user) {
+        return Err(Error::exclusive(format!(
+            "{user} is not in the namespace of appservice {:?}",
+            appservice.id()
+        )));
+    }
+    if !services.users.exists(&user)? {
+        return Err(Error::forbidden(format!(
+            "{user} has not been registered by the appservice"
+        )));
+    }
+    Ok(user)
 }
 
 fn access_token(parts: &http::request::Parts) -> Option<String> {
@@ -120,20 +162,51 @@ where
 
         let auth = TypeId::of::<T::Authentication>();
         let token = access_token(&parts);
+        let mut appservice = None;
         let (user, device) = if auth == TypeId::of::<AccessToken>()
             || auth == TypeId::of::<AccessTokenOptional>()
         {
             match token {
                 Some(token) => match services.users.authenticate(&token)? {
                     Some(s) => (Some(s.user_id), Some(s.device_id)),
-                    None => return Err(Error::unknown_token(false)),
+                    None => match services.appservices.by_as_token(&token) {
+                        Some(a) => {
+                            let user = appservice_identity(services, &parts, &a)?;
+                            appservice = Some(a);
+                            (Some(user), Some(OwnedDeviceId::from(APPSERVICE_DEVICE)))
+                        }
+                        None => return Err(Error::unknown_token(false)),
+                    },
                 },
                 None if auth == TypeId::of::<AccessToken>() => return Err(Error::missing_token()),
+                None => (None, None),
+            }
+        } else if auth == TypeId::of::<AppserviceToken>()
+            || auth == TypeId::of::<AppserviceTokenOptional>()
+        {
+            match token {
+                Some(token) => match services.appservices.by_as_token(&token) {
+                    Some(a) => {
+                        let user = a.sender.clone();
+                        appservice = Some(a);
+                        (Some(user), None)
+                    }
+                    None => return Err(Error::unknown_token(false)),
+                },
+                None if auth == TypeId::of::<AppserviceToken>() => {
+                    return Err(Error::missing_token());
+                }
                 None => (None, None),
             }
         } else {
             (None, None)
         };
+        let massaged_ts = appservice
+            .as_ref()
+            .and_then(|_| query_param(&parts, "ts"))
+            .and_then(|t| t.parse::<u64>().ok())
+            .and_then(ruma::UInt::new)
+            .map(ruma::MilliSecondsSinceUnixEpoch);
 
         let has_body = !bytes.is_empty();
         if has_body
@@ -169,6 +242,8 @@ where
             user,
             device,
             ip,
+            appservice,
+            massaged_ts,
         })
     }
 }

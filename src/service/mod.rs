@@ -1,6 +1,7 @@
 //! Domain logic. [`Services`] is built once at start-up and handed to the HTTP layer;
 //! each service receives the others it needs explicitly (no global state).
 
+pub mod appservice;
 pub mod e2ee;
 pub mod ephemeral;
 pub mod globals;
@@ -28,6 +29,9 @@ pub struct Services {
     pub e2ee: e2ee::E2ee,
     pub media: media::Media,
     pub push: Arc<push::Push>,
+    pub appservices: appservice::Appservices,
+    /// For requests to appservices.
+    pub http: reqwest::Client,
     pub login_limit: ratelimit::RateLimiter,
     pub register_limit: ratelimit::RateLimiter,
 }
@@ -65,6 +69,11 @@ impl Services {
             users.clone(),
             notifier.clone(),
         );
+        let appservices = appservice::Appservices::load(
+            db.clone(),
+            globals.server_name(),
+            globals.config.appservices.registration_dir.as_deref(),
+        )?;
         let media = media::Media::new(
             db.clone(),
             &globals.config.data_dir,
@@ -79,6 +88,8 @@ impl Services {
             e2ee,
             media,
             push,
+            appservices,
+            http: appservice::client::http_client(),
             db,
             notifier,
             login_limit: ratelimit::RateLimiter::new(rl.login, rl.enabled),
@@ -109,6 +120,73 @@ impl Services {
                 continue;
             }
             self.remove_device(user, d.device_id.as_str().into())?;
+        }
+        Ok(())
+    }
+}
+
+impl Services {
+    /// The room an alias points to; when there is none and an appservice claims the
+    /// alias, the appservice is asked (it may create the room) and the lookup repeated.
+    pub async fn resolve_alias(
+        &self,
+        alias: &ruma::RoomAliasId,
+    ) -> Result<Option<ruma::OwnedRoomId>> {
+        if let Some(room) = self.rooms.alias_target(alias)? {
+            return Ok(Some(room));
+        }
+        for a in self.appservices.all() {
+            if a.claims_alias(alias)
+                && appservice::client::query_alias(&self.http, &a, alias.as_str()).await
+                && let Some(room) = self.rooms.alias_target(alias)?
+            {
+                return Ok(Some(room));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Make sure a local user the request names exists: when it does not and an
+    /// appservice claims it, the appservice is asked (it may register the user).
+    pub async fn ask_appservices_about(&self, user: &ruma::UserId) -> Result<()> {
+        if user.server_name() != self.globals.server_name() || self.users.exists(user)? {
+            return Ok(());
+        }
+        for a in self.appservices.all() {
+            if a.claims_user(user)
+                && appservice::client::query_user(&self.http, &a, user.as_str()).await
+                && self.users.exists(user)?
+            {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Aliases in an appservice's exclusive namespace belong to that appservice alone.
+    pub fn check_alias_namespace(
+        &self,
+        alias: &ruma::RoomAliasId,
+        requester: Option<&appservice::Appservice>,
+    ) -> Result<()> {
+        match self.appservices.exclusive_owner_of_alias(alias) {
+            Some(owner) if requester.is_none_or(|r| r.id() != owner.id()) => {
+                Err(crate::error::Error::exclusive(format!(
+                    "This alias belongs to the appservice {:?}",
+                    owner.id()
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Create the own user of every appservice that lacks one.
+    pub async fn ensure_appservice_users(&self) -> Result<()> {
+        for a in self.appservices.all() {
+            if !self.users.exists(&a.sender)? {
+                self.users.create(&a.sender, None, false, false).await?;
+                tracing::info!(user_id = %a.sender, appservice = %a.id(), "created the appservice's user");
+            }
         }
         Ok(())
     }

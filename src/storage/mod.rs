@@ -166,6 +166,14 @@ pub const COLUMN_FAMILIES: &[(&str, &str)] = &[
         "push_queue",
         "stream position + user short id + push key → notification for a push gateway",
     ),
+    (
+        "appservices",
+        "appservice id → registration added with `salon admin appservice register`",
+    ),
+    (
+        "appservice_state",
+        "appservice id → delivery cursor, next transaction id, the transaction in flight",
+    ),
 ];
 
 /// The schema this build reads and writes. Opening an older database runs the

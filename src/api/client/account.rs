@@ -25,13 +25,69 @@ fn new_user_id(s: &Services, localpart: &str) -> Result<ruma::OwnedUserId> {
             "Usernames starting with '_' are reserved for bridges and services",
         ));
     }
+    if let Some(a) = s.appservices.exclusive_owner_of_user(&user_id) {
+        return Err(Error::exclusive(format!(
+            "This username belongs to the appservice {:?}",
+            a.id()
+        )));
+    }
     Ok(user_id)
+}
+
+/// Registration by an appservice (`m.login.application_service`) of a user in its
+/// namespace: no password, no user-interactive auth.
+async fn register_for_appservice(
+    s: &Services,
+    req: &Ruma<register::v3::Request>,
+    appservice: &crate::service::appservice::Appservice,
+) -> Result<register::v3::Response> {
+    let name = req
+        .username
+        .as_deref()
+        .ok_or_else(|| Error::missing_param("an appservice registers users by username"))?;
+    let user_id = crate::service::users::new_local_user_id(name, s.globals.server_name())?;
+    if !appservice.claims_user(&user_id) {
+        return Err(Error::exclusive(format!(
+            "{user_id} is not in the namespace of appservice {:?}",
+            appservice.id()
+        )));
+    }
+    if s.users.exists(&user_id)? {
+        return Err(Error::user_in_use("This username is taken"));
+    }
+    s.users.create(&user_id, None, false, false).await?;
+    tracing::info!(user_id = %user_id, appservice = %appservice.id(), "appservice user registered");
+    let mut res = register::v3::Response::new(user_id.clone());
+    if !req.inhibit_login {
+        let (device_id, token) = s.users.create_device(
+            &user_id,
+            req.device_id.as_deref(),
+            req.initial_device_display_name.clone(),
+            req.ip.map(|i| i.to_string()),
+        )?;
+        res.access_token = Some(token);
+        res.device_id = Some(device_id);
+    }
+    Ok(res)
 }
 
 pub async fn register(
     s: Arc<Services>,
     req: Ruma<register::v3::Request>,
 ) -> Result<register::v3::Response> {
+    if let Some(appservice) = req.appservice.clone() {
+        if req.login_type != Some(register::LoginType::ApplicationService) {
+            return Err(Error::bad_json(
+                "an appservice registers with \"type\": \"m.login.application_service\"",
+            ));
+        }
+        return register_for_appservice(&s, &req, &appservice).await;
+    }
+    if req.login_type == Some(register::LoginType::ApplicationService) {
+        return Err(Error::missing_token_msg(
+            "m.login.application_service needs the appservice's as_token",
+        ));
+    }
     s.register_limit.check(&format!("ip:{}", req.ip_key()))?;
     let config = &s.globals.config.registration;
     if req.kind == RegistrationKind::Guest && !config.guest_access {

@@ -25,6 +25,7 @@ pub async fn put_alias(
     s: Arc<Services>,
     req: Ruma<create_alias::v3::Request>,
 ) -> Result<create_alias::v3::Response> {
+    s.check_alias_namespace(&req.room_alias, req.appservice.as_deref())?;
     s.rooms
         .create_alias(&req.room_alias, &req.room_id, req.user())?;
     Ok(create_alias::v3::Response::new())
@@ -35,8 +36,8 @@ pub async fn get_alias(
     req: Ruma<get_alias::v3::Request>,
 ) -> Result<get_alias::v3::Response> {
     let room = s
-        .rooms
-        .alias_target(&req.room_alias)?
+        .resolve_alias(&req.room_alias)
+        .await?
         .ok_or_else(|| Error::not_found("No room has this alias"))?;
     Ok(get_alias::v3::Response::new(
         room,
@@ -138,12 +139,4 @@ pub async fn search(
         })
         .collect();
     Ok(search_users::v3::Response::new(results, limited))
-}
-
-/// Third-party protocols come from bridges' registrations; none are registered yet.
-pub async fn protocols(
-    _: Arc<Services>,
-    _: Ruma<ruma::api::client::thirdparty::get_protocols::v3::Request>,
-) -> Result<ruma::api::client::thirdparty::get_protocols::v3::Response> {
-    Ok(ruma::api::client::thirdparty::get_protocols::v3::Response::new(Default::default()))
 }

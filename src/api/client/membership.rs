@@ -21,12 +21,12 @@ use crate::{
     service::Services,
 };
 
-fn resolve(s: &Services, target: &RoomOrAliasId) -> Result<OwnedRoomId> {
+async fn resolve(s: &Services, target: &RoomOrAliasId) -> Result<OwnedRoomId> {
     match <&ruma::RoomId>::try_from(target) {
         Ok(room) => Ok(room.to_owned()),
         Err(alias) => s
-            .rooms
-            .alias_target(alias)?
+            .resolve_alias(alias)
+            .await?
             .ok_or_else(|| Error::not_found("No room has this alias")),
     }
 }
@@ -52,7 +52,7 @@ pub async fn join(
     s: Arc<Services>,
     req: Ruma<join_room_by_id_or_alias::v3::Request>,
 ) -> Result<join_room_by_id_or_alias::v3::Response> {
-    let room_id = resolve(&s, &req.room_id_or_alias)?;
+    let room_id = resolve(&s, &req.room_id_or_alias).await?;
     s.rooms
         .set_membership(
             &room_id,
@@ -70,7 +70,7 @@ pub async fn knock(
     s: Arc<Services>,
     req: Ruma<knock_room::v3::Request>,
 ) -> Result<knock_room::v3::Response> {
-    let room_id = resolve(&s, &req.room_id_or_alias)?;
+    let room_id = resolve(&s, &req.room_id_or_alias).await?;
     s.rooms
         .set_membership(
             &room_id,
@@ -91,6 +91,7 @@ pub async fn invite(
     let invite_user::v3::InvitationRecipient::UserId(target) = &req.recipient else {
         return Err(Error::unknown("Third-party invites are not supported"));
     };
+    s.ask_appservices_about(&target.user_id).await?;
     s.rooms
         .set_membership(
             &req.room_id,

@@ -44,6 +44,7 @@ pub async fn send(
     }
     let mut event = NewEvent::message(kind, content_of(&req.body)?);
     event.txn = Some((req.device().to_string(), req.txn_id.to_string()));
+    event.timestamp = req.massaged_ts;
     let event_id = s.rooms.send(&req.room_id, req.user(), event).await?;
     Ok(send_message_event::v3::Response::new(event_id))
 }

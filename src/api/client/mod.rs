@@ -3,6 +3,7 @@
 pub mod account;
 pub mod account_data;
 pub mod admin;
+pub mod appservice;
 pub mod backup;
 pub mod device;
 pub mod directory;

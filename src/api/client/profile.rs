@@ -34,6 +34,7 @@ pub async fn get(
     s: Arc<Services>,
     req: Ruma<get_profile::v3::Request>,
 ) -> Result<get_profile::v3::Response> {
+    s.ask_appservices_about(&req.user_id).await?;
     let p = profile_of(&s, &req.user_id)?;
     let mut res = get_profile::v3::Response::new();
     if let Some(n) = p.displayname {

@@ -42,6 +42,14 @@ pub async fn create(
     for e in &req.initial_state {
         initial_state.push(json_of(e)?);
     }
+    if let Some(local) = &req.room_alias_name {
+        let alias =
+            crate::service::rooms::alias::parse_local_alias(local, s.globals.server_name())?;
+        s.check_alias_namespace(&alias, req.appservice.as_deref())?;
+    }
+    for invitee in &req.invite {
+        s.ask_appservices_about(invitee).await?;
+    }
     let create = CreateRoom {
         version: req.room_version.clone(),
         preset,

@@ -50,12 +50,36 @@ pub async fn login_types(
     Ok(get_login_types::v3::Response::new(vec![
         LoginType::Password(PasswordLoginType::new()),
         LoginType::Token(token),
+        LoginType::ApplicationService(get_login_types::v3::ApplicationServiceLoginType::new()),
     ]))
 }
 
 pub async fn login(s: Arc<Services>, req: Ruma<login::v3::Request>) -> Result<login::v3::Response> {
-    s.login_limit.check(&format!("ip:{}", req.ip_key()))?;
+    if req.appservice.as_ref().is_none_or(|a| a.rate_limited()) {
+        s.login_limit.check(&format!("ip:{}", req.ip_key()))?;
+    }
     let user_id = match &req.login_info {
+        login::v3::LoginInfo::ApplicationService(a) => {
+            let appservice = req.appservice.as_ref().ok_or_else(|| {
+                Error::missing_token_msg(
+                    "m.login.application_service needs the appservice's as_token",
+                )
+            })?;
+            #[allow(deprecated)]
+            let user_id = parse_login_user(&s, a.identifier.as_ref(), a.user.as_deref())?;
+            if !appservice.claims_user(&user_id) {
+                return Err(Error::exclusive(format!(
+                    "{user_id} is not in the namespace of appservice {:?}",
+                    appservice.id()
+                )));
+            }
+            user_id
+        }
+        _ if req.appservice.is_some() => {
+            return Err(Error::unknown(
+                "An appservice token only logs in with m.login.application_service",
+            ));
+        }
         login::v3::LoginInfo::Password(p) => {
             #[allow(deprecated)]
             let user_id = parse_login_user(&s, p.identifier.as_ref(), p.user.as_deref())?;

@@ -106,7 +106,8 @@ pub async fn send(
             }
         }
     }
-    let event = NewEvent::state(kind, req.state_key.clone(), content);
+    let mut event = NewEvent::state(kind, req.state_key.clone(), content);
+    event.timestamp = req.massaged_ts;
     let event_id = s.rooms.send(&req.room_id, req.user(), event).await?;
     Ok(send_state_event::v3::Response::new(event_id))
 }

@@ -1,0 +1,318 @@
+//! Acting on the homeserver as the appservice's bot or one of its ghosts: every request
+//! carries the `as_token` and names the user with `?user_id=` (masquerading).
+
+use std::time::Duration;
+
+use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId};
+use serde_json::{Value as JsonValue, json};
+
+use crate::store::Store;
+
+/// A homeserver error, as the client-server API reports it.
+#[derive(Debug)]
+pub struct MatrixError {
+    pub status: u16,
+    pub errcode: String,
+    pub error: String,
+}
+
+impl std::fmt::Display for MatrixError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.status, self.errcode, self.error)
+    }
+}
+
+impl std::error::Error for MatrixError {}
+
+/// Whether an error is the homeserver's `errcode`.
+pub fn is_errcode(e: &anyhow::Error, errcode: &str) -> bool {
+    e.downcast_ref::<MatrixError>()
+        .is_some_and(|m| m.errcode == errcode)
+}
+
+pub(crate) fn enc(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The homeserver, as the appservice reaches it.
+#[derive(Clone)]
+pub struct Homeserver {
+    http: reqwest::Client,
+    base: String,
+    as_token: String,
+    pub server_name: ruma::OwnedServerName,
+    store: Store,
+}
+
+impl Homeserver {
+    pub fn new(
+        base: &str,
+        as_token: &str,
+        server_name: ruma::OwnedServerName,
+        store: Store,
+    ) -> Self {
+        Self {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .unwrap_or_default(),
+            base: base.trim_end_matches('/').to_owned(),
+            as_token: as_token.to_owned(),
+            server_name,
+            store,
+        }
+    }
+
+    /// Act as `user` (the bot or a ghost).
+    pub fn intent(&self, user: &UserId) -> Intent {
+        Intent {
+            hs: self.clone(),
+            user_id: user.to_owned(),
+        }
+    }
+
+    /// A user id on the homeserver's domain.
+    pub fn user_id(&self, localpart: &str) -> anyhow::Result<OwnedUserId> {
+        Ok(UserId::parse_with_server_name(
+            localpart,
+            &self.server_name,
+        )?)
+    }
+}
+
+/// One user the appservice acts as.
+#[derive(Clone)]
+pub struct Intent {
+    hs: Homeserver,
+    pub user_id: OwnedUserId,
+}
+
+impl Intent {
+    /// A client-server API request as this user.
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&JsonValue>,
+    ) -> anyhow::Result<JsonValue> {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let url = format!(
+            "{}{path}{sep}user_id={}",
+            self.hs.base,
+            enc(self.user_id.as_str())
+        );
+        let mut req = self
+            .hs
+            .http
+            .request(method, url)
+            .bearer_auth(&self.hs.as_token);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let res = req.send().await?;
+        let status = res.status().as_u16();
+        let value: JsonValue = res.json().await.unwrap_or(JsonValue::Null);
+        if (200..300).contains(&status) {
+            return Ok(value);
+        }
+        Err(MatrixError {
+            status,
+            errcode: value["errcode"].as_str().unwrap_or("M_UNKNOWN").to_owned(),
+            error: value["error"].as_str().unwrap_or_default().to_owned(),
+        }
+        .into())
+    }
+
+    /// Register the user (once; remembered in the store).
+    pub async fn ensure_registered(&self) -> anyhow::Result<()> {
+        let key = format!("kit:registered:{}", self.user_id);
+        if self.hs.store.get(&key)?.is_some() {
+            return Ok(());
+        }
+        let body = json!({
+            "type": "m.login.application_service",
+            "username": self.user_id.localpart(),
+            "inhibit_login": true,
+        });
+        match self.raw_post("/_matrix/client/v3/register", &body).await {
+            Ok(_) => {}
+            Err(e) if is_errcode(&e, "M_USER_IN_USE") => {}
+            Err(e) => return Err(e),
+        }
+        self.hs.store.put(&key, b"1")
+    }
+
+    /// POST without `?user_id=` (registration names the user in the body).
+    async fn raw_post(&self, path: &str, body: &JsonValue) -> anyhow::Result<JsonValue> {
+        let res = self
+            .hs
+            .http
+            .post(format!("{}{path}", self.hs.base))
+            .bearer_auth(&self.hs.as_token)
+            .json(body)
+            .send()
+            .await?;
+        let status = res.status().as_u16();
+        let value: JsonValue = res.json().await.unwrap_or(JsonValue::Null);
+        if (200..300).contains(&status) {
+            return Ok(value);
+        }
+        Err(MatrixError {
+            status,
+            errcode: value["errcode"].as_str().unwrap_or("M_UNKNOWN").to_owned(),
+            error: value["error"].as_str().unwrap_or_default().to_owned(),
+        }
+        .into())
+    }
+
+    /// Set the display name, when it differs from the one last set.
+    pub async fn ensure_display_name(&self, name: &str) -> anyhow::Result<()> {
+        let key = format!("kit:displayname:{}", self.user_id);
+        if self.hs.store.get(&key)?.as_deref() == Some(name.as_bytes()) {
+            return Ok(());
+        }
+        self.ensure_registered().await?;
+        self.request(
+            reqwest::Method::PUT,
+            &format!(
+                "/_matrix/client/v3/profile/{}/displayname",
+                enc(self.user_id.as_str())
+            ),
+            Some(&json!({ "displayname": name })),
+        )
+        .await?;
+        self.hs.store.put(&key, name.as_bytes())
+    }
+
+    /// Join a room (registering first when needed).
+    pub async fn ensure_joined(&self, room: &RoomId) -> anyhow::Result<()> {
+        self.ensure_registered().await?;
+        self.request(
+            reqwest::Method::POST,
+            &format!("/_matrix/client/v3/rooms/{}/join", enc(room.as_str())),
+            Some(&json!({})),
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub async fn leave(&self, room: &RoomId) -> anyhow::Result<()> {
+        self.request(
+            reqwest::Method::POST,
+            &format!("/_matrix/client/v3/rooms/{}/leave", enc(room.as_str())),
+            Some(&json!({})),
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub async fn invite(&self, room: &RoomId, user: &UserId) -> anyhow::Result<()> {
+        self.request(
+            reqwest::Method::POST,
+            &format!("/_matrix/client/v3/rooms/{}/invite", enc(room.as_str())),
+            Some(&json!({ "user_id": user })),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Send a message event; the transaction id makes a retry of the same call safe.
+    pub async fn send(
+        &self,
+        room: &RoomId,
+        event_type: &str,
+        content: &JsonValue,
+        txn_id: Option<&str>,
+    ) -> anyhow::Result<OwnedEventId> {
+        let txn = txn_id
+            .map(str::to_owned)
+            .unwrap_or_else(crate::registration::random_token);
+        let v = self
+            .request(
+                reqwest::Method::PUT,
+                &format!(
+                    "/_matrix/client/v3/rooms/{}/send/{}/{}",
+                    enc(room.as_str()),
+                    enc(event_type),
+                    enc(&txn)
+                ),
+                Some(content),
+            )
+            .await?;
+        Ok(OwnedEventId::try_from(
+            v["event_id"].as_str().unwrap_or_default(),
+        )?)
+    }
+
+    pub async fn send_text(&self, room: &RoomId, text: &str) -> anyhow::Result<OwnedEventId> {
+        self.send(
+            room,
+            "m.room.message",
+            &json!({ "msgtype": "m.text", "body": text }),
+            None,
+        )
+        .await
+    }
+
+    /// A notice with an HTML body (bots answer with notices, which never notify).
+    pub async fn send_notice(
+        &self,
+        room: &RoomId,
+        text: &str,
+        html: Option<&str>,
+    ) -> anyhow::Result<OwnedEventId> {
+        let mut content = json!({ "msgtype": "m.notice", "body": text });
+        if let Some(html) = html {
+            content["format"] = json!("org.matrix.custom.html");
+            content["formatted_body"] = json!(html);
+        }
+        self.send(room, "m.room.message", &content, None).await
+    }
+
+    pub async fn send_state(
+        &self,
+        room: &RoomId,
+        event_type: &str,
+        state_key: &str,
+        content: &JsonValue,
+    ) -> anyhow::Result<OwnedEventId> {
+        let v = self
+            .request(
+                reqwest::Method::PUT,
+                &format!(
+                    "/_matrix/client/v3/rooms/{}/state/{}/{}",
+                    enc(room.as_str()),
+                    enc(event_type),
+                    enc(state_key)
+                ),
+                Some(content),
+            )
+            .await?;
+        Ok(OwnedEventId::try_from(
+            v["event_id"].as_str().unwrap_or_default(),
+        )?)
+    }
+
+    /// Create a room (a portal) with the given `createRoom` body.
+    pub async fn create_room(&self, body: &JsonValue) -> anyhow::Result<OwnedRoomId> {
+        self.ensure_registered().await?;
+        let v = self
+            .request(
+                reqwest::Method::POST,
+                "/_matrix/client/v3/createRoom",
+                Some(body),
+            )
+            .await?;
+        Ok(OwnedRoomId::try_from(
+            v["room_id"].as_str().unwrap_or_default(),
+        )?)
+    }
+}
