@@ -287,6 +287,24 @@ async fn counts_follow_the_push_rules_and_the_read_receipt() {
         "{counts}"
     );
 
+    // A profile change re-issues alice's member event: her stay in the room, and her
+    // unread count, go on.
+    alice
+        .ok(
+            Method::PUT,
+            &format!(
+                "/_matrix/client/v3/profile/{}/displayname",
+                enc(&alice.user_id)
+            ),
+            Some(json!({ "displayname": "Alice Renamed" })),
+        )
+        .await;
+    let s2b = sync_once(&alice, None, None).await;
+    assert_eq!(
+        s2b["rooms"]["join"][&room]["unread_notifications"]["notification_count"],
+        1
+    );
+
     // /notifications: newest first, with what is read, and only highlights on request.
     let n = alice
         .ok(Method::GET, "/_matrix/client/v3/notifications", None)

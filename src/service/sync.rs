@@ -702,8 +702,14 @@ fn joined_room(
         events.push(sync_format(s, e, device)?);
     }
 
-    let (unread, unread_threads) =
-        unread_counts(s, user, room_short, now, req.filter.thread_counts)?;
+    let (unread, unread_threads) = unread_counts(
+        s,
+        user,
+        room_short,
+        now,
+        req.filter.thread_counts,
+        joined_at(s, member)?,
+    )?;
     let mut room = json!({
         "timeline": { "events": events, "limited": limited, "prev_batch": prev_batch },
         "state": { "events": state },
@@ -786,18 +792,48 @@ pub fn read_position(
 
 /// Notifications the push rules gave the user after their read receipts: for the room,
 /// or (when the filter asks) for the main timeline and each thread apart.
+/// The position of the join that began the user's current stay in the room (member
+/// events that only change the profile keep it).
+fn joined_at(s: &Services, member: &StoredEvent) -> Result<u64> {
+    let tl = &s.rooms.timeline;
+    let mut pos = member.meta.pos;
+    let mut replaces = member.meta.replaces;
+    for _ in 0..64 {
+        let Some(prev) = replaces else { break };
+        let (Some(pdu), Some(meta)) = (tl.pdu_by_short(prev)?, tl.meta(prev)?) else {
+            break;
+        };
+        if pdu
+            .content_json()
+            .get("membership")
+            .and_then(|m| m.as_str())
+            != Some("join")
+        {
+            break;
+        }
+        pos = meta.pos;
+        replaces = meta.replaces;
+    }
+    Ok(pos)
+}
+
+/// Counting starts after the user's join (`joined_at`): what came before, their own
+/// invitation included, is not unread in the room they are now in.
 fn unread_counts(
     s: &Services,
     user: &UserId,
     room_short: u64,
     now: u64,
     by_thread: bool,
+    joined_at: u64,
 ) -> Result<(JsonValue, Option<JsonValue>)> {
-    let main_read = read_position(s, user, room_short, ReadScope::Main)?;
+    let main_read = read_position(s, user, room_short, ReadScope::Main)?.max(joined_at);
     let (main, threads) = if by_thread {
-        let unthreaded = read_position(s, user, room_short, ReadScope::Unthreaded)?;
+        let unthreaded = read_position(s, user, room_short, ReadScope::Unthreaded)?.max(joined_at);
         let thread_read = |t: &str| {
-            read_position(s, user, room_short, ReadScope::Thread(t)).unwrap_or(unthreaded)
+            read_position(s, user, room_short, ReadScope::Thread(t))
+                .unwrap_or(unthreaded)
+                .max(joined_at)
         };
         s.push.counts(
             user,

@@ -20,6 +20,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections import deque
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
@@ -39,12 +40,25 @@ _SERVER: "SalonServer | None" = None
 
 
 @dataclasses.dataclass
+class Appservice:
+    """The appservice registration the session server loads (see test_mautrix_appservice)."""
+
+    id: str
+    as_token: str
+    hs_token: str
+    sender_localpart: str
+    user_prefix: str
+    port: int
+
+
+@dataclasses.dataclass
 class SalonServer:
     process: subprocess.Popen
     base_url: str
     server_name: str
     data_dir: Path
     log_path: Path
+    appservice: Appservice
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         try:
@@ -121,6 +135,34 @@ def salon_server() -> "SalonServer":
     log_path.parent.mkdir(parents=True, exist_ok=True)
     port = _free_loopback_port()
 
+    # One appservice registration, for the mautrix-python test; its process is
+    # started by that test on the port reserved here.
+    appservice = Appservice(
+        id="mautrix-interop",
+        as_token=f"as_{uuid.uuid4().hex}",
+        hs_token=f"hs_{uuid.uuid4().hex}",
+        sender_localpart="mxbot",
+        user_prefix="_mx_",
+        port=_free_loopback_port(),
+    )
+    registrations = tmp / "appservices"
+    registrations.mkdir()
+    (registrations / "mautrix.yaml").write_text(
+        f"""id: {appservice.id}
+url: "http://127.0.0.1:{appservice.port}"
+as_token: "{appservice.as_token}"
+hs_token: "{appservice.hs_token}"
+sender_localpart: {appservice.sender_localpart}
+rate_limited: false
+namespaces:
+  users:
+    - exclusive: true
+      regex: "@{appservice.user_prefix}.*:{SERVER_NAME}"
+  aliases: []
+  rooms: []
+"""
+    )
+
     env = dict(os.environ)
     env.update(
         SALON_SERVER_NAME=SERVER_NAME,
@@ -128,6 +170,7 @@ def salon_server() -> "SalonServer":
         SALON_DATA_DIR=str(data_dir),
         SALON_REGISTRATION__MODE="open",
         SALON_RATE_LIMITS__ENABLED="false",
+        SALON_APPSERVICES__REGISTRATION_DIR=str(registrations),
     )
     log = open(log_path, "wb")
     process = subprocess.Popen(
@@ -138,7 +181,9 @@ def salon_server() -> "SalonServer":
         stderr=subprocess.STDOUT,
         cwd=tmp,
     )
-    server = SalonServer(process, f"http://127.0.0.1:{port}", SERVER_NAME, data_dir, log_path)
+    server = SalonServer(
+        process, f"http://127.0.0.1:{port}", SERVER_NAME, data_dir, log_path, appservice
+    )
     try:
         problem = None
         try:
