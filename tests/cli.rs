@@ -138,3 +138,49 @@ fn admin_creates_users_and_registration_tokens() {
     );
     assert!(services.users.get(&user).unwrap().unwrap().admin);
 }
+
+#[test]
+fn appservice_registrations_are_managed_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bridge.yaml");
+    std::fs::write(
+        &file,
+        "id: clibridge\nurl: \"http://127.0.0.1:9999\"\nas_token: \"cli-as-token-long-enough\"\nhs_token: \"cli-hs-token-long-enough\"\nsender_localpart: clibot\nnamespaces:\n  users:\n    - exclusive: true\n      regex: \"@_cli_.*:localhost\"\n",
+    )
+    .unwrap();
+    let path = file.to_str().unwrap();
+    let (code, out, err) = salon(dir.path(), &["admin", "appservice", "register", path], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("registered appservice clibridge"), "{out}");
+    let (code, out, _) = salon(dir.path(), &["admin", "appservice", "list"], &[]);
+    assert_eq!(code, 0);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("clibridge\t@clibot:localhost\thttp://127.0.0.1:9999")),
+        "{out}"
+    );
+    // A broken file is refused with its name and the field.
+    let broken = dir.path().join("broken.yaml");
+    std::fs::write(&broken, "id: x\nurl: null\nas_token: short\n").unwrap();
+    let (code, _, err) = salon(
+        dir.path(),
+        &["admin", "appservice", "register", broken.to_str().unwrap()],
+        &[],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("broken.yaml"), "{err}");
+    let (code, out, _) = salon(
+        dir.path(),
+        &["admin", "appservice", "unregister", "clibridge"],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}");
+    let (_, out, _) = salon(dir.path(), &["admin", "appservice", "list"], &[]);
+    assert!(!out.contains("clibridge"), "{out}");
+    let (code, _, _) = salon(
+        dir.path(),
+        &["admin", "appservice", "unregister", "clibridge"],
+        &[],
+    );
+    assert_ne!(code, 0);
+}
