@@ -102,8 +102,9 @@ async def test_mautrix_ghost_registers_sends_and_receives_transactions(
     assert evt.content.body == "hi ghost"
 
     # Salon answers the appservice's ping (which Salon relays to it and times).
+    # mautrix reports -1 when the homeserver's answer has no duration.
     took = await bounded(appserv.ping_self())
-    assert took >= 0
+    assert took >= 1
 
 
 async def test_the_namespace_is_exclusive_and_masquerading_is_checked(

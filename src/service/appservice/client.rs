@@ -148,7 +148,11 @@ pub async fn ping(
     )
     .await
     {
-        Reply::Ok(_) => Ok(started.elapsed()),
+        // Whole milliseconds, rounded up: a loopback answer in 0.3 ms is "1 ms", never
+        // "0 ms", which clients read as no answer.
+        Reply::Ok(_) => Ok(Duration::from_millis(
+            (started.elapsed().as_micros() as u64).div_ceil(1000).max(1),
+        )),
         Reply::NoUrl => Err(Error::ping_failed(
             ruma::api::error::ErrorKind::UrlNotSet,
             "This appservice has no URL to ping",
