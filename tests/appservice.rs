@@ -44,6 +44,7 @@ as_token: "{AS_TOKEN}"
 hs_token: "{HS_TOKEN}"
 sender_localpart: bridgebot
 rate_limited: false
+receive_ephemeral: true
 protocols: ["testproto"]
 namespaces:
   users:
@@ -65,6 +66,7 @@ namespaces:
 struct Seen {
     /// `(txn_id, events)` in arrival order, retries included.
     transactions: Vec<(String, Vec<Value>)>,
+    ephemeral: Vec<Value>,
     user_queries: Vec<String>,
     pings: usize,
     bad_tokens: usize,
@@ -97,7 +99,11 @@ async fn start_recorder(port: u16, recorder: Recorder) -> tokio::task::JoinHandl
                         return (S::FORBIDDEN, Json(json!({ "errcode": "M_FORBIDDEN" })));
                     }
                     let events = body["events"].as_array().cloned().unwrap_or_default();
-                    r.seen.lock().unwrap().transactions.push((txn, events));
+                    let ephemeral = body["ephemeral"].as_array().cloned().unwrap_or_default();
+                    let mut seen = r.seen.lock().unwrap();
+                    seen.transactions.push((txn, events));
+                    seen.ephemeral.extend(ephemeral);
+                    drop(seen);
                     let mut fail = r.fail.lock().unwrap();
                     if *fail > 0 {
                         *fail -= 1;
@@ -323,6 +329,46 @@ async fn an_appservice_registers_ghosts_masquerades_and_gets_transactions() {
     })
     .await;
     assert_eq!(seen.lock().unwrap().bad_tokens, 0);
+
+    // Typing and receipts in the ghost's room come as ephemeral data.
+    alice
+        .ok(
+            Method::PUT,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/typing/{}",
+                enc(&room),
+                enc(&alice.user_id)
+            ),
+            Some(json!({ "typing": true, "timeout": 10000 })),
+        )
+        .await;
+    let first = sent["event_id"].as_str().unwrap().to_owned();
+    alice
+        .ok(
+            Method::POST,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/receipt/m.read/{}",
+                enc(&room),
+                enc(&first)
+            ),
+            Some(json!({})),
+        )
+        .await;
+    wait_until("typing and a receipt", || {
+        let s = seen.lock().unwrap();
+        let typing = s.ephemeral.iter().any(|e| {
+            e["type"] == "m.typing"
+                && e["room_id"] == room.as_str()
+                && e["content"]["user_ids"]
+                    .as_array()
+                    .is_some_and(|u| u.contains(&json!(alice.user_id)))
+        });
+        let receipt = s.ephemeral.iter().any(|e| {
+            e["type"] == "m.receipt" && e["content"][&first]["m.read"].get(&alice.user_id).is_some()
+        });
+        (typing && receipt).then_some(())
+    })
+    .await;
 
     // A room nobody of the appservice is in stays private to its members.
     let other = alice.create_room(json!({ "preset": "private_chat" })).await;

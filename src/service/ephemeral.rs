@@ -147,6 +147,43 @@ impl Ephemeral {
         }
     }
 
+    /// Rooms whose typing changed in `(since, until]`, with who types there now.
+    pub fn typing_changed(&self, since: u64, until: u64) -> Vec<(OwnedRoomId, Vec<OwnedUserId>)> {
+        let rooms: Vec<OwnedRoomId> = self
+            .typing
+            .lock()
+            .iter()
+            .filter(|(_, e)| e.pos > since && e.pos <= until)
+            .map(|(r, _)| r.clone())
+            .collect();
+        rooms
+            .into_iter()
+            .map(|r| {
+                let (users, _) = self.typing(&r);
+                (r, users)
+            })
+            .collect()
+    }
+
+    /// Rooms with a receipt change in `(since, until]`, across all rooms.
+    pub fn receipt_rooms_since(&self, since: u64, until: u64) -> Result<Vec<u64>> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .scan_from("receipt_rooms", b"", &(since + 1).to_be_bytes(), true)
+        {
+            let (k, v) = item?;
+            if crate::storage::u64_at(&k, 0) > until {
+                break;
+            }
+            let room = crate::storage::decode_u64(&v);
+            if !out.contains(&room) {
+                out.push(room);
+            }
+        }
+        Ok(out)
+    }
+
     /// Users typing in a room now, and the position of the last change.
     pub fn typing(&self, room: &RoomId) -> (Vec<OwnedUserId>, u64) {
         let rooms = self.typing.lock();
@@ -200,6 +237,12 @@ impl Ephemeral {
             "receipt_stream",
             &u64_key(&[room_short, ticket.position]),
             &serde_json::to_vec(&receipt)?,
+        );
+        b.put(
+            &self.db,
+            "receipt_rooms",
+            &ticket.position.to_be_bytes(),
+            &room_short.to_be_bytes(),
         );
         self.db.commit(b)?;
         let pos = ticket.position;

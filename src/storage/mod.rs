@@ -106,6 +106,10 @@ pub const COLUMN_FAMILIES: &[(&str, &str)] = &[
         "room short id + stream position → the receipt that changed",
     ),
     (
+        "receipt_rooms",
+        "stream position → room short id, for readers of receipts across rooms",
+    ),
+    (
         "membership_stream",
         "stream position → room short id + user short id + joined (1) or left (0)",
     ),

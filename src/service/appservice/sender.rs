@@ -35,6 +35,10 @@ struct State {
 struct Pending {
     txn_id: String,
     events: Vec<u64>,
+    /// Typing and receipts (for appservices with `receive_ephemeral`), kept as sent:
+    /// typing lives in memory and could not be read again after a restart.
+    #[serde(default)]
+    ephemeral: Vec<JsonValue>,
     /// The cursor once this transaction is accepted.
     up_to: u64,
 }
@@ -144,7 +148,12 @@ async fn step(
 ) -> Result<Step> {
     if state.pending.is_none() {
         let (events, up_to) = gather(s, a, state.cursor)?;
-        if events.is_empty() {
+        let ephemeral = if a.registration.receive_ephemeral {
+            gather_ephemeral(s, a, state.cursor, up_to)?
+        } else {
+            Vec::new()
+        };
+        if events.is_empty() && ephemeral.is_empty() {
             if up_to > state.cursor {
                 state.cursor = up_to;
                 save_state(s, a.id(), state, false)?;
@@ -154,6 +163,7 @@ async fn step(
         state.pending = Some(Pending {
             txn_id: format!("{}", state.next_txn),
             events,
+            ephemeral,
             up_to,
         });
         state.next_txn += 1;
@@ -182,7 +192,13 @@ fn transaction_body(s: &Services, pending: &Pending) -> Result<JsonValue> {
             events.push(s.rooms.timeline.to_client(&e, None)?);
         }
     }
-    Ok(json!({ "events": events }))
+    let mut body = json!({ "events": events });
+    if !pending.ephemeral.is_empty() {
+        // The spec's field, and MSC2409's unstable one that older appservices read.
+        body["ephemeral"] = JsonValue::Array(pending.ephemeral.clone());
+        body["de.sorunome.msc2409.ephemeral"] = JsonValue::Array(pending.ephemeral.clone());
+    }
+    Ok(body)
 }
 
 /// Events after `cursor` that the appservice is interested in (at most
@@ -215,6 +231,76 @@ fn gather(s: &Services, a: &Appservice, cursor: u64) -> Result<(Vec<u64>, u64)> 
     Ok((out, up_to))
 }
 
+/// Typing and public receipts in `(since, until]` of rooms the appservice is interested
+/// in, as `m.typing` and `m.receipt` events with their `room_id`.
+fn gather_ephemeral(
+    s: &Services,
+    a: &Appservice,
+    since: u64,
+    until: u64,
+) -> Result<Vec<JsonValue>> {
+    let mut out = Vec::new();
+    let mut rooms: HashMap<u64, bool> = HashMap::new();
+    for (room_id, users) in s.ephemeral.typing_changed(since, until) {
+        let Some(room_short) = s.rooms.timeline.room_short(&room_id)? else {
+            continue;
+        };
+        if room_interest(s, a, room_short, &room_id, &mut rooms)? {
+            out.push(
+                json!({ "type": "m.typing", "room_id": room_id, "content": { "user_ids": users } }),
+            );
+        }
+    }
+    for room_short in s.ephemeral.receipt_rooms_since(since, until)? {
+        let Some(room_id) =
+            s.db.long_id(room_short)?
+                .and_then(|r| ruma::RoomId::parse(r).ok())
+        else {
+            continue;
+        };
+        if !room_interest(s, a, room_short, &room_id, &mut rooms)? {
+            continue;
+        }
+        let receipts: Vec<_> = s
+            .ephemeral
+            .receipts_since(room_short, since, until)?
+            .into_iter()
+            .filter(|r| !r.is_private())
+            .collect();
+        if !receipts.is_empty() {
+            out.push(json!({
+                "type": "m.receipt",
+                "room_id": room_id,
+                "content": crate::service::ephemeral::receipt_content(&receipts),
+            }));
+        }
+    }
+    Ok(out)
+}
+
+/// Whether the appservice is interested in everything that happens in a room.
+fn room_interest(
+    s: &Services,
+    a: &Appservice,
+    room_short: u64,
+    room_id: &ruma::RoomId,
+    rooms: &mut HashMap<u64, bool>,
+) -> Result<bool> {
+    if let Some(known) = rooms.get(&room_short) {
+        return Ok(*known);
+    }
+    let interest = a.claims_room(room_id)
+        || room_aliases(s, room_short)?
+            .iter()
+            .filter_map(|alias| ruma::RoomAliasId::parse(alias).ok())
+            .any(|alias| a.claims_alias(&alias))
+        || members_with(&s.db, room_short, "join")?
+            .iter()
+            .any(|u| a.claims_user(u));
+    rooms.insert(room_short, interest);
+    Ok(interest)
+}
+
 /// The spec's interest: the sender or the target of a membership is one of the
 /// appservice's users, the room is in its room namespace or has an alias in its alias
 /// namespace, or one of its users is joined to the room.
@@ -244,19 +330,7 @@ fn interested(
     {
         return Ok(true);
     }
-    if let Some(known) = rooms.get(&e.meta.room) {
-        return Ok(*known);
-    }
-    let room_interest = a.claims_room(&e.room_id)
-        || room_aliases(s, e.meta.room)?
-            .iter()
-            .filter_map(|alias| ruma::RoomAliasId::parse(alias).ok())
-            .any(|alias| a.claims_alias(&alias))
-        || members_with(&s.db, e.meta.room, "join")?
-            .iter()
-            .any(|u| a.claims_user(u));
-    rooms.insert(e.meta.room, room_interest);
-    Ok(room_interest)
+    room_interest(s, a, e.meta.room, &e.room_id, rooms)
 }
 
 fn room_aliases(s: &Services, room_short: u64) -> Result<Vec<String>> {
