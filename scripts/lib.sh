@@ -34,3 +34,25 @@ ensure_build_deps() {
         exit 1
     fi
 }
+
+# The LDAP tests start their own OpenLDAP slapd (private configuration, loopback port).
+# Debian's slapd package would also configure and start a system-wide server: keep the
+# package's scripts from starting any service while it installs (policy-rc.d), and stop
+# one that runs anyway.
+ensure_slapd() {
+    if [ -x /usr/sbin/slapd ] && command -v slapadd >/dev/null 2>&1; then
+        return
+    fi
+    echo "installing OpenLDAP (slapd, ldap-utils) for the LDAP tests" >&2
+    local policy=/usr/sbin/policy-rc.d created=0
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy" >/dev/null
+        as_root chmod +x "$policy"
+        created=1
+    fi
+    echo "slapd slapd/no_configuration boolean true" | as_root debconf-set-selections 2>/dev/null || true
+    apt_install slapd ldap-utils
+    if [ "$created" = 1 ]; then as_root rm -f "$policy"; fi
+    as_root systemctl disable --now slapd >/dev/null 2>&1 || true
+    as_root pkill -x slapd >/dev/null 2>&1 || true
+}

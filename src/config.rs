@@ -34,6 +34,7 @@ pub struct Config {
     pub media: MediaConfig,
     pub push: PushConfig,
     pub appservices: AppservicesConfig,
+    pub ldap: LdapConfig,
 }
 
 impl Default for Config {
@@ -52,6 +53,7 @@ impl Default for Config {
             media: MediaConfig::default(),
             push: PushConfig::default(),
             appservices: AppservicesConfig::default(),
+            ldap: LdapConfig::default(),
         }
     }
 }
@@ -270,6 +272,82 @@ impl Default for BundledAppservice {
     }
 }
 
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LdapRemoved {
+    /// Deactivate the account for good (its id is never reused).
+    #[default]
+    Deactivate,
+    /// Log it out and refuse logins until the directory lists the user again.
+    Lock,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LdapConfig {
+    /// Check passwords against the directory and import its users.
+    pub enabled: bool,
+    /// `ldap://host:389` or `ldaps://host:636`.
+    pub uri: String,
+    /// Upgrade an `ldap://` connection with StartTLS.
+    pub starttls: bool,
+    /// PEM file of the CA that signed the directory's certificate (else the system's).
+    pub ca_file: Option<PathBuf>,
+    /// Seconds for connecting and for each operation.
+    pub timeout_secs: u64,
+    /// The service account that searches (search-then-bind); empty for anonymous search.
+    pub bind_dn: Option<String>,
+    pub bind_password: Option<String>,
+    /// Where users are found.
+    pub base_dn: String,
+    /// Which entries are users: `(objectClass=inetOrgPerson)` for OpenLDAP,
+    /// `(&(objectClass=user)(objectCategory=person))` for Active Directory.
+    pub user_filter: String,
+    /// The attribute a user logs in with: `uid` (OpenLDAP), `sAMAccountName` or
+    /// `userPrincipalName` (Active Directory).
+    pub login_attribute: String,
+    /// The attribute that becomes the Matrix localpart (normalised).
+    pub localpart_attribute: String,
+    pub name_attribute: String,
+    pub email_attribute: String,
+    /// Bind directly as this DN instead of searching first, `{username}` replaced
+    /// (e.g. `uid={username},ou=people,dc=example,dc=org`).
+    pub bind_dn_template: Option<String>,
+    /// Active Directory: refuse users whose `userAccountControl` marks them disabled.
+    pub active_directory: bool,
+    /// Whether directory users may also log in with a local password.
+    pub allow_local_passwords: bool,
+    /// Minutes between directory syncs (0: only `salon admin ldap sync`).
+    pub sync_interval_minutes: u64,
+    /// What happens to accounts that left the directory or were disabled there.
+    pub on_removed: LdapRemoved,
+}
+
+impl Default for LdapConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            uri: "ldap://127.0.0.1:389".to_owned(),
+            starttls: false,
+            ca_file: None,
+            timeout_secs: 5,
+            bind_dn: None,
+            bind_password: None,
+            base_dn: String::new(),
+            user_filter: "(objectClass=inetOrgPerson)".to_owned(),
+            login_attribute: "uid".to_owned(),
+            localpart_attribute: "uid".to_owned(),
+            name_attribute: "cn".to_owned(),
+            email_attribute: "mail".to_owned(),
+            bind_dn_template: None,
+            active_directory: false,
+            allow_local_passwords: false,
+            sync_interval_minutes: 60,
+            on_removed: LdapRemoved::Deactivate,
+        }
+    }
+}
+
 /// A configuration problem, told with where it is.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -371,6 +449,34 @@ impl Config {
                 ));
             }
         }
+        if self.ldap.enabled {
+            let l = &self.ldap;
+            if !(l.uri.starts_with("ldap://") || l.uri.starts_with("ldaps://")) {
+                return Err("ldap.uri: must start with ldap:// or ldaps://".to_owned());
+            }
+            if l.starttls && l.uri.starts_with("ldaps://") {
+                return Err("ldap.starttls: ldaps:// is already encrypted".to_owned());
+            }
+            if l.base_dn.is_empty() && l.bind_dn_template.is_none() {
+                return Err(
+                    "ldap.base_dn: needed to find users (or set bind_dn_template)".to_owned(),
+                );
+            }
+            if l.bind_dn.is_some() != l.bind_password.is_some() {
+                return Err(
+                    "ldap.bind_password: give both bind_dn and bind_password, or neither"
+                        .to_owned(),
+                );
+            }
+            if let Some(t) = &l.bind_dn_template
+                && !t.contains("{username}")
+            {
+                return Err("ldap.bind_dn_template: must contain {username}".to_owned());
+            }
+            if l.timeout_secs == 0 {
+                return Err("ldap.timeout_secs: must be positive".to_owned());
+            }
+        }
         if self.media.max_upload_bytes == 0 {
             return Err("media.max_upload_bytes: must be positive".to_owned());
         }
@@ -408,6 +514,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "media",
     "push",
     "appservices",
+    "ldap",
 ];
 
 /// An environment value is read as a TOML value when it parses as one (`true`, `42`),

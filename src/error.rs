@@ -103,6 +103,13 @@ impl Error {
             "This account has been deactivated",
         )
     }
+    pub fn user_locked() -> Self {
+        Self::matrix(
+            StatusCode::UNAUTHORIZED,
+            ErrorKind::UserLocked,
+            "This account is locked: the directory no longer lists it",
+        )
+    }
     pub fn limit_exceeded(retry_after: Duration) -> Self {
         let mut data = LimitExceededErrorData::new();
         data.retry_after = Some(RetryAfter::Delay(retry_after));

@@ -31,9 +31,16 @@ pub async fn run(
     services.ensure_appservice_users().await?;
     let (stop_push, push_stopped) = tokio::sync::oneshot::channel();
     let push_sender = tokio::spawn(service::push::sender::run(services.clone(), push_stopped));
+    // Stops the appservice senders and the directory sync.
     let (stop_appservices, appservices_stopped) = tokio::sync::watch::channel(false);
-    let appservice_senders =
-        service::appservice::sender::spawn_all(services.clone(), appservices_stopped);
+    let mut appservice_senders =
+        service::appservice::sender::spawn_all(services.clone(), appservices_stopped.clone());
+    if services.ldap.is_some() {
+        appservice_senders.push(tokio::spawn(service::ldap::run_periodic(
+            services.clone(),
+            appservices_stopped,
+        )));
+    }
     let served = http::serve(services.clone(), listener, shutdown).await;
     let _ = stop_push.send(());
     let _ = stop_appservices.send(true);

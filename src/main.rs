@@ -56,6 +56,22 @@ enum AdminCommand {
         #[command(subcommand)]
         command: AppserviceCommand,
     },
+    /// The organisation's directory (LDAP / Active Directory).
+    Ldap {
+        #[command(subcommand)]
+        command: LdapCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum LdapCommand {
+    /// Import the directory's users, update names, and deactivate or lock accounts that
+    /// left it.
+    Sync {
+        /// Only say what would change.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -164,6 +180,27 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// `[=====>     ] 120/800` on stderr, redrawn in place.
+fn progress_bar(done: usize, total: usize) {
+    use std::io::Write;
+    const WIDTH: usize = 30;
+    let filled = if total == 0 {
+        WIDTH
+    } else {
+        done * WIDTH / total
+    };
+    let bar: String = (0..WIDTH)
+        .map(|i| match i.cmp(&filled) {
+            std::cmp::Ordering::Less => '=',
+            std::cmp::Ordering::Equal => '>',
+            std::cmp::Ordering::Greater => ' ',
+        })
+        .collect();
+    let mut err = std::io::stderr();
+    let _ = write!(err, "\r[{bar}] {done}/{total}");
+    let _ = err.flush();
+}
+
 async fn admin(config: Config, command: AdminCommand) -> anyhow::Result<()> {
     let services = Services::build(config)?;
     match command {
@@ -230,6 +267,33 @@ async fn admin(config: Config, command: AdminCommand) -> anyhow::Result<()> {
                 println!("deleted {token}");
             }
         },
+        AdminCommand::Ldap {
+            command: LdapCommand::Sync { dry_run },
+        } => {
+            let report = salon::service::ldap::sync(&services, dry_run, |done, total| {
+                progress_bar(done, total);
+            })
+            .await?;
+            eprintln!();
+            println!(
+                "{}{report}",
+                if dry_run {
+                    "dry run (nothing changed): "
+                } else {
+                    ""
+                }
+            );
+            for (what, users) in [
+                ("created", &report.created),
+                ("renamed", &report.renamed),
+                ("removed", &report.removed),
+                ("unlocked", &report.unlocked),
+            ] {
+                for u in users {
+                    println!("  {what}: {u}");
+                }
+            }
+        }
         AdminCommand::Appservice { command } => match command {
             AppserviceCommand::Register { file } => {
                 let origin = file.display().to_string();

@@ -5,6 +5,7 @@ pub mod appservice;
 pub mod e2ee;
 pub mod ephemeral;
 pub mod globals;
+pub mod ldap;
 pub mod media;
 pub mod notifier;
 pub mod push;
@@ -30,6 +31,8 @@ pub struct Services {
     pub media: media::Media,
     pub push: Arc<push::Push>,
     pub appservices: appservice::Appservices,
+    /// The directory, when `ldap.enabled`.
+    pub ldap: Option<Arc<ldap::LdapService>>,
     /// For requests to appservices.
     pub http: reqwest::Client,
     pub login_limit: ratelimit::RateLimiter,
@@ -74,6 +77,13 @@ impl Services {
             globals.server_name(),
             globals.config.appservices.registration_dir.as_deref(),
         )?;
+        let ldap = if globals.config.ldap.enabled {
+            Some(Arc::new(ldap::LdapService::new(
+                globals.config.ldap.clone(),
+            )?))
+        } else {
+            None
+        };
         let media = media::Media::new(
             db.clone(),
             &globals.config.data_dir,
@@ -82,13 +92,14 @@ impl Services {
         Ok(Arc::new(Self {
             globals,
             users,
-            uiaa: uiaa::Uiaa::default(),
+            uiaa: uiaa::Uiaa::new(ldap.clone()),
             rooms,
             ephemeral: ephemeral::Ephemeral::new(db.clone(), notifier.clone()),
             e2ee,
             media,
             push,
             appservices,
+            ldap,
             http: appservice::client::http_client(),
             db,
             notifier,
@@ -189,5 +200,25 @@ impl Services {
             }
         }
         Ok(())
+    }
+}
+
+impl Services {
+    /// Deactivate an account: it leaves every room (so members see it go), its devices
+    /// are removed and it can never log in again.
+    pub async fn deactivate_account(&self, user: &ruma::UserId) -> Result<()> {
+        for state in ["join", "invite", "knock"] {
+            for room in self.rooms.rooms_with_membership(user, state)? {
+                if let Err(e) = self
+                    .rooms
+                    .set_membership(&room, user, user, "leave", None, None)
+                    .await
+                {
+                    tracing::warn!(room_id = %room, error = %e, "could not leave room while deactivating");
+                }
+            }
+        }
+        self.remove_devices_except(user, None)?;
+        self.users.deactivate(user)
     }
 }

@@ -39,9 +39,18 @@ pub struct Completed {
 #[derive(Default)]
 pub struct Uiaa {
     sessions: Mutex<HashMap<String, UiaaSession>>,
+    /// Checks the passwords of accounts that come from the directory.
+    directory: Option<std::sync::Arc<super::ldap::LdapService>>,
 }
 
 impl Uiaa {
+    pub fn new(directory: Option<std::sync::Arc<super::ldap::LdapService>>) -> Self {
+        Self {
+            sessions: Mutex::default(),
+            directory,
+        }
+    }
+
     /// Run one step of user-interactive authentication. Returns `Ok` once one of `flows`
     /// is complete; otherwise an [`Error::Uiaa`] that tells the client what is left.
     /// `who` is the account the client must prove to be (for password stages).
@@ -144,7 +153,20 @@ impl Uiaa {
                 if claimed_user.as_deref() != Some(who) {
                     return Err(Error::forbidden("You can only authenticate as yourself"));
                 }
-                if users.check_password(who, &p.password).await? {
+                let directory_dn = match &self.directory {
+                    Some(_) => users.get(who)?.and_then(|r| r.ldap_dn),
+                    None => None,
+                };
+                let ok = match (&self.directory, directory_dn) {
+                    // Directory accounts prove themselves with their directory password.
+                    (Some(ldap), Some(dn)) => {
+                        ldap.verify_password(&dn, &p.password).await?
+                            || (ldap.config.allow_local_passwords
+                                && users.check_password(who, &p.password).await?)
+                    }
+                    _ => users.check_password(who, &p.password).await?,
+                };
+                if ok {
                     Ok((AuthType::Password, None))
                 } else {
                     Err(Error::Matrix {

@@ -33,6 +33,14 @@ pub struct UserRecord {
     pub displayname: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub avatar_url: Option<String>,
+    /// The directory entry this account comes from (LDAP / Active Directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ldap_dn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    /// Logged out and refused logins until the directory lists the user again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub locked: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -181,6 +189,9 @@ impl Users {
             created_ts: now_ms(),
             displayname: Some(user.localpart().to_owned()),
             avatar_url: None,
+            ldap_dn: None,
+            email: None,
+            locked: false,
         };
         self.db
             .get_or_create_short_id(crate::storage::IdKind::User, user.as_str())?;

@@ -208,6 +208,13 @@ pub async fn change_password(
             "Passwords must be at least {min} characters"
         )));
     }
+    if crate::service::ldap::is_directory_user(&s, req.user())?
+        && !s.globals.config.ldap.allow_local_passwords
+    {
+        return Err(Error::forbidden(
+            "This account's password is managed by the organisation's directory",
+        ));
+    }
     s.users.set_password(req.user(), &req.new_password).await?;
     if req.logout_devices {
         s.remove_devices_except(req.user(), Some(req.device()))?;
@@ -224,20 +231,7 @@ pub async fn deactivate(
         .check(&s.users, flows, req.auth.as_ref(), Some(req.user()))
         .await?;
     let user = req.user().to_owned();
-    // Leave every room first, so that members see the account go.
-    for state in ["join", "invite", "knock"] {
-        for room in s.rooms.rooms_with_membership(&user, state)? {
-            if let Err(e) = s
-                .rooms
-                .set_membership(&room, &user, &user, "leave", None, None)
-                .await
-            {
-                tracing::warn!(room_id = %room, error = %e, "could not leave room while deactivating");
-            }
-        }
-    }
-    s.remove_devices_except(&user, None)?;
-    s.users.deactivate(&user)?;
+    s.deactivate_account(&user).await?;
     tracing::info!(user_id = %user, "account deactivated");
     Ok(deactivate::v3::Response::new(
         ruma::api::client::account::ThirdPartyIdRemovalStatus::NoSupport,

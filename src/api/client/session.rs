@@ -40,6 +40,70 @@ fn parse_login_user(
     Ok(id)
 }
 
+/// What the user typed to name themselves, as a directory login: a full user id of
+/// this server counts by its localpart; anything else (`jdupont`, `jean@corp.example`)
+/// as typed.
+fn directory_login(
+    s: &Services,
+    identifier: Option<&UserIdentifier>,
+    user: Option<&str>,
+) -> Option<String> {
+    let raw = match identifier {
+        Some(UserIdentifier::Matrix(m)) => m.user.clone(),
+        Some(_) => return None,
+        None => user?.to_owned(),
+    };
+    match UserId::parse(raw.as_str()) {
+        Ok(id) if id.server_name() == s.globals.server_name() => Some(id.localpart().to_owned()),
+        Ok(_) => None,
+        Err(_) => Some(raw),
+    }
+}
+
+/// A password login: the directory first (when configured), then the local password
+/// (local accounts always; directory accounts when `ldap.allow_local_passwords`). A
+/// directory that cannot be asked does not stop local accounts from logging in.
+async fn password_login(
+    s: &Services,
+    req: &Ruma<login::v3::Request>,
+    identifier: Option<&UserIdentifier>,
+    user: Option<&str>,
+    password: &str,
+) -> Result<OwnedUserId> {
+    let local_id = parse_login_user(s, identifier, user);
+    if let Ok(id) = &local_id {
+        s.login_limit.check(&format!("user:{id}"))?;
+    }
+    let mut directory_error = None;
+    if s.ldap.is_some()
+        && let Some(login) = directory_login(s, identifier, user)
+    {
+        match crate::service::ldap::login(s, &login, password).await {
+            Ok(Some(id)) => return Ok(id),
+            Ok(None) => {}
+            Err(e) if e.errcode() == "M_USER_DEACTIVATED" => return Err(e),
+            Err(e) => directory_error = Some(e),
+        }
+    }
+    let user_id = match local_id {
+        Ok(id) => id,
+        Err(e) => return Err(directory_error.unwrap_or(e)),
+    };
+    let local_allowed = s
+        .users
+        .get(&user_id)?
+        .is_none_or(|r| r.ldap_dn.is_none() || s.globals.config.ldap.allow_local_passwords);
+    if local_allowed && !password.is_empty() && s.users.check_password(&user_id, password).await? {
+        return Ok(user_id);
+    }
+    if let Some(e) = directory_error {
+        tracing::warn!(user_id = %user_id, error = %e, "login failed: the directory is unavailable");
+        return Err(e);
+    }
+    tracing::info!(user_id = %user_id, ip = %req.ip_key(), "failed password login");
+    Err(Error::forbidden("Invalid username or password"))
+}
+
 pub async fn login_types(
     _: Arc<Services>,
     _: Ruma<get_login_types::v3::Request>,
@@ -82,13 +146,8 @@ pub async fn login(s: Arc<Services>, req: Ruma<login::v3::Request>) -> Result<lo
         }
         login::v3::LoginInfo::Password(p) => {
             #[allow(deprecated)]
-            let user_id = parse_login_user(&s, p.identifier.as_ref(), p.user.as_deref())?;
-            s.login_limit.check(&format!("user:{user_id}"))?;
-            if p.password.is_empty() || !s.users.check_password(&user_id, &p.password).await? {
-                tracing::info!(user_id = %user_id, ip = %req.ip_key(), "failed password login");
-                return Err(Error::forbidden("Invalid username or password"));
-            }
-            user_id
+            let (identifier, user) = (p.identifier.as_ref(), p.user.as_deref());
+            password_login(&s, &req, identifier, user, &p.password).await?
         }
         login::v3::LoginInfo::Token(t) => s
             .users
@@ -102,6 +161,9 @@ pub async fn login(s: Arc<Services>, req: Ruma<login::v3::Request>) -> Result<lo
         .ok_or_else(|| Error::forbidden("Invalid username or password"))?;
     if record.deactivated {
         return Err(Error::user_deactivated());
+    }
+    if record.locked {
+        return Err(Error::user_locked());
     }
     let (device_id, token) = s.users.create_device(
         &user_id,

@@ -299,6 +299,18 @@ impl Rooms {
                 visible.extend(super::timeline::members_with(&self.db, short, "join")?);
             }
         }
+        // Staff from the directory can be found by everyone, before they ever log in.
+        for (user, record) in self.users.all()? {
+            if record.ldap_dn.is_some() {
+                visible.insert(user);
+            }
+        }
+        // Staff from the directory can be found by everyone, before they ever log in.
+        for (user, record) in self.users.all()? {
+            if record.ldap_dn.is_some() {
+                visible.insert(user);
+            }
+        }
         for item in self.db.scan_prefix("public_rooms", b"") {
             let (k, _) = item?;
             visible.extend(super::timeline::members_with(

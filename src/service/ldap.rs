@@ -1,0 +1,502 @@
+//! The organisation's directory (OpenLDAP, Active Directory): password checks for
+//! logins, and the users it lists, for provisioning and the directory sync.
+//!
+//! Logins search for the user with the service account and then bind as the entry found
+//! (search-then-bind), or bind directly with a DN template. Every value put into a filter
+//! is escaped (RFC 4515) and every value put into a DN is escaped (RFC 4514); an empty
+//! password never reaches the directory, because an unauthenticated bind "succeeds".
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, Scope, SearchEntry, adapters::PagedResults};
+
+use crate::{
+    config::LdapConfig,
+    error::{Error, Result},
+};
+
+/// A user as the directory describes them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirectoryUser {
+    pub dn: String,
+    /// The Matrix localpart derived from the configured attribute.
+    pub localpart: String,
+    pub display_name: Option<String>,
+    pub email: Option<String>,
+    /// Disabled in Active Directory (`userAccountControl`).
+    pub disabled: bool,
+}
+
+/// Why a login was not confirmed by the directory.
+#[derive(Debug)]
+pub enum LdapAuth {
+    Ok(DirectoryUser),
+    /// Unknown user, wrong password, or a refused value: the directory says no.
+    Refused,
+}
+
+pub struct LdapService {
+    pub config: LdapConfig,
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// ADS_UF_ACCOUNTDISABLE.
+const AD_ACCOUNT_DISABLED: u64 = 0x2;
+
+/// The localpart for a directory name: lower case, the domain of a
+/// `user@domain` (userPrincipalName) dropped, characters Matrix ids do not allow
+/// replaced by `_`, and no leading `_` (those ids belong to bridges).
+pub fn normalise_localpart(raw: &str) -> Option<String> {
+    let base = raw.split('@').next().unwrap_or(raw).trim().to_lowercase();
+    let mapped: String = base
+        .chars()
+        .map(|c| {
+            if c.is_ascii_lowercase() || c.is_ascii_digit() || "._=-/+".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let trimmed = mapped.trim_start_matches('_').to_owned();
+    (!trimmed.is_empty() && trimmed.len() <= 200).then_some(trimmed)
+}
+
+fn first(attrs: &HashMap<String, Vec<String>>, name: &str) -> Option<String> {
+    attrs
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .and_then(|(_, v)| v.first().cloned())
+        .filter(|v| !v.is_empty())
+}
+
+fn unavailable(e: impl std::fmt::Display) -> Error {
+    Error::unknown(format!("The directory (LDAP) is unavailable: {e}"))
+}
+
+impl LdapService {
+    pub fn new(config: LdapConfig) -> Result<Self> {
+        let tls = match &config.ca_file {
+            Some(path) => {
+                use rustls::pki_types::{CertificateDer, pem::PemObject};
+                let mut roots = rustls::RootCertStore::empty();
+                let certs = CertificateDer::pem_file_iter(path).map_err(|e| {
+                    Error::internal(format!("ldap.ca_file {}: {e}", path.display()))
+                })?;
+                for cert in certs {
+                    let cert = cert.map_err(|e| {
+                        Error::internal(format!("ldap.ca_file {}: {e}", path.display()))
+                    })?;
+                    roots.add(cert).map_err(|e| {
+                        Error::internal(format!("ldap.ca_file {}: {e}", path.display()))
+                    })?;
+                }
+                let provider = Arc::new(rustls::crypto::ring::default_provider());
+                let config = rustls::ClientConfig::builder_with_provider(provider)
+                    .with_safe_default_protocol_versions()
+                    .map_err(|e| Error::internal(format!("TLS setup: {e}")))?
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+                Some(Arc::new(config))
+            }
+            None => None,
+        };
+        Ok(Self { config, tls })
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(self.config.timeout_secs)
+    }
+
+    async fn connect(&self) -> Result<Ldap> {
+        let mut settings = LdapConnSettings::new()
+            .set_conn_timeout(self.timeout())
+            .set_starttls(self.config.starttls);
+        if let Some(tls) = &self.tls {
+            settings = settings.set_config(tls.clone());
+        }
+        let (conn, ldap) = tokio::time::timeout(
+            self.timeout(),
+            LdapConnAsync::with_settings(settings, &self.config.uri),
+        )
+        .await
+        .map_err(|_| unavailable("connection timed out"))?
+        .map_err(unavailable)?;
+        ldap3::drive!(conn);
+        Ok(ldap)
+    }
+
+    /// A connection bound as the service account (or anonymous).
+    async fn service_connection(&self) -> Result<Ldap> {
+        let mut ldap = self.connect().await?;
+        if let (Some(dn), Some(pw)) = (&self.config.bind_dn, &self.config.bind_password) {
+            ldap.with_timeout(self.timeout())
+                .simple_bind(dn, pw)
+                .await
+                .map_err(unavailable)?
+                .success()
+                .map_err(|e| unavailable(format!("the service account cannot bind: {e}")))?;
+        }
+        Ok(ldap)
+    }
+
+    fn attributes(&self) -> Vec<String> {
+        let mut attrs = vec![
+            self.config.localpart_attribute.clone(),
+            self.config.name_attribute.clone(),
+            self.config.email_attribute.clone(),
+            self.config.login_attribute.clone(),
+        ];
+        if self.config.active_directory {
+            attrs.push("userAccountControl".to_owned());
+        }
+        attrs
+    }
+
+    fn to_user(&self, entry: SearchEntry) -> Option<DirectoryUser> {
+        let localpart =
+            normalise_localpart(&first(&entry.attrs, &self.config.localpart_attribute)?)?;
+        let disabled = self.config.active_directory
+            && first(&entry.attrs, "userAccountControl")
+                .and_then(|v| v.parse::<u64>().ok())
+                .is_some_and(|uac| uac & AD_ACCOUNT_DISABLED != 0);
+        Some(DirectoryUser {
+            dn: entry.dn,
+            localpart,
+            display_name: first(&entry.attrs, &self.config.name_attribute),
+            email: first(&entry.attrs, &self.config.email_attribute),
+            disabled,
+        })
+    }
+
+    /// Check a login against the directory. The login is what the user typed (a
+    /// `uid`, a `sAMAccountName`, a `user@domain`).
+    pub async fn authenticate(&self, login: &str, password: &str) -> Result<LdapAuth> {
+        if password.is_empty() || login.is_empty() || login.len() > 256 {
+            // An empty password is an anonymous bind, which servers accept: never send it.
+            return Ok(LdapAuth::Refused);
+        }
+        let attrs = self.attributes();
+        let entry = if let Some(template) = &self.config.bind_dn_template {
+            let dn = template.replace("{username}", &ldap3::dn_escape(login));
+            let mut ldap = self.connect().await?;
+            let bound = ldap
+                .with_timeout(self.timeout())
+                .simple_bind(&dn, password)
+                .await
+                .map_err(unavailable)?;
+            if bound.rc != 0 {
+                return Ok(LdapAuth::Refused);
+            }
+            let (entries, _) = ldap
+                .with_timeout(self.timeout())
+                .search(&dn, Scope::Base, "(objectClass=*)", &attrs)
+                .await
+                .map_err(unavailable)?
+                .success()
+                .map_err(unavailable)?;
+            let _ = ldap.unbind().await;
+            match entries.into_iter().next() {
+                Some(e) => SearchEntry::construct(e),
+                None => return Ok(LdapAuth::Refused),
+            }
+        } else {
+            let mut ldap = self.service_connection().await?;
+            let filter = format!(
+                "(&{}({}={}))",
+                self.config.user_filter,
+                self.config.login_attribute,
+                ldap3::ldap_escape(login)
+            );
+            let (entries, _) = ldap
+                .with_timeout(self.timeout())
+                .search(&self.config.base_dn, Scope::Subtree, &filter, &attrs)
+                .await
+                .map_err(unavailable)?
+                .success()
+                .map_err(unavailable)?;
+            let _ = ldap.unbind().await;
+            let mut entries = entries.into_iter();
+            let (Some(found), None) = (entries.next(), entries.next()) else {
+                // Nobody, or an ambiguous login: refuse.
+                return Ok(LdapAuth::Refused);
+            };
+            let found = SearchEntry::construct(found);
+            let mut user_conn = self.connect().await?;
+            let bound = user_conn
+                .with_timeout(self.timeout())
+                .simple_bind(&found.dn, password)
+                .await
+                .map_err(unavailable)?;
+            let _ = user_conn.unbind().await;
+            if bound.rc != 0 {
+                return Ok(LdapAuth::Refused);
+            }
+            found
+        };
+        match self.to_user(entry) {
+            Some(user) => Ok(LdapAuth::Ok(user)),
+            None => Ok(LdapAuth::Refused),
+        }
+    }
+
+    /// Whether `password` binds as the entry `dn` (user-interactive auth of an account
+    /// that came from the directory).
+    pub async fn verify_password(&self, dn: &str, password: &str) -> Result<bool> {
+        if password.is_empty() {
+            return Ok(false);
+        }
+        let mut ldap = self.connect().await?;
+        let bound = ldap
+            .with_timeout(self.timeout())
+            .simple_bind(dn, password)
+            .await
+            .map_err(unavailable)?;
+        let _ = ldap.unbind().await;
+        Ok(bound.rc == 0)
+    }
+
+    /// Every user the directory lists (paged, for Active Directory's size limits).
+    pub async fn all_users(&self) -> Result<Vec<DirectoryUser>> {
+        if self.config.base_dn.is_empty() {
+            return Err(Error::unknown(
+                "ldap.base_dn is needed to list the directory",
+            ));
+        }
+        let mut ldap = self.service_connection().await?;
+        let attrs = self.attributes();
+        let mut stream = ldap
+            .streaming_search_with(
+                PagedResults::new(500),
+                &self.config.base_dn,
+                Scope::Subtree,
+                &self.config.user_filter,
+                attrs,
+            )
+            .await
+            .map_err(unavailable)?;
+        let mut out = Vec::new();
+        while let Some(entry) = tokio::time::timeout(self.timeout() * 4, stream.next())
+            .await
+            .map_err(|_| unavailable("the directory stopped answering"))?
+            .map_err(unavailable)?
+        {
+            if let Some(user) = self.to_user(SearchEntry::construct(entry)) {
+                out.push(user);
+            }
+        }
+        stream.finish().await.success().map_err(unavailable)?;
+        let _ = ldap.unbind().await;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directory_names_become_valid_localparts() {
+        assert_eq!(normalise_localpart("JDupont").as_deref(), Some("jdupont"));
+        assert_eq!(
+            normalise_localpart("jean.dupont@corp.example").as_deref(),
+            Some("jean.dupont")
+        );
+        assert_eq!(
+            normalise_localpart("Jean Dupont").as_deref(),
+            Some("jean_dupont")
+        );
+        assert_eq!(normalise_localpart("_svc").as_deref(), Some("svc"));
+        assert_eq!(normalise_localpart("___"), None);
+        assert_eq!(normalise_localpart(""), None);
+    }
+}
+
+// --- logins, provisioning and the directory sync, on top of the services ---
+
+use ruma::{OwnedUserId, UserId};
+
+use super::Services;
+use crate::config::LdapRemoved;
+
+/// What a directory sync changed (or would change, for a dry run).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    pub listed: usize,
+    pub created: Vec<OwnedUserId>,
+    pub renamed: Vec<OwnedUserId>,
+    pub removed: Vec<OwnedUserId>,
+    pub unlocked: Vec<OwnedUserId>,
+}
+
+impl std::fmt::Display for SyncReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} in the directory: {} created, {} renamed, {} removed, {} unlocked",
+            self.listed,
+            self.created.len(),
+            self.renamed.len(),
+            self.removed.len(),
+            self.unlocked.len()
+        )
+    }
+}
+
+fn user_id_of(s: &Services, user: &DirectoryUser) -> Result<OwnedUserId> {
+    super::users::new_local_user_id(&user.localpart, s.globals.server_name())
+}
+
+/// Create or update the account of a directory user; returns its id. A deactivated
+/// account stays deactivated.
+pub async fn provision(s: &Services, user: &DirectoryUser) -> Result<OwnedUserId> {
+    let id = user_id_of(s, user)?;
+    match s.users.get(&id)? {
+        None => {
+            s.users.create(&id, None, false, false).await?;
+            let mut record = s.users.active(&id)?;
+            record.ldap_dn = Some(user.dn.clone());
+            record.email = user.email.clone();
+            record.displayname = user.display_name.clone().or(record.displayname);
+            s.users.save(&id, &record)?;
+            tracing::info!(user_id = %id, dn = %user.dn, "account created from the directory");
+        }
+        Some(record) if record.deactivated => return Err(Error::user_deactivated()),
+        Some(mut record) => {
+            let renamed = user.display_name.is_some() && record.displayname != user.display_name;
+            let changed = renamed
+                || record.ldap_dn.as_deref() != Some(user.dn.as_str())
+                || record.email != user.email
+                || record.locked;
+            if changed {
+                record.ldap_dn = Some(user.dn.clone());
+                record.email = user.email.clone();
+                record.locked = false;
+                if renamed {
+                    record.displayname = user.display_name.clone();
+                }
+                s.users.save(&id, &record)?;
+            }
+            if renamed {
+                s.rooms.propagate_profile(&id).await?;
+            }
+        }
+    }
+    Ok(id)
+}
+
+/// Check a password login against the directory: `Ok(Some(id))` when the directory
+/// accepts it (the account is created or updated), `Ok(None)` when it refuses, an
+/// error when the directory cannot be asked or the user is disabled there.
+pub async fn login(s: &Services, login: &str, password: &str) -> Result<Option<OwnedUserId>> {
+    let Some(ldap) = &s.ldap else {
+        return Ok(None);
+    };
+    match ldap.authenticate(login, password).await? {
+        LdapAuth::Refused => Ok(None),
+        LdapAuth::Ok(user) if user.disabled => {
+            tracing::info!(dn = %user.dn, "login of a user disabled in the directory refused");
+            Err(Error::user_deactivated())
+        }
+        LdapAuth::Ok(user) => Ok(Some(provision(s, &user).await?)),
+    }
+}
+
+/// Import every directory user, update names and emails, and deactivate or lock the
+/// accounts that left the directory or are disabled there. `progress(done, total)` is
+/// called as users are handled.
+pub async fn sync(
+    s: &Services,
+    dry_run: bool,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<SyncReport> {
+    let ldap = s
+        .ldap
+        .as_ref()
+        .ok_or_else(|| Error::unknown("LDAP is not enabled (ldap.enabled)"))?;
+    let listed = ldap.all_users().await?;
+    let mut report = SyncReport {
+        listed: listed.len(),
+        ..Default::default()
+    };
+    let mut present = std::collections::HashSet::new();
+    let total = listed.len();
+    for (i, user) in listed.iter().enumerate() {
+        progress(i + 1, total);
+        let Ok(id) = user_id_of(s, user) else {
+            continue;
+        };
+        if user.disabled {
+            continue;
+        }
+        present.insert(id.clone());
+        match s.users.get(&id)? {
+            None => report.created.push(id.clone()),
+            Some(r) if r.deactivated => continue,
+            Some(r) => {
+                if user.display_name.is_some() && r.displayname != user.display_name {
+                    report.renamed.push(id.clone());
+                }
+                if r.locked {
+                    report.unlocked.push(id.clone());
+                }
+            }
+        }
+        if !dry_run {
+            provision(s, user).await?;
+        }
+    }
+    for (id, record) in s.users.all()? {
+        if record.ldap_dn.is_none() || record.deactivated || present.contains(&id) {
+            continue;
+        }
+        if record.locked && ldap.config.on_removed == LdapRemoved::Lock {
+            continue;
+        }
+        report.removed.push(id.clone());
+        if dry_run {
+            continue;
+        }
+        match ldap.config.on_removed {
+            LdapRemoved::Deactivate => {
+                s.deactivate_account(&id).await?;
+                tracing::info!(user_id = %id, "account deactivated: no longer in the directory");
+            }
+            LdapRemoved::Lock => {
+                s.remove_devices_except(&id, None)?;
+                let mut r = s.users.active(&id)?;
+                r.locked = true;
+                s.users.save(&id, &r)?;
+                tracing::info!(user_id = %id, "account locked: no longer in the directory");
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Run the directory sync every `ldap.sync_interval_minutes` until `stop`.
+pub async fn run_periodic(s: Arc<Services>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let Some(minutes) = s
+        .ldap
+        .as_ref()
+        .map(|l| l.config.sync_interval_minutes)
+        .filter(|m| *m > 0)
+    else {
+        return;
+    };
+    loop {
+        match sync(&s, false, |_, _| {}).await {
+            Ok(report) => tracing::info!(%report, "directory sync"),
+            Err(e) => tracing::warn!(error = %e, "directory sync failed"),
+        }
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(Duration::from_secs(minutes * 60)) => {}
+        }
+    }
+}
+
+/// Whether a user id names an account that came from the directory.
+pub fn is_directory_user(s: &Services, user: &UserId) -> Result<bool> {
+    Ok(s.users.get(user)?.is_some_and(|r| r.ldap_dn.is_some()))
+}
