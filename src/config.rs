@@ -321,6 +321,56 @@ pub struct LdapConfig {
     pub sync_interval_minutes: u64,
     /// What happens to accounts that left the directory or were disabled there.
     pub on_removed: LdapRemoved,
+    /// The local account that creates the group spaces and manages their members.
+    pub groups_admin: String,
+    /// Directory groups mapped to spaces and their rooms.
+    pub groups: Vec<LdapGroup>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupMembers {
+    /// `groupOfNames` / AD groups: the group's `member` attribute lists user DNs.
+    #[default]
+    Member,
+    /// `posixGroup`: the group's `memberUid` attribute lists login names.
+    MemberUid,
+    /// Active Directory with nested groups: users whose `memberOf` reaches the group
+    /// through any chain of groups (LDAP_MATCHING_RULE_IN_CHAIN).
+    NestedMemberOf,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LdapGroup {
+    /// The group's DN.
+    pub group: String,
+    #[serde(default)]
+    pub members: GroupMembers,
+    /// Alias localpart of the space (`#<space>:<server_name>`), created when missing.
+    pub space: String,
+    /// The space's name (defaults to the alias localpart).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Alias localparts of the rooms in the space, created when missing.
+    #[serde(default)]
+    pub rooms: Vec<String>,
+    /// Join members directly (otherwise they are invited).
+    #[serde(default = "yes")]
+    pub auto_join: bool,
+    /// A group whose members get `manager_power_level` in the space and its rooms.
+    #[serde(default)]
+    pub managers: Option<String>,
+    #[serde(default = "fifty")]
+    pub manager_power_level: i64,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn fifty() -> i64 {
+    50
 }
 
 impl Default for LdapConfig {
@@ -344,6 +394,8 @@ impl Default for LdapConfig {
             allow_local_passwords: false,
             sync_interval_minutes: 60,
             on_removed: LdapRemoved::Deactivate,
+            groups_admin: "directory".to_owned(),
+            groups: Vec::new(),
         }
     }
 }

@@ -293,6 +293,9 @@ async fn admin(config: Config, command: AdminCommand) -> anyhow::Result<()> {
                     println!("  {what}: {u}");
                 }
             }
+            for line in &report.groups {
+                println!("  group {line}");
+            }
         }
         AdminCommand::Appservice { command } => match command {
             AppserviceCommand::Register { file } => {

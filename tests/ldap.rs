@@ -40,6 +40,26 @@ fn person(uid: &str, cn: &str, password: &str) -> String {
 
 /// Start slapd with the people given; `scripts/test` installs it (Debian's slapd).
 fn slapd(people: &[(&str, &str, &str)]) -> Slapd {
+    slapd_with(people, "")
+}
+
+/// `groupOfNames` entries under `ou=groups`: `(cn, member uids)`.
+fn groups_ldif(groups: &[(&str, &[&str])]) -> String {
+    let mut out =
+        format!("dn: ou=groups,{SUFFIX}\nobjectClass: organizationalUnit\nou: groups\n\n");
+    for (cn, members) in groups {
+        out.push_str(&format!(
+            "dn: cn={cn},ou=groups,{SUFFIX}\nobjectClass: groupOfNames\ncn: {cn}\n"
+        ));
+        for m in *members {
+            out.push_str(&format!("member: uid={m},{PEOPLE}\n"));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn slapd_with(people: &[(&str, &str, &str)], extra_ldif: &str) -> Slapd {
     assert!(
         std::path::Path::new("/usr/sbin/slapd").exists(),
         "OpenLDAP's slapd is not installed: scripts/test installs it (Debian package slapd)"
@@ -68,6 +88,7 @@ fn slapd(people: &[(&str, &str, &str)]) -> Slapd {
     for (uid, cn, pw) in people {
         ldif.push_str(&person(uid, cn, pw));
     }
+    ldif.push_str(extra_ldif);
     let data = dir.path().join("data.ldif");
     std::fs::write(&data, ldif).unwrap();
     let out = Command::new("slapadd")
@@ -416,5 +437,184 @@ async fn locked_accounts_come_back_when_the_directory_lists_them_again() {
     let server = restart(data, &env).await;
     let (status, v) = login(&server, "dave", "dave-secret").await;
     assert_eq!(status, StatusCode::OK, "{v}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn directory_groups_become_spaces_with_their_rooms_members_and_managers() {
+    let dir = slapd_with(
+        &[
+            ("alice", "Alice Martin", "alice-secret"),
+            ("bob", "Bob Durand", "bob-secret"),
+            ("carol", "Carol Petit", "carol-secret"),
+        ],
+        &groups_ldif(&[
+            ("finance", &["alice", "bob"]),
+            ("finance-managers", &["alice"]),
+        ]),
+    );
+    let mut env = ldap_env(&dir.uri);
+    env.push((
+        "SALON_LDAP__GROUPS",
+        format!(
+            r#"[{{ group = "cn=finance,ou=groups,{SUFFIX}", space = "finance", name = "Finance", rooms = ["finance-general"], managers = "cn=finance-managers,ou=groups,{SUFFIX}" }}]"#
+        ),
+    ));
+    // At her first login, alice lands in her group's space and rooms at once.
+    let server = start(&env).await;
+    let (status, v) = login(&server, "alice", "alice-secret").await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let mut early = server.client();
+    early.token = Some(v["access_token"].as_str().unwrap().to_owned());
+    let first_sync = early.ok(Method::GET, "/_matrix/client/v3/sync", None).await;
+    assert_eq!(
+        first_sync["rooms"]["join"].as_object().map(|j| j.len()),
+        Some(2),
+        "the space and its room: {}",
+        first_sync["rooms"]
+    );
+    let data = server.stop().await;
+    let (code, out, err) = salon_admin(data.path(), &env, &["ldap", "sync"]);
+    assert_eq!(code, 0, "{out}{err}");
+    for line in [
+        "group finance: joined @bob:localhost",
+        "group finance-general: joined @bob:localhost",
+        "group finance: @alice:localhost is a manager",
+    ] {
+        assert!(out.contains(line), "{line:?} missing from:\n{out}");
+    }
+    assert!(
+        !out.lines()
+            .any(|l| l.contains("group") && l.contains("carol")),
+        "carol is in no group: {out}"
+    );
+
+    let server = restart(data, &env).await;
+    let (_, v) = login(&server, "alice", "alice-secret").await;
+    let mut alice = server.client();
+    alice.token = Some(v["access_token"].as_str().unwrap().to_owned());
+    let space = alice
+        .ok(
+            Method::GET,
+            &format!(
+                "/_matrix/client/v3/directory/room/{}",
+                enc("#finance:localhost")
+            ),
+            None,
+        )
+        .await["room_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let general = alice
+        .ok(
+            Method::GET,
+            &format!(
+                "/_matrix/client/v3/directory/room/{}",
+                enc("#finance-general:localhost")
+            ),
+            None,
+        )
+        .await["room_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let sync = alice.ok(Method::GET, "/_matrix/client/v3/sync", None).await;
+    let joined = &sync["rooms"]["join"];
+    assert!(
+        joined.get(&space).is_some() && joined.get(&general).is_some(),
+        "{joined}"
+    );
+    let create = alice
+        .ok(
+            Method::GET,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/state/m.room.create/",
+                enc(&space)
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(create["type"], "m.space");
+    let child = alice
+        .ok(
+            Method::GET,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/state/m.space.child/{}",
+                enc(&space),
+                enc(&general)
+            ),
+            None,
+        )
+        .await;
+    assert!(child["via"].is_array());
+    let levels = alice
+        .ok(
+            Method::GET,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/state/m.room.power_levels/",
+                enc(&space)
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(levels["users"]["@alice:localhost"], 50, "{levels}");
+    let members = alice
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/rooms/{}/joined_members", enc(&general)),
+            None,
+        )
+        .await;
+    assert!(
+        members["joined"].get("@bob:localhost").is_some(),
+        "{members}"
+    );
+    assert!(
+        members["joined"].get("@carol:localhost").is_none(),
+        "{members}"
+    );
+
+    // Bob leaves the group: the next sync takes him out of the space and its rooms.
+    let data = server.stop().await;
+    modify(&dir.uri, async |ldap| {
+        ldap.modify(
+            &format!("cn=finance,ou=groups,{SUFFIX}"),
+            vec![ldap3::Mod::Delete(
+                "member",
+                HashSet::from([format!("uid=bob,{PEOPLE}").as_str()]),
+            )],
+        )
+        .await
+        .unwrap()
+        .success()
+        .unwrap();
+    })
+    .await;
+    let (code, out, _) = salon_admin(data.path(), &env, &["ldap", "sync"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("group finance: removed @bob:localhost"),
+        "{out}"
+    );
+    assert!(
+        out.contains("group finance-general: removed @bob:localhost"),
+        "{out}"
+    );
+    let server = restart(data, &env).await;
+    let (_, v) = login(&server, "alice", "alice-secret").await;
+    let mut alice = server.client();
+    alice.token = Some(v["access_token"].as_str().unwrap().to_owned());
+    let members = alice
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/rooms/{}/joined_members", enc(&general)),
+            None,
+        )
+        .await;
+    assert!(
+        members["joined"].get("@bob:localhost").is_none(),
+        "{members}"
+    );
     server.stop().await;
 }

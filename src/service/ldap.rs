@@ -23,6 +23,8 @@ pub struct DirectoryUser {
     pub localpart: String,
     pub display_name: Option<String>,
     pub email: Option<String>,
+    /// The value of the login attribute (what `memberUid` lists).
+    pub login: Option<String>,
     /// Disabled in Active Directory (`userAccountControl`).
     pub disabled: bool,
 }
@@ -161,11 +163,12 @@ impl LdapService {
                 .and_then(|v| v.parse::<u64>().ok())
                 .is_some_and(|uac| uac & AD_ACCOUNT_DISABLED != 0);
         Some(DirectoryUser {
-            dn: entry.dn,
             localpart,
             display_name: first(&entry.attrs, &self.config.name_attribute),
             email: first(&entry.attrs, &self.config.email_attribute),
+            login: first(&entry.attrs, &self.config.login_attribute),
             disabled,
+            dn: entry.dn,
         })
     }
 
@@ -256,6 +259,86 @@ impl LdapService {
         Ok(bound.rc == 0)
     }
 
+    /// The members of a group, among the directory's users `all`.
+    pub async fn group_members(
+        &self,
+        group_dn: &str,
+        kind: crate::config::GroupMembers,
+        all: &[DirectoryUser],
+    ) -> Result<Vec<DirectoryUser>> {
+        use crate::config::GroupMembers;
+        let norm = |dn: &str| dn.replace(' ', "").to_lowercase();
+        let mut ldap = self.service_connection().await?;
+        let found = match kind {
+            GroupMembers::NestedMemberOf => {
+                let filter = format!(
+                    "(&{}(memberOf:1.2.840.113556.1.4.1941:={}))",
+                    self.config.user_filter,
+                    ldap3::ldap_escape(group_dn)
+                );
+                let (entries, _) = ldap
+                    .with_timeout(self.timeout())
+                    .search(
+                        &self.config.base_dn,
+                        Scope::Subtree,
+                        &filter,
+                        self.attributes(),
+                    )
+                    .await
+                    .map_err(unavailable)?
+                    .success()
+                    .map_err(unavailable)?;
+                let dns: Vec<String> = entries
+                    .into_iter()
+                    .map(|e| norm(&SearchEntry::construct(e).dn))
+                    .collect();
+                all.iter()
+                    .filter(|u| dns.contains(&norm(&u.dn)))
+                    .cloned()
+                    .collect()
+            }
+            GroupMembers::Member | GroupMembers::MemberUid => {
+                let attr = if kind == GroupMembers::Member {
+                    "member"
+                } else {
+                    "memberUid"
+                };
+                let (entries, _) = ldap
+                    .with_timeout(self.timeout())
+                    .search(group_dn, Scope::Base, "(objectClass=*)", vec![attr])
+                    .await
+                    .map_err(unavailable)?
+                    .success()
+                    .map_err(unavailable)?;
+                let values: Vec<String> = entries
+                    .into_iter()
+                    .flat_map(|e| {
+                        SearchEntry::construct(e)
+                            .attrs
+                            .into_iter()
+                            .filter(|(k, _)| k.eq_ignore_ascii_case(attr))
+                            .flat_map(|(_, v)| v)
+                    })
+                    .map(|v| norm(&v))
+                    .collect();
+                all.iter()
+                    .filter(|u| {
+                        if kind == GroupMembers::Member {
+                            values.contains(&norm(&u.dn))
+                        } else {
+                            u.login
+                                .as_deref()
+                                .is_some_and(|l| values.contains(&norm(l)))
+                        }
+                    })
+                    .cloned()
+                    .collect()
+            }
+        };
+        let _ = ldap.unbind().await;
+        Ok(found)
+    }
+
     /// Every user the directory lists (paged, for Active Directory's size limits).
     pub async fn all_users(&self) -> Result<Vec<DirectoryUser>> {
         if self.config.base_dn.is_empty() {
@@ -327,6 +410,8 @@ pub struct SyncReport {
     pub renamed: Vec<OwnedUserId>,
     pub removed: Vec<OwnedUserId>,
     pub unlocked: Vec<OwnedUserId>,
+    /// What the group mappings changed, one line per change (`space: joined @bob`).
+    pub groups: Vec<String>,
 }
 
 impl std::fmt::Display for SyncReport {
@@ -398,8 +483,71 @@ pub async fn login(s: &Services, login: &str, password: &str) -> Result<Option<O
             tracing::info!(dn = %user.dn, "login of a user disabled in the directory refused");
             Err(Error::user_deactivated())
         }
-        LdapAuth::Ok(user) => Ok(Some(provision(s, &user).await?)),
+        LdapAuth::Ok(user) => {
+            let id = provision(s, &user).await?;
+            if !ldap.config.groups.is_empty()
+                && let Err(e) = join_own_groups(s, ldap, &user, &id).await
+            {
+                tracing::warn!(user_id = %id, error = %e, "could not apply the user's directory groups at login");
+            }
+            Ok(Some(id))
+        }
     }
+}
+
+/// At login: put the user into the spaces and rooms of the groups they belong to
+/// (the periodic sync also removes those who left).
+async fn join_own_groups(
+    s: &Services,
+    ldap: &LdapService,
+    user: &DirectoryUser,
+    id: &OwnedUserId,
+) -> Result<()> {
+    let me = std::slice::from_ref(user);
+    for group in &ldap.config.groups {
+        if ldap
+            .group_members(&group.group, group.members, me)
+            .await?
+            .is_empty()
+        {
+            continue;
+        }
+        let admin = groups_admin(s).await?;
+        let name = group.name.clone().unwrap_or_else(|| group.space.clone());
+        let space = ensure_room(s, &admin, &group.space, &name, None).await?;
+        let mut rooms = vec![space.clone()];
+        for alias in &group.rooms {
+            rooms.push(ensure_room(s, &admin, alias, alias, Some(&space)).await?);
+        }
+        for room in rooms {
+            let membership = s
+                .rooms
+                .timeline
+                .room_short(&room)?
+                .map(|short| super::rooms::timeline::members_in(&s.db, short, &["join", "invite"]))
+                .transpose()?
+                .unwrap_or_default();
+            if membership.contains(id) {
+                continue;
+            }
+            s.rooms
+                .set_membership(
+                    &room,
+                    &admin,
+                    id,
+                    "invite",
+                    Some("Member of the directory group"),
+                    None,
+                )
+                .await?;
+            if group.auto_join {
+                s.rooms
+                    .set_membership(&room, id, id, "join", None, None)
+                    .await?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Import every directory user, update names and emails, and deactivate or lock the
@@ -471,7 +619,250 @@ pub async fn sync(
             }
         }
     }
+    if !ldap.config.groups.is_empty() {
+        sync_groups(s, ldap, &listed, dry_run, &mut report).await?;
+    }
     Ok(report)
+}
+
+/// The account that owns the group spaces.
+async fn groups_admin(s: &Services) -> Result<OwnedUserId> {
+    let id = super::users::new_local_user_id(
+        &s.globals.config.ldap.groups_admin,
+        s.globals.server_name(),
+    )?;
+    if !s.users.exists(&id)? {
+        s.users.create(&id, None, false, false).await?;
+        let mut r = s.users.active(&id)?;
+        r.displayname = Some("Directory".to_owned());
+        s.users.save(&id, &r)?;
+    }
+    Ok(id)
+}
+
+/// The room behind a local alias, created (a space when `space_of` is `None`, else a
+/// room of that space, joinable by its members) when it does not exist.
+async fn ensure_room(
+    s: &Services,
+    admin: &UserId,
+    alias_local: &str,
+    name: &str,
+    space_of: Option<&ruma::RoomId>,
+) -> Result<ruma::OwnedRoomId> {
+    let alias = super::rooms::alias::parse_local_alias(alias_local, s.globals.server_name())?;
+    if let Some(room) = s.rooms.alias_target(&alias)? {
+        return Ok(room);
+    }
+    let server = s.globals.server_name().to_string();
+    let (creation_content, initial_state) = match space_of {
+        None => (Some(serde_json::json!({ "type": "m.space" })), Vec::new()),
+        Some(space) => (
+            None,
+            vec![
+                serde_json::json!({ "type": "m.space.parent", "state_key": space, "content": { "via": [server], "canonical": true } }),
+                serde_json::json!({ "type": "m.room.join_rules", "state_key": "", "content": {
+                    "join_rule": "restricted",
+                    "allow": [{ "type": "m.room_membership", "room_id": space }],
+                } }),
+            ],
+        ),
+    };
+    let room = s
+        .rooms
+        .create_room(
+            admin,
+            super::rooms::CreateRoom {
+                version: None,
+                preset: Some(super::rooms::Preset::PrivateChat),
+                public: false,
+                name: Some(name.to_owned()),
+                topic: None,
+                alias_localpart: Some(alias_local.to_owned()),
+                invite: Vec::new(),
+                is_direct: false,
+                creation_content,
+                initial_state,
+                power_level_override: None,
+            },
+        )
+        .await?;
+    if let Some(space) = space_of {
+        let child = super::rooms::timeline::NewEvent::state(
+            "m.space.child",
+            room.as_str(),
+            serde_json::json!({ "via": [s.globals.server_name()] }),
+        );
+        s.rooms.send(space, admin, child).await?;
+    }
+    Ok(room)
+}
+
+/// Make a room's members (joined or invited) the group's: invite (and join, with
+/// `auto_join`) who is missing, remove directory users who left the group, and give
+/// managers their power level.
+#[allow(clippy::too_many_arguments)]
+async fn reconcile(
+    s: &Services,
+    admin: &UserId,
+    room: &ruma::RoomId,
+    label: &str,
+    members: &[OwnedUserId],
+    managers: &[OwnedUserId],
+    group: &crate::config::LdapGroup,
+    report: &mut SyncReport,
+) -> Result<()> {
+    let room_short = s
+        .rooms
+        .timeline
+        .room_short(room)?
+        .ok_or_else(|| Error::internal("group room vanished"))?;
+    let current = super::rooms::timeline::members_in(&s.db, room_short, &["join", "invite"])?;
+    for user in members {
+        if current.contains(user) {
+            continue;
+        }
+        s.rooms
+            .set_membership(
+                room,
+                admin,
+                user,
+                "invite",
+                Some("Member of the directory group"),
+                None,
+            )
+            .await?;
+        if group.auto_join {
+            s.rooms
+                .set_membership(room, user, user, "join", None, None)
+                .await?;
+            report.groups.push(format!("{label}: joined {user}"));
+        } else {
+            report.groups.push(format!("{label}: invited {user}"));
+        }
+    }
+    for user in &current {
+        if user == admin || members.contains(user) || !is_directory_user(s, user)? {
+            continue;
+        }
+        s.rooms
+            .set_membership(
+                room,
+                admin,
+                user,
+                "leave",
+                Some("No longer in the directory group"),
+                None,
+            )
+            .await?;
+        report.groups.push(format!("{label}: removed {user}"));
+    }
+    let mut levels = s
+        .rooms
+        .timeline
+        .current_state_content(room_short, "m.room.power_levels", "")?
+        .unwrap_or_else(|| serde_json::json!({}));
+    let users = levels
+        .as_object_mut()
+        .ok_or_else(|| Error::internal("power levels are not an object"))?
+        .entry("users")
+        .or_insert_with(|| serde_json::json!({}));
+    let Some(users) = users.as_object_mut() else {
+        return Ok(());
+    };
+    let mut changed = false;
+    for m in managers {
+        if members.contains(m)
+            && users.get(m.as_str()).and_then(|v| v.as_i64()) != Some(group.manager_power_level)
+        {
+            users.insert(m.to_string(), serde_json::json!(group.manager_power_level));
+            report.groups.push(format!("{label}: {m} is a manager"));
+            changed = true;
+        }
+    }
+    let stale: Vec<String> = users
+        .iter()
+        .filter(|(u, level)| {
+            level.as_i64() == Some(group.manager_power_level)
+                && !managers.iter().any(|m| m.as_str() == u.as_str())
+        })
+        .map(|(u, _)| u.clone())
+        .collect();
+    for u in stale {
+        if let Ok(id) = UserId::parse(u.as_str())
+            && is_directory_user(s, &id)?
+        {
+            users.remove(&u);
+            report
+                .groups
+                .push(format!("{label}: {u} is no longer a manager"));
+            changed = true;
+        }
+    }
+    if changed {
+        let event = super::rooms::timeline::NewEvent::state("m.room.power_levels", "", levels);
+        s.rooms.send(room, admin, event).await?;
+    }
+    Ok(())
+}
+
+/// Directory groups → spaces: each mapped group gets its space and rooms, with the
+/// group's members in them and its managers empowered.
+async fn sync_groups(
+    s: &Services,
+    ldap: &LdapService,
+    all: &[DirectoryUser],
+    dry_run: bool,
+    report: &mut SyncReport,
+) -> Result<()> {
+    let active: Vec<DirectoryUser> = all.iter().filter(|u| !u.disabled).cloned().collect();
+    for group in &ldap.config.groups {
+        let members: Vec<OwnedUserId> = ldap
+            .group_members(&group.group, group.members, &active)
+            .await?
+            .iter()
+            .filter_map(|u| user_id_of(s, u).ok())
+            .collect();
+        let managers: Vec<OwnedUserId> = match &group.managers {
+            Some(dn) => ldap
+                .group_members(dn, group.members, &active)
+                .await?
+                .iter()
+                .filter_map(|u| user_id_of(s, u).ok())
+                .collect(),
+            None => Vec::new(),
+        };
+        if dry_run {
+            report.groups.push(format!(
+                "{}: {} members, {} managers",
+                group.space,
+                members.len(),
+                managers.len()
+            ));
+            continue;
+        }
+        let admin = groups_admin(s).await?;
+        let name = group.name.clone().unwrap_or_else(|| group.space.clone());
+        let space = ensure_room(s, &admin, &group.space, &name, None).await?;
+        reconcile(
+            s,
+            &admin,
+            &space,
+            &group.space,
+            &members,
+            &managers,
+            group,
+            report,
+        )
+        .await?;
+        for room_alias in &group.rooms {
+            let room = ensure_room(s, &admin, room_alias, room_alias, Some(&space)).await?;
+            reconcile(
+                s, &admin, &room, room_alias, &members, &managers, group, report,
+            )
+            .await?;
+        }
+    }
+    Ok(())
 }
 
 /// Run the directory sync every `ldap.sync_interval_minutes` until `stop`.
