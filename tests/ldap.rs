@@ -22,6 +22,10 @@ const ADMIN_PW: &str = "admin-password";
 struct Slapd {
     child: Child,
     uri: String,
+    /// `ldaps://…` when started with TLS.
+    ldaps: Option<String>,
+    /// The CA that signed the TLS certificate.
+    ca: Option<std::path::PathBuf>,
     _dir: TempDir,
 }
 
@@ -60,6 +64,75 @@ fn groups_ldif(groups: &[(&str, &[&str])]) -> String {
 }
 
 fn slapd_with(people: &[(&str, &str, &str)], extra_ldif: &str) -> Slapd {
+    slapd_full(people, extra_ldif, false)
+}
+
+/// A CA and a certificate for 127.0.0.1 signed by it, made with the openssl tool.
+fn certificates(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=Salon Test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+}
+
+fn slapd_full(people: &[(&str, &str, &str)], extra_ldif: &str, tls: bool) -> Slapd {
     assert!(
         std::path::Path::new("/usr/sbin/slapd").exists(),
         "OpenLDAP's slapd is not installed: scripts/test installs it (Debian package slapd)"
@@ -68,6 +141,14 @@ fn slapd_with(people: &[(&str, &str, &str)], extra_ldif: &str) -> Slapd {
     let d = dir.path().display().to_string();
     std::fs::create_dir(dir.path().join("db")).unwrap();
     let conf = dir.path().join("slapd.conf");
+    let tls_conf = if tls {
+        certificates(dir.path());
+        format!(
+            "TLSCACertificateFile {d}/ca.pem\nTLSCertificateFile {d}/server.pem\nTLSCertificateKeyFile {d}/server.key\n"
+        )
+    } else {
+        String::new()
+    };
     std::fs::write(
         &conf,
         format!(
@@ -77,7 +158,7 @@ fn slapd_with(people: &[(&str, &str, &str)], extra_ldif: &str) -> Slapd {
              database mdb\nmaxsize 104857600\nsuffix \"{SUFFIX}\"\nrootdn \"{ADMIN_DN}\"\nrootpw {ADMIN_PW}\n\
              directory {d}/db\n\
              access to attrs=userPassword by self write by anonymous auth by * none\n\
-             access to * by * read\n"
+             access to * by * read\n{tls_conf}"
         ),
     )
     .unwrap();
@@ -106,8 +187,18 @@ fn slapd_with(people: &[(&str, &str, &str)], extra_ldif: &str) -> Slapd {
         .unwrap()
         .port();
     let uri = format!("ldap://127.0.0.1:{port}/");
+    let tls_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listeners = if tls {
+        format!("{uri} ldaps://127.0.0.1:{tls_port}/")
+    } else {
+        uri.clone()
+    };
     let child = Command::new("/usr/sbin/slapd")
-        .args(["-f", conf.to_str().unwrap(), "-h", &uri, "-d", "0"])
+        .args(["-f", conf.to_str().unwrap(), "-h", &listeners, "-d", "0"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -118,9 +209,19 @@ fn slapd_with(people: &[(&str, &str, &str)], extra_ldif: &str) -> Slapd {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    if tls {
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", tls_port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
     Slapd {
         child,
         uri: format!("ldap://127.0.0.1:{port}"),
+        ldaps: tls.then(|| format!("ldaps://127.0.0.1:{tls_port}")),
+        ca: tls.then(|| dir.path().join("ca.pem")),
         _dir: dir,
     }
 }
@@ -615,6 +716,40 @@ async fn directory_groups_become_spaces_with_their_rooms_members_and_managers() 
     assert!(
         members["joined"].get("@bob:localhost").is_none(),
         "{members}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ldaps_and_starttls_verify_the_directory_certificate() {
+    let dir = slapd_full(&[("erin", "Erin Morel", "erin-secret")], "", true);
+    let ca = dir.ca.clone().unwrap().display().to_string();
+    let ldaps = dir.ldaps.clone().unwrap();
+
+    // LDAPS with the directory's CA.
+    let mut env = ldap_env(&ldaps);
+    env.push(("SALON_LDAP__CA_FILE", ca.clone()));
+    let server = start(&env).await;
+    let (status, v) = login(&server, "erin", "erin-secret").await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    server.stop().await;
+
+    // StartTLS on the plain port, with the CA.
+    let mut env = ldap_env(&dir.uri);
+    env.push(("SALON_LDAP__STARTTLS", "true".into()));
+    env.push(("SALON_LDAP__CA_FILE", ca));
+    let server = start(&env).await;
+    let (status, v) = login(&server, "erin", "erin-secret").await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    server.stop().await;
+
+    // Without the CA the certificate is not trusted: no login through the directory.
+    let server = start(&ldap_env(&ldaps)).await;
+    let (status, v) = login(&server, "erin", "erin-secret").await;
+    assert_eq!(
+        (status, errcode(&v)),
+        (StatusCode::BAD_REQUEST, "M_UNKNOWN"),
+        "{v}"
     );
     server.stop().await;
 }

@@ -5,6 +5,8 @@
 //! (search-then-bind), or bind directly with a DN template. Every value put into a filter
 //! is escaped (RFC 4515) and every value put into a DN is escaped (RFC 4514); an empty
 //! password never reaches the directory, because an unauthenticated bind "succeeds".
+//! Searches reuse a small pool of connections bound as the service account; the binds
+//! that check a user's password use a connection of their own.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -40,7 +42,12 @@ pub enum LdapAuth {
 pub struct LdapService {
     pub config: LdapConfig,
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// Idle connections bound as the service account, reused for searches.
+    pool: tokio::sync::Mutex<Vec<Ldap>>,
 }
+
+/// At most this many idle service connections are kept.
+const POOL_SIZE: usize = 4;
 
 /// ADS_UF_ACCOUNTDISABLE.
 const AD_ACCOUNT_DISABLED: u64 = 0x2;
@@ -103,7 +110,11 @@ impl LdapService {
             }
             None => None,
         };
-        Ok(Self { config, tls })
+        Ok(Self {
+            config,
+            tls,
+            pool: tokio::sync::Mutex::new(Vec::new()),
+        })
     }
 
     fn timeout(&self) -> Duration {
@@ -140,6 +151,44 @@ impl LdapService {
                 .map_err(|e| unavailable(format!("the service account cannot bind: {e}")))?;
         }
         Ok(ldap)
+    }
+
+    /// A search with a service connection from the pool (or a new one). A pooled
+    /// connection that fails (the directory closed it) is dropped and the search is
+    /// tried once more on a fresh connection.
+    async fn search(
+        &self,
+        base: &str,
+        scope: Scope,
+        filter: &str,
+        attrs: Vec<String>,
+    ) -> Result<Vec<SearchEntry>> {
+        let pooled = self.pool.lock().await.pop();
+        let from_pool = pooled.is_some();
+        let mut ldap = match pooled {
+            Some(l) => l,
+            None => self.service_connection().await?,
+        };
+        let mut result = ldap
+            .with_timeout(self.timeout())
+            .search(base, scope, filter, attrs.clone())
+            .await;
+        if from_pool && result.is_err() {
+            ldap = self.service_connection().await?;
+            result = ldap
+                .with_timeout(self.timeout())
+                .search(base, scope, filter, attrs)
+                .await;
+        }
+        let (entries, _) = result
+            .map_err(unavailable)?
+            .success()
+            .map_err(unavailable)?;
+        let mut pool = self.pool.lock().await;
+        if pool.len() < POOL_SIZE {
+            pool.push(ldap);
+        }
+        Ok(entries.into_iter().map(SearchEntry::construct).collect())
     }
 
     fn attributes(&self) -> Vec<String> {
@@ -204,27 +253,20 @@ impl LdapService {
                 None => return Ok(LdapAuth::Refused),
             }
         } else {
-            let mut ldap = self.service_connection().await?;
             let filter = format!(
                 "(&{}({}={}))",
                 self.config.user_filter,
                 self.config.login_attribute,
                 ldap3::ldap_escape(login)
             );
-            let (entries, _) = ldap
-                .with_timeout(self.timeout())
-                .search(&self.config.base_dn, Scope::Subtree, &filter, &attrs)
-                .await
-                .map_err(unavailable)?
-                .success()
-                .map_err(unavailable)?;
-            let _ = ldap.unbind().await;
+            let entries = self
+                .search(&self.config.base_dn, Scope::Subtree, &filter, attrs)
+                .await?;
             let mut entries = entries.into_iter();
             let (Some(found), None) = (entries.next(), entries.next()) else {
                 // Nobody, or an ambiguous login: refuse.
                 return Ok(LdapAuth::Refused);
             };
-            let found = SearchEntry::construct(found);
             let mut user_conn = self.connect().await?;
             let bound = user_conn
                 .with_timeout(self.timeout())
@@ -268,30 +310,22 @@ impl LdapService {
     ) -> Result<Vec<DirectoryUser>> {
         use crate::config::GroupMembers;
         let norm = |dn: &str| dn.replace(' ', "").to_lowercase();
-        let mut ldap = self.service_connection().await?;
-        let found = match kind {
+        Ok(match kind {
             GroupMembers::NestedMemberOf => {
                 let filter = format!(
                     "(&{}(memberOf:1.2.840.113556.1.4.1941:={}))",
                     self.config.user_filter,
                     ldap3::ldap_escape(group_dn)
                 );
-                let (entries, _) = ldap
-                    .with_timeout(self.timeout())
+                let entries = self
                     .search(
                         &self.config.base_dn,
                         Scope::Subtree,
                         &filter,
                         self.attributes(),
                     )
-                    .await
-                    .map_err(unavailable)?
-                    .success()
-                    .map_err(unavailable)?;
-                let dns: Vec<String> = entries
-                    .into_iter()
-                    .map(|e| norm(&SearchEntry::construct(e).dn))
-                    .collect();
+                    .await?;
+                let dns: Vec<String> = entries.into_iter().map(|e| norm(&e.dn)).collect();
                 all.iter()
                     .filter(|u| dns.contains(&norm(&u.dn)))
                     .cloned()
@@ -303,18 +337,18 @@ impl LdapService {
                 } else {
                     "memberUid"
                 };
-                let (entries, _) = ldap
-                    .with_timeout(self.timeout())
-                    .search(group_dn, Scope::Base, "(objectClass=*)", vec![attr])
-                    .await
-                    .map_err(unavailable)?
-                    .success()
-                    .map_err(unavailable)?;
+                let entries = self
+                    .search(
+                        group_dn,
+                        Scope::Base,
+                        "(objectClass=*)",
+                        vec![attr.to_owned()],
+                    )
+                    .await?;
                 let values: Vec<String> = entries
                     .into_iter()
                     .flat_map(|e| {
-                        SearchEntry::construct(e)
-                            .attrs
+                        e.attrs
                             .into_iter()
                             .filter(|(k, _)| k.eq_ignore_ascii_case(attr))
                             .flat_map(|(_, v)| v)
@@ -334,9 +368,7 @@ impl LdapService {
                     .cloned()
                     .collect()
             }
-        };
-        let _ = ldap.unbind().await;
-        Ok(found)
+        })
     }
 
     /// Every user the directory lists (paged, for Active Directory's size limits).

@@ -58,14 +58,15 @@ fn algorithm_name(raw: &RawJsonValue) -> Result<String> {
     #[derive(Deserialize)]
     struct Shape {
         algorithm: String,
-        auth_data: serde_json::Map<String, serde_json::Value>,
+        /// Only checked to be an object; the server cannot read it.
+        #[serde(rename = "auth_data")]
+        _auth_data: serde_json::Map<String, serde_json::Value>,
     }
     let shape: Shape = serde_json::from_str(raw.get()).map_err(|e| {
         Error::bad_json(format!(
             "a backup needs an 'algorithm' string and an 'auth_data' object: {e}"
         ))
     })?;
-    let _ = shape.auth_data;
     Ok(shape.algorithm)
 }
 
