@@ -35,22 +35,47 @@ fn stored_registration(
     Ok(reg)
 }
 
-/// Start the enabled bundled appservices; `homeserver` is where the homeserver listens.
-pub async fn start(s: &Arc<Services>, homeserver: SocketAddr) -> anyhow::Result<Bundled> {
-    let mut bundled = Bundled::default();
+/// A bundled appservice registered with the homeserver, its listener bound, not yet
+/// serving.
+pub struct Prepared {
+    ping: Option<(std::net::TcpListener, salon_appservice_kit::Registration)>,
+    homeserver: SocketAddr,
+}
+
+/// Register the enabled bundled appservices and bind their listeners, before the
+/// homeserver serves: their transactions start with the first event after start-up.
+pub fn prepare(s: &Services, homeserver: SocketAddr) -> anyhow::Result<Prepared> {
     let config = &s.globals.config.appservices;
+    let mut prepared = Prepared {
+        ping: None,
+        homeserver,
+    };
     if config.ping.enabled {
         let mut registration = stored_registration(s, salon_ping::ID, &salon_ping::template(None))?;
-        let listener_ip = if homeserver.ip().is_unspecified() {
-            std::net::IpAddr::from([127, 0, 0, 1])
-        } else {
-            homeserver.ip()
-        };
-        let running = salon_ping::start(
-            registration.clone(),
-            format!("http://{}", SocketAddr::new(listener_ip, homeserver.port())),
+        let listener = std::net::TcpListener::bind(config.ping.listen)?;
+        listener.set_nonblocking(true)?;
+        registration.url = Some(format!("http://{}", listener.local_addr()?));
+        s.appservices.add_bundled(registration.clone())?;
+        prepared.ping = Some((listener, registration));
+    }
+    Ok(prepared)
+}
+
+/// Start the prepared bundled appservices.
+pub async fn start(s: &Arc<Services>, prepared: Prepared) -> anyhow::Result<Bundled> {
+    let mut bundled = Bundled::default();
+    let homeserver = prepared.homeserver;
+    let ip = if homeserver.ip().is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        homeserver.ip()
+    };
+    if let Some((listener, registration)) = prepared.ping {
+        let running = salon_ping::start_on(
+            tokio::net::TcpListener::from_std(listener)?,
+            registration,
+            format!("http://{}", SocketAddr::new(ip, homeserver.port())),
             s.globals.server_name().to_owned(),
-            config.ping.listen,
             s.globals
                 .config
                 .data_dir
@@ -58,8 +83,6 @@ pub async fn start(s: &Arc<Services>, homeserver: SocketAddr) -> anyhow::Result<
                 .join(salon_ping::ID),
         )
         .await?;
-        registration.url = Some(format!("http://{}", running.addr));
-        s.appservices.add_bundled(registration)?;
         tracing::info!(address = %running.addr, "bundled appservice ping is running");
         bundled.running.push(running);
     }

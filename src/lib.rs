@@ -27,21 +27,33 @@ pub async fn run(
         key_id = %services.globals.key_id(),
         "Salon is serving"
     );
-    let bundled = bundled::start(&services, listener.local_addr()?).await?;
+    let address = listener.local_addr()?;
+    let prepared = bundled::prepare(&services, address)?;
     services.ensure_appservice_users().await?;
     let (stop_push, push_stopped) = tokio::sync::oneshot::channel();
     let push_sender = tokio::spawn(service::push::sender::run(services.clone(), push_stopped));
     // Stops the appservice senders and the directory sync.
     let (stop_appservices, appservices_stopped) = tokio::sync::watch::channel(false);
     let mut appservice_senders =
-        service::appservice::sender::spawn_all(services.clone(), appservices_stopped.clone());
+        service::appservice::sender::spawn_all(services.clone(), appservices_stopped.clone())?;
     if services.ldap.is_some() {
         appservice_senders.push(tokio::spawn(service::ldap::run_periodic(
             services.clone(),
             appservices_stopped,
         )));
     }
-    let served = http::serve(services.clone(), listener, shutdown).await;
+    // Answer clients at once; the bundled appservices open their stores meanwhile.
+    let server = tokio::spawn(http::serve(services.clone(), listener, shutdown));
+    let bundled = match bundled::start(&services, prepared).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, "the bundled appservices could not start");
+            bundled::Bundled::default()
+        }
+    };
+    let served = server
+        .await
+        .map_err(|e| anyhow::anyhow!("the HTTP server task failed: {e}"))?;
     let _ = stop_push.send(());
     let _ = stop_appservices.send(true);
     let _ = push_sender.await;

@@ -410,6 +410,56 @@ impl LdapService {
 mod tests {
     use super::*;
 
+    fn entry(attrs: &[(&str, &str)]) -> SearchEntry {
+        SearchEntry {
+            dn: "CN=Jean Dupont,OU=Staff,DC=corp,DC=example".to_owned(),
+            attrs: attrs
+                .iter()
+                .map(|(k, v)| (k.to_string(), vec![v.to_string()]))
+                .collect(),
+            bin_attrs: HashMap::new(),
+        }
+    }
+
+    #[test]
+    fn active_directory_accounts_marked_disabled_are_recognised() {
+        let mut config = LdapConfig {
+            active_directory: true,
+            localpart_attribute: "sAMAccountName".into(),
+            name_attribute: "displayName".into(),
+            ..LdapConfig::default()
+        };
+        let service = LdapService::new(config.clone()).unwrap();
+        // 512 = NORMAL_ACCOUNT; 514 = NORMAL_ACCOUNT | ACCOUNTDISABLE.
+        let enabled = service
+            .to_user(entry(&[
+                ("sAMAccountName", "JDupont"),
+                ("displayName", "Jean Dupont"),
+                ("userAccountControl", "512"),
+            ]))
+            .unwrap();
+        assert!(!enabled.disabled);
+        assert_eq!(enabled.localpart, "jdupont");
+        assert_eq!(enabled.display_name.as_deref(), Some("Jean Dupont"));
+        let disabled = service
+            .to_user(entry(&[
+                ("sAMAccountName", "JDupont"),
+                ("userAccountControl", "514"),
+            ]))
+            .unwrap();
+        assert!(disabled.disabled);
+        // Without active_directory the attribute means nothing.
+        config.active_directory = false;
+        let plain = LdapService::new(config).unwrap();
+        let user = plain
+            .to_user(entry(&[
+                ("sAMAccountName", "JDupont"),
+                ("userAccountControl", "514"),
+            ]))
+            .unwrap();
+        assert!(!user.disabled);
+    }
+
     #[test]
     fn directory_names_become_valid_localparts() {
         assert_eq!(normalise_localpart("JDupont").as_deref(), Some("jdupont"));

@@ -188,6 +188,18 @@ impl Running {
 
 /// Open the store, bind the listener, and start serving and handling events.
 pub async fn start<H: Handler>(settings: Settings, handler: H) -> anyhow::Result<Running> {
+    let listener = tokio::net::TcpListener::bind(settings.listen).await?;
+    start_on(listener, settings, handler).await
+}
+
+/// Like [`start`], on a listener bound beforehand (`settings.listen` is not used): the
+/// address can be registered with the homeserver before the appservice is ready, and
+/// requests that arrive meanwhile wait in the listener's queue.
+pub async fn start_on<H: Handler>(
+    listener: tokio::net::TcpListener,
+    settings: Settings,
+    handler: H,
+) -> anyhow::Result<Running> {
     let store = Store::open(&settings.store_dir)?;
     let homeserver = Homeserver::new(
         &settings.homeserver_url,
@@ -203,5 +215,5 @@ pub async fn start<H: Handler>(settings: Settings, handler: H) -> anyhow::Result
         registration: settings.registration,
         commands: settings.commands,
     });
-    server::start(kit, handler, settings.listen, settings.auto_join).await
+    server::start(kit, handler, listener, settings.auto_join).await
 }

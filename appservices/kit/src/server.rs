@@ -244,7 +244,7 @@ async fn handle<H: Handler>(inner: &Inner<H>, event: &Event) {
 pub(crate) async fn start<H: Handler>(
     kit: Arc<Kit>,
     handler: H,
-    listen: SocketAddr,
+    listener: tokio::net::TcpListener,
     auto_join: bool,
 ) -> anyhow::Result<Running> {
     let next = match kit.store.last(INBOX.as_bytes())? {
@@ -285,8 +285,7 @@ pub(crate) async fn start<H: Handler>(
             )
         })
         .with_state(inner.clone());
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    let addr = listener.local_addr()?;
+    let addr: SocketAddr = listener.local_addr()?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut server_stop = stopped.clone();
     let server = tokio::spawn(async move {

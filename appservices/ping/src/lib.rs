@@ -74,6 +74,24 @@ impl Handler for Ping {
     }
 }
 
+fn settings(
+    registration: Registration,
+    homeserver_url: String,
+    server_name: salon_appservice_kit::ruma::OwnedServerName,
+    listen: std::net::SocketAddr,
+    store_dir: std::path::PathBuf,
+) -> Settings {
+    Settings {
+        registration,
+        homeserver_url,
+        server_name,
+        listen,
+        store_dir,
+        auto_join: true,
+        commands: Some(commands()),
+    }
+}
+
 /// Start the ping bot with a registration the homeserver knows.
 pub async fn start(
     registration: Registration,
@@ -83,15 +101,24 @@ pub async fn start(
     store_dir: std::path::PathBuf,
 ) -> anyhow::Result<Running> {
     salon_appservice_kit::start(
-        Settings {
-            registration,
-            homeserver_url,
-            server_name,
-            listen,
-            store_dir,
-            auto_join: true,
-            commands: Some(commands()),
-        },
+        settings(registration, homeserver_url, server_name, listen, store_dir),
+        Ping,
+    )
+    .await
+}
+
+/// Start the ping bot on a listener bound (and registered) beforehand.
+pub async fn start_on(
+    listener: tokio::net::TcpListener,
+    registration: Registration,
+    homeserver_url: String,
+    server_name: salon_appservice_kit::ruma::OwnedServerName,
+    store_dir: std::path::PathBuf,
+) -> anyhow::Result<Running> {
+    let listen = listener.local_addr()?;
+    salon_appservice_kit::start_on(
+        listener,
+        settings(registration, homeserver_url, server_name, listen, store_dir),
         Ping,
     )
     .await

@@ -61,35 +61,43 @@ fn save_state(s: &Services, id: &str, state: &State, durable: bool) -> Result<()
     }
 }
 
-/// Start one delivery task per appservice that has a URL; they stop with `stop`.
+/// Start one delivery task per appservice that has a URL; they stop with `stop`. An
+/// appservice seen for the first time starts from the current position, recorded here
+/// before the homeserver serves anything.
 pub fn spawn_all(
     s: Arc<Services>,
     stop: tokio::sync::watch::Receiver<bool>,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    s.appservices
-        .all()
-        .into_iter()
-        .filter(|a| a.registration.url.is_some())
-        .map(|a| tokio::spawn(run(s.clone(), a, stop.clone())))
-        .collect()
+) -> Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut tasks = Vec::new();
+    for a in s.appservices.all() {
+        if a.registration.url.is_none() {
+            continue;
+        }
+        let state = match load_state(&s, a.id())? {
+            Some(state) => state,
+            None => {
+                let state = State {
+                    cursor: s.db.stream.visible(),
+                    next_txn: 1,
+                    pending: None,
+                };
+                save_state(&s, a.id(), &state, true)?;
+                state
+            }
+        };
+        tasks.push(tokio::spawn(run(s.clone(), a, state, stop.clone())));
+    }
+    Ok(tasks)
 }
 
-async fn run(s: Arc<Services>, a: Arc<Appservice>, mut stop: tokio::sync::watch::Receiver<bool>) {
+async fn run(
+    s: Arc<Services>,
+    a: Arc<Appservice>,
+    mut state: State,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     let http = client::http_client();
     let id = a.id().to_owned();
-    let mut state = match load_state(&s, &id) {
-        Ok(Some(state)) => state,
-        Ok(None) => State {
-            // A new appservice starts from now, not from the beginning of time.
-            cursor: s.db.stream.visible(),
-            next_txn: 1,
-            pending: None,
-        },
-        Err(e) => {
-            tracing::error!(appservice = %id, error = %e, "cannot read the appservice's delivery state");
-            return;
-        }
-    };
     let mut visible = s.db.stream.subscribe();
     let mut attempts: u32 = 0;
     loop {

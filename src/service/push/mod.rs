@@ -16,7 +16,10 @@ use parking_lot::Mutex;
 use ruma::{
     OwnedRoomId, OwnedUserId, RoomId, UInt, UserId,
     api::client::push::{Pusher, PusherKind},
-    push::{Action, FlattenedJson, PushConditionPowerLevelsCtx, PushConditionRoomCtx, Ruleset},
+    push::{
+        Action, AnyPushRuleRef, FlattenedJson, PushCondition, PushConditionPowerLevelsCtx,
+        PushConditionRoomCtx, Ruleset,
+    },
     serde::Raw,
 };
 use serde::{Deserialize, Serialize};
@@ -93,6 +96,36 @@ pub struct Push {
     pub queued: tokio::sync::Notify,
 }
 
+/// A cheap test of what word matching on `content.body` needs: a pattern without
+/// wildcards must appear in the body. ruma compiles a regex for every word match, for
+/// every recipient; most rules are ruled out by this test first.
+fn word_may_match(body_lower: Option<&str>, pattern: &str) -> bool {
+    if pattern.contains(['*', '?']) {
+        return true;
+    }
+    body_lower.is_some_and(|b| b.contains(&pattern.to_lowercase()))
+}
+
+/// `false` only when the rule cannot apply (so ruma's evaluation can be skipped).
+fn may_apply(rule: &AnyPushRuleRef<'_>, body_lower: Option<&str>, name_lower: &str) -> bool {
+    match rule {
+        AnyPushRuleRef::Content(r) => !r.enabled || word_may_match(body_lower, &r.pattern),
+        AnyPushRuleRef::Override(r) | AnyPushRuleRef::Underride(r) => {
+            r.conditions.iter().all(|c| match c {
+                PushCondition::EventMatch(m) if m.key == "content.body" => {
+                    word_may_match(body_lower, &m.pattern)
+                }
+                #[allow(deprecated)]
+                PushCondition::ContainsDisplayName => {
+                    !name_lower.is_empty() && body_lower.is_some_and(|b| b.contains(name_lower))
+                }
+                _ => true,
+            })
+        }
+        _ => true,
+    }
+}
+
 /// Counting stops here: clients show "99+" long before.
 const MAX_COUNT: u64 = 999;
 
@@ -147,6 +180,7 @@ impl Push {
         // Flatten the event once for every recipient (ruma's `get_actions` would do it
         // per call); the loop below is `Ruleset::get_match` over that one flattening.
         let flat = FlattenedJson::from_raw(event);
+        let body_lower = flat.get_str("content.body").map(str::to_lowercase);
         for (user, display_name) in recipients {
             let rules = self.ruleset(user)?;
             let mut ctx = PushConditionRoomCtx::new(
@@ -158,8 +192,12 @@ impl Push {
             if let Some(pl) = &room.power_levels {
                 ctx = ctx.with_power_levels(pl.clone());
             }
+            let name_lower = display_name.to_lowercase();
             let mut actions: &[Action] = &[];
             for rule in rules.iter() {
+                if !may_apply(&rule, body_lower.as_deref(), &name_lower) {
+                    continue;
+                }
                 if rule.applies(&flat, &ctx).await {
                     actions = rule.actions();
                     break;
@@ -445,5 +483,19 @@ impl Push {
             return Err(bad("the path must be /_matrix/push/v1/notify"));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn word_rules_are_ruled_out_only_when_they_cannot_match() {
+        let body = Some("the budget is due");
+        assert!(word_may_match(body, "Budget"));
+        assert!(!word_may_match(body, "invoice"));
+        assert!(word_may_match(body, "inv*ce"), "wildcards are left to ruma");
+        assert!(!word_may_match(None, "budget"));
     }
 }
