@@ -22,6 +22,28 @@ use crate::{
 /// At most this many events per transaction.
 const MAX_EVENTS: usize = 100;
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// How long a woken sender waits for more commits before it looks.
+const GATHER_DELAY: Duration = Duration::from_millis(20);
+/// The cursor past uninteresting events is saved at most this often (losing it only
+/// means looking at those events again after a restart).
+const CURSOR_SAVE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// What a sender remembers between rounds.
+struct Scan {
+    /// Whether the appservice is interested in everything in a room; dropped for a
+    /// room whenever a membership event of it goes by.
+    rooms: HashMap<u64, bool>,
+    cursor_saved: std::time::Instant,
+}
+
+impl Default for Scan {
+    fn default() -> Self {
+        Self {
+            rooms: HashMap::new(),
+            cursor_saved: std::time::Instant::now(),
+        }
+    }
+}
 
 #[derive(Default, Serialize, Deserialize)]
 struct State {
@@ -100,11 +122,12 @@ async fn run(
     let id = a.id().to_owned();
     let mut visible = s.db.stream.subscribe();
     let mut attempts: u32 = 0;
+    let mut scan = Scan::default();
     loop {
         if *stop.borrow() {
             return;
         }
-        let result = step(&s, &a, &http, &mut state).await;
+        let result = step(&s, &a, &http, &mut state, &mut scan).await;
         let wait = match result {
             Ok(Step::Delivered) => {
                 attempts = 0;
@@ -135,6 +158,8 @@ async fn run(
                     _ = stop.changed() => return,
                     _ = visible.wait_for(|v| *v > cursor) => {}
                 }
+                // Let a burst of commits gather into one round (and one transaction).
+                tokio::time::sleep(GATHER_DELAY).await;
             }
         }
     }
@@ -153,18 +178,22 @@ async fn step(
     a: &Appservice,
     http: &reqwest::Client,
     state: &mut State,
+    scan: &mut Scan,
 ) -> Result<Step> {
     if state.pending.is_none() {
-        let (events, up_to) = gather(s, a, state.cursor)?;
+        let (events, up_to) = gather(s, a, state.cursor, &mut scan.rooms)?;
         let ephemeral = if a.registration.receive_ephemeral {
-            gather_ephemeral(s, a, state.cursor, up_to)?
+            gather_ephemeral(s, a, state.cursor, up_to, &mut scan.rooms)?
         } else {
             Vec::new()
         };
         if events.is_empty() && ephemeral.is_empty() {
             if up_to > state.cursor {
                 state.cursor = up_to;
-                save_state(s, a.id(), state, false)?;
+                if scan.cursor_saved.elapsed() >= CURSOR_SAVE_INTERVAL {
+                    save_state(s, a.id(), state, false)?;
+                    scan.cursor_saved = std::time::Instant::now();
+                }
             }
             return Ok(Step::Idle);
         }
@@ -211,11 +240,15 @@ fn transaction_body(s: &Services, pending: &Pending) -> Result<JsonValue> {
 
 /// Events after `cursor` that the appservice is interested in (at most
 /// [`MAX_EVENTS`]), and the position up to which the stream was read.
-fn gather(s: &Services, a: &Appservice, cursor: u64) -> Result<(Vec<u64>, u64)> {
+fn gather(
+    s: &Services,
+    a: &Appservice,
+    cursor: u64,
+    rooms: &mut HashMap<u64, bool>,
+) -> Result<(Vec<u64>, u64)> {
     let visible = s.db.stream.visible();
     let mut out = Vec::new();
     let mut up_to = cursor;
-    let mut rooms: HashMap<u64, bool> = HashMap::new();
     let start = (cursor + 1).to_be_bytes();
     for item in s.db.scan_from("stream", b"", &start, true) {
         let (k, v) = item?;
@@ -225,7 +258,7 @@ fn gather(s: &Services, a: &Appservice, cursor: u64) -> Result<(Vec<u64>, u64)> 
         }
         up_to = pos;
         let short = decode_u64(&v);
-        if interested(s, a, short, &mut rooms)? {
+        if interested(s, a, short, rooms)? {
             out.push(short);
             if out.len() >= MAX_EVENTS {
                 break;
@@ -246,14 +279,14 @@ fn gather_ephemeral(
     a: &Appservice,
     since: u64,
     until: u64,
+    rooms: &mut HashMap<u64, bool>,
 ) -> Result<Vec<JsonValue>> {
     let mut out = Vec::new();
-    let mut rooms: HashMap<u64, bool> = HashMap::new();
     for (room_id, users) in s.ephemeral.typing_changed(since, until) {
         let Some(room_short) = s.rooms.timeline.room_short(&room_id)? else {
             continue;
         };
-        if room_interest(s, a, room_short, &room_id, &mut rooms)? {
+        if room_interest(s, a, room_short, &room_id, rooms)? {
             out.push(
                 json!({ "type": "m.typing", "room_id": room_id, "content": { "user_ids": users } }),
             );
@@ -266,7 +299,7 @@ fn gather_ephemeral(
         else {
             continue;
         };
-        if !room_interest(s, a, room_short, &room_id, &mut rooms)? {
+        if !room_interest(s, a, room_short, &room_id, rooms)? {
             continue;
         }
         let receipts: Vec<_> = s
