@@ -116,8 +116,7 @@ fn access_token(parts: &http::request::Parts) -> Option<String> {
         return Some(t.trim().to_owned());
     }
     // The deprecated query parameter.
-    let Query(mut query) = Query::<HashMap<String, String>>::try_from_uri(&parts.uri).ok()?;
-    query.remove("access_token")
+    query_param(parts, "access_token")
 }
 
 impl<T> FromRequest<Arc<Services>> for Ruma<T>

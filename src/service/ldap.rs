@@ -594,14 +594,8 @@ async fn join_own_groups(
         {
             continue;
         }
-        let admin = groups_admin(s).await?;
-        let name = group.name.clone().unwrap_or_else(|| group.space.clone());
-        let space = ensure_room(s, &admin, &group.space, &name, None).await?;
-        let mut rooms = vec![space.clone()];
-        for alias in &group.rooms {
-            rooms.push(ensure_room(s, &admin, alias, alias, Some(&space)).await?);
-        }
-        for room in rooms {
+        let (admin, rooms) = group_rooms(s, group).await?;
+        for (room, _) in rooms {
             let membership = s
                 .rooms
                 .timeline
@@ -922,29 +916,31 @@ async fn sync_groups(
             ));
             continue;
         }
-        let admin = groups_admin(s).await?;
-        let name = group.name.clone().unwrap_or_else(|| group.space.clone());
-        let space = ensure_room(s, &admin, &group.space, &name, None).await?;
-        reconcile(
-            s,
-            &admin,
-            &space,
-            &group.space,
-            &members,
-            &managers,
-            group,
-            report,
-        )
-        .await?;
-        for room_alias in &group.rooms {
-            let room = ensure_room(s, &admin, room_alias, room_alias, Some(&space)).await?;
-            reconcile(
-                s, &admin, &room, room_alias, &members, &managers, group, report,
-            )
-            .await?;
+        let (admin, rooms) = group_rooms(s, group).await?;
+        for (room, label) in rooms {
+            reconcile(s, &admin, &room, label, &members, &managers, group, report).await?;
         }
     }
     Ok(())
+}
+
+/// A group's space and rooms (created when missing), the space first, each with its
+/// alias localpart; and the account that owns them.
+async fn group_rooms<'g>(
+    s: &Services,
+    group: &'g crate::config::LdapGroup,
+) -> Result<(OwnedUserId, Vec<(ruma::OwnedRoomId, &'g str)>)> {
+    let admin = groups_admin(s).await?;
+    let name = group.name.clone().unwrap_or_else(|| group.space.clone());
+    let space = ensure_room(s, &admin, &group.space, &name, None).await?;
+    let mut rooms = vec![(space.clone(), group.space.as_str())];
+    for alias in &group.rooms {
+        rooms.push((
+            ensure_room(s, &admin, alias, alias, Some(&space)).await?,
+            alias.as_str(),
+        ));
+    }
+    Ok((admin, rooms))
 }
 
 /// Run the directory sync every `ldap.sync_interval_minutes` until `stop`.

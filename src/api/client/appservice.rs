@@ -17,7 +17,10 @@ use serde_json::Value as JsonValue;
 use crate::{
     error::{Error, Result},
     http::Ruma,
-    service::{Services, appservice::client},
+    service::{
+        Services,
+        appservice::client::{self, enc},
+    },
 };
 
 pub async fn ping(
@@ -40,18 +43,6 @@ pub async fn ping(
     )
     .await?;
     Ok(request_ping::v1::Response::new(took))
-}
-
-fn enc(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 fn query_string(fields: &BTreeMap<String, String>) -> String {

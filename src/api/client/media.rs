@@ -171,20 +171,53 @@ pub async fn legacy_config(
     )))
 }
 
+/// A local file, ready to send: bytes, content type, disposition (`filename` from the
+/// request path wins over the uploaded name).
+async fn fetch(
+    s: &Services,
+    server: &ruma::ServerName,
+    media_id: &str,
+    timeout: Duration,
+    filename: Option<String>,
+) -> Result<(Vec<u8>, String, ContentDisposition)> {
+    let file = s
+        .media
+        .download(s.globals.server_name(), server, media_id, timeout)
+        .await?;
+    Ok(file_parts(file, filename))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn fetch_thumbnail(
+    s: &Services,
+    server: &ruma::ServerName,
+    media_id: &str,
+    width: UInt,
+    height: UInt,
+    method: Option<&ruma::media::Method>,
+    timeout: Duration,
+) -> Result<(Vec<u8>, String, ContentDisposition)> {
+    let file = s
+        .media
+        .thumbnail(
+            s.globals.server_name(),
+            server,
+            media_id,
+            dimension(width)?,
+            dimension(height)?,
+            method,
+            timeout,
+        )
+        .await?;
+    Ok(file_parts(file, None))
+}
+
 pub async fn download(
     s: Arc<Services>,
     req: Ruma<auth::get_content::v1::Request>,
 ) -> Result<Response> {
-    let file = s
-        .media
-        .download(
-            s.globals.server_name(),
-            &req.server_name,
-            &req.media_id,
-            req.timeout_ms,
-        )
-        .await?;
-    let (bytes, content_type, disposition) = file_parts(file, None);
+    let (bytes, content_type, disposition) =
+        fetch(&s, &req.server_name, &req.media_id, req.timeout_ms, None).await?;
     Ok(serve(auth::get_content::v1::Response::new(
         bytes,
         content_type,
@@ -196,16 +229,9 @@ pub async fn download_as(
     s: Arc<Services>,
     req: Ruma<auth::get_content_as_filename::v1::Request>,
 ) -> Result<Response> {
-    let file = s
-        .media
-        .download(
-            s.globals.server_name(),
-            &req.server_name,
-            &req.media_id,
-            req.timeout_ms,
-        )
-        .await?;
-    let (bytes, content_type, disposition) = file_parts(file, Some(req.filename.clone()));
+    let name = Some(req.filename.clone());
+    let (bytes, content_type, disposition) =
+        fetch(&s, &req.server_name, &req.media_id, req.timeout_ms, name).await?;
     Ok(serve(auth::get_content_as_filename::v1::Response::new(
         bytes,
         content_type,
@@ -217,19 +243,16 @@ pub async fn thumbnail(
     s: Arc<Services>,
     req: Ruma<auth::get_content_thumbnail::v1::Request>,
 ) -> Result<Response> {
-    let file = s
-        .media
-        .thumbnail(
-            s.globals.server_name(),
-            &req.server_name,
-            &req.media_id,
-            dimension(req.width)?,
-            dimension(req.height)?,
-            req.method.as_ref(),
-            req.timeout_ms,
-        )
-        .await?;
-    let (bytes, content_type, disposition) = file_parts(file, None);
+    let (bytes, content_type, disposition) = fetch_thumbnail(
+        &s,
+        &req.server_name,
+        &req.media_id,
+        req.width,
+        req.height,
+        req.method.as_ref(),
+        req.timeout_ms,
+    )
+    .await?;
     Ok(serve(auth::get_content_thumbnail::v1::Response::new(
         bytes,
         content_type,
@@ -262,16 +285,8 @@ pub async fn legacy_download(
     req: Ruma<get_content::v3::Request>,
 ) -> Result<Response> {
     legacy_allowed(&s)?;
-    let file = s
-        .media
-        .download(
-            s.globals.server_name(),
-            &req.server_name,
-            &req.media_id,
-            req.timeout_ms.min(Duration::from_secs(60)),
-        )
-        .await?;
-    let (bytes, content_type, disposition) = file_parts(file, None);
+    let (bytes, content_type, disposition) =
+        fetch(&s, &req.server_name, &req.media_id, req.timeout_ms, None).await?;
     let mut res = get_content::v3::Response::new(bytes, content_type, disposition);
     res.cross_origin_resource_policy = Some("cross-origin".to_owned());
     Ok(serve(res))
@@ -283,16 +298,9 @@ pub async fn legacy_download_as(
     req: Ruma<get_content_as_filename::v3::Request>,
 ) -> Result<Response> {
     legacy_allowed(&s)?;
-    let file = s
-        .media
-        .download(
-            s.globals.server_name(),
-            &req.server_name,
-            &req.media_id,
-            req.timeout_ms,
-        )
-        .await?;
-    let (bytes, content_type, disposition) = file_parts(file, Some(req.filename.clone()));
+    let name = Some(req.filename.clone());
+    let (bytes, content_type, disposition) =
+        fetch(&s, &req.server_name, &req.media_id, req.timeout_ms, name).await?;
     let mut res = get_content_as_filename::v3::Response::new(bytes, content_type, disposition);
     res.cross_origin_resource_policy = Some("cross-origin".to_owned());
     Ok(serve(res))
@@ -304,19 +312,16 @@ pub async fn legacy_thumbnail(
     req: Ruma<get_content_thumbnail::v3::Request>,
 ) -> Result<Response> {
     legacy_allowed(&s)?;
-    let file = s
-        .media
-        .thumbnail(
-            s.globals.server_name(),
-            &req.server_name,
-            &req.media_id,
-            dimension(req.width)?,
-            dimension(req.height)?,
-            req.method.as_ref(),
-            req.timeout_ms,
-        )
-        .await?;
-    let (bytes, content_type, disposition) = file_parts(file, None);
+    let (bytes, content_type, disposition) = fetch_thumbnail(
+        &s,
+        &req.server_name,
+        &req.media_id,
+        req.width,
+        req.height,
+        req.method.as_ref(),
+        req.timeout_ms,
+    )
+    .await?;
     let mut res = get_content_thumbnail::v3::Response::new(bytes, content_type, disposition);
     res.cross_origin_resource_policy = Some("cross-origin".to_owned());
     Ok(serve(res))

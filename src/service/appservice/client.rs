@@ -26,7 +26,8 @@ fn url(a: &Appservice, path: &str) -> Option<String> {
         .map(|base| format!("{}{path}", base.trim_end_matches('/')))
 }
 
-fn enc(s: &str) -> String {
+/// Percent-encode a path segment or query value.
+pub fn enc(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {

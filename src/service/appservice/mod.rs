@@ -322,37 +322,6 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// A new registration with fresh random tokens.
-pub fn generate_registration(
-    id: &str,
-    url: Option<String>,
-    sender_localpart: &str,
-    user_regex: Option<String>,
-    alias_regex: Option<String>,
-) -> Registration {
-    use ruma::api::appservice::{Namespace, Namespaces, RegistrationInit};
-    let mut namespaces = Namespaces::new();
-    if let Some(r) = user_regex {
-        namespaces.users.push(Namespace::new(true, r));
-    }
-    if let Some(r) = alias_regex {
-        namespaces.aliases.push(Namespace::new(true, r));
-    }
-    let mut reg: Registration = RegistrationInit {
-        id: id.to_owned(),
-        url,
-        as_token: super::globals::random_string(40),
-        hs_token: super::globals::random_string(40),
-        sender_localpart: sender_localpart.to_owned(),
-        namespaces,
-        rate_limited: Some(false),
-        protocols: None,
-    }
-    .into();
-    reg.receive_ephemeral = false;
-    reg
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -928,30 +928,14 @@ impl<'a> Draft<'a> {
 
     /// Evaluate the push rules of every recipient for each event of this draft, and
     /// stage what notifies in the same batch as the events.
-    async fn stage_push(&mut self) -> Result<()> {
+    /// `joined`: who is joined once this draft is applied.
+    async fn stage_push(&mut self, joined: std::collections::BTreeSet<OwnedUserId>) -> Result<()> {
         let mut events: Vec<(u64, u64)> = self
             .pending_meta
             .iter()
             .map(|(short, meta)| (meta.pos, *short))
             .collect();
         events.sort_unstable();
-        // Who is joined once this draft is applied.
-        let mut joined: std::collections::BTreeSet<OwnedUserId> =
-            members_with(&self.tl.db, self.room_short, "join")?
-                .into_iter()
-                .collect();
-        for (_, short) in &events {
-            let pdu = &self.pending_short[short];
-            if pdu.kind == TimelineEventType::RoomMember
-                && let Some(target) = pdu.state_key.as_deref().and_then(|k| UserId::parse(k).ok())
-            {
-                if membership_of(pdu) == "join" {
-                    joined.insert(target);
-                } else {
-                    joined.remove(&target);
-                }
-            }
-        }
         let someone_to_tell = events.iter().any(|(_, short)| {
             let pdu = &self.pending_short[short];
             joined.iter().any(|u| *u != pdu.sender)
@@ -1042,10 +1026,18 @@ impl<'a> Draft<'a> {
         // then let the next writer in.
         let seq = db.write(batch)?;
         self.guard.take();
+        // The room's members as this draft left them: for the push rules, then for
+        // whom to wake.
+        let members = memberships_in(&db, self.room_short, &["join", "invite", "knock"])?;
         // Push rules are evaluated outside the lock, and what they decide is written
         // right behind the events; one log sync makes both durable before anyone is
         // told, so an acknowledged event always has its notifications.
-        self.stage_push().await?;
+        let joined = members
+            .iter()
+            .filter(|(_, m)| m == "join")
+            .map(|(u, _)| u.clone())
+            .collect();
+        self.stage_push(joined).await?;
         let push_batch = std::mem::take(&mut self.batch);
         let seq = db.write(push_batch)?.max(seq);
         tokio::task::spawn_blocking(move || db.sync_to(seq))
@@ -1056,11 +1048,7 @@ impl<'a> Draft<'a> {
         let last = self.tickets.iter().map(|t| t.position).max().unwrap_or(0);
         self.tickets.clear();
         let mut users = self.affected.clone();
-        users.extend(members_in(
-            &self.tl.db,
-            self.room_short,
-            &["join", "invite", "knock"],
-        )?);
+        users.extend(members.into_iter().map(|(u, _)| u));
         self.tl
             .notifier
             .notify_all(users.iter().map(|u| &**u), last);
@@ -1109,14 +1097,26 @@ pub fn members_with(db: &Db, room_short: u64, membership: &str) -> Result<Vec<Ow
 
 /// Users whose membership in a room is any of `memberships`, in one scan.
 pub fn members_in(db: &Db, room_short: u64, memberships: &[&str]) -> Result<Vec<OwnedUserId>> {
+    Ok(memberships_in(db, room_short, memberships)?
+        .into_iter()
+        .map(|(u, _)| u)
+        .collect())
+}
+
+/// Like [`members_in`], with each user's membership.
+pub fn memberships_in(
+    db: &Db,
+    room_short: u64,
+    memberships: &[&str],
+) -> Result<Vec<(OwnedUserId, String)>> {
     let prefix = room_short.to_be_bytes();
     let mut out = Vec::new();
     for item in db.scan_prefix("room_members", &prefix) {
         let (k, v) = item?;
-        if memberships.iter().any(|m| v.as_ref() == m.as_bytes())
+        if let Some(m) = memberships.iter().find(|m| v.as_ref() == m.as_bytes())
             && let Some(id) = db.long_id(u64_at(&k, 1))?
         {
-            out.push(UserId::parse(id)?);
+            out.push((UserId::parse(id)?, (*m).to_owned()));
         }
     }
     Ok(out)
