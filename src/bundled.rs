@@ -11,10 +11,14 @@ use crate::service::Services;
 #[derive(Default)]
 pub struct Bundled {
     running: Vec<salon_appservice_kit::Running>,
+    email: Option<salon_email::Bridge>,
 }
 
 impl Bundled {
     pub async fn stop(self) {
+        if let Some(e) = self.email {
+            e.stop().await;
+        }
         for r in self.running {
             r.stop().await;
         }
@@ -39,6 +43,7 @@ fn stored_registration(
 /// serving.
 pub struct Prepared {
     ping: Option<(std::net::TcpListener, salon_appservice_kit::Registration)>,
+    email: Option<(std::net::TcpListener, salon_appservice_kit::Registration)>,
     homeserver: SocketAddr,
 }
 
@@ -48,6 +53,7 @@ pub fn prepare(s: &Services, homeserver: SocketAddr) -> anyhow::Result<Prepared>
     let config = &s.globals.config.appservices;
     let mut prepared = Prepared {
         ping: None,
+        email: None,
         homeserver,
     };
     if config.ping.enabled {
@@ -57,6 +63,16 @@ pub fn prepare(s: &Services, homeserver: SocketAddr) -> anyhow::Result<Prepared>
         registration.url = Some(format!("http://{}", listener.local_addr()?));
         s.appservices.add_bundled(registration.clone())?;
         prepared.ping = Some((listener, registration));
+    }
+    let email = &s.globals.config.bridges.email;
+    if email.enabled {
+        let template = salon_email::template(s.globals.server_name().as_str(), None);
+        let mut registration = stored_registration(s, salon_email::ID, &template)?;
+        let listener = std::net::TcpListener::bind(email.appservice_listen)?;
+        listener.set_nonblocking(true)?;
+        registration.url = Some(format!("http://{}", listener.local_addr()?));
+        s.appservices.add_bundled(registration.clone())?;
+        prepared.email = Some((listener, registration));
     }
     Ok(prepared)
 }
@@ -85,6 +101,21 @@ pub async fn start(s: &Arc<Services>, prepared: Prepared) -> anyhow::Result<Bund
         .await?;
         tracing::info!(address = %running.addr, "bundled appservice ping is running");
         bundled.running.push(running);
+    }
+    if let Some((listener, registration)) = prepared.email {
+        let bridge = salon_email::start_on(
+            tokio::net::TcpListener::from_std(listener)?,
+            salon_email::Options {
+                registration,
+                homeserver_url: format!("http://{}", SocketAddr::new(ip, homeserver.port())),
+                server_name: s.globals.server_name().to_owned(),
+                store_dir: s.globals.config.data_dir.join("bridges").join("email"),
+                config: s.globals.config.bridges.email.clone(),
+            },
+        )
+        .await?;
+        tracing::info!(smtp = ?bridge.smtp_addr, lmtp = ?bridge.lmtp_addr, "bundled email bridge is running");
+        bundled.email = Some(bridge);
     }
     Ok(bundled)
 }

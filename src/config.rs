@@ -35,6 +35,7 @@ pub struct Config {
     pub push: PushConfig,
     pub appservices: AppservicesConfig,
     pub ldap: LdapConfig,
+    pub bridges: BridgesConfig,
 }
 
 impl Default for Config {
@@ -54,6 +55,7 @@ impl Default for Config {
             push: PushConfig::default(),
             appservices: AppservicesConfig::default(),
             ldap: LdapConfig::default(),
+            bridges: BridgesConfig::default(),
         }
     }
 }
@@ -252,6 +254,14 @@ pub struct AppservicesConfig {
     pub registration_dir: Option<PathBuf>,
     /// The bundled ping bot (`@ping`): answers `!ping` in rooms it is invited to.
     pub ping: BundledAppservice,
+}
+
+/// The bundled bridges, run inside `salon serve` when enabled.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BridgesConfig {
+    /// Email threads as rooms (docs/email.md).
+    pub email: salon_email::EmailConfig,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -567,6 +577,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "push",
     "appservices",
     "ldap",
+    "bridges",
 ];
 
 /// An environment value is read as a TOML value when it parses as one (`true`, `42`),

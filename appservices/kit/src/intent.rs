@@ -301,6 +301,120 @@ impl Intent {
         )?)
     }
 
+    /// Upload a file to the media repository; returns its `mxc://` URI.
+    pub async fn upload(
+        &self,
+        bytes: Vec<u8>,
+        mime: &str,
+        filename: &str,
+    ) -> anyhow::Result<String> {
+        self.ensure_registered().await?;
+        let url = format!(
+            "{}/_matrix/media/v3/upload?filename={}&user_id={}",
+            self.hs.base,
+            enc(filename),
+            enc(self.user_id.as_str())
+        );
+        let res = self
+            .hs
+            .http
+            .post(url)
+            .bearer_auth(&self.hs.as_token)
+            .header(reqwest::header::CONTENT_TYPE, mime)
+            .body(bytes)
+            .send()
+            .await?;
+        let status = res.status().as_u16();
+        let value: JsonValue = res.json().await.unwrap_or(JsonValue::Null);
+        if !(200..300).contains(&status) {
+            return Err(MatrixError {
+                status,
+                errcode: value["errcode"].as_str().unwrap_or("M_UNKNOWN").to_owned(),
+                error: value["error"].as_str().unwrap_or_default().to_owned(),
+            }
+            .into());
+        }
+        value["content_uri"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow::anyhow!("the upload answer has no content_uri"))
+    }
+
+    /// Download a file of the media repository (authenticated media), with its type.
+    pub async fn download(&self, mxc: &str) -> anyhow::Result<(Vec<u8>, String)> {
+        let rest = mxc
+            .strip_prefix("mxc://")
+            .ok_or_else(|| anyhow::anyhow!("not an mxc URI: {mxc}"))?;
+        let (server, id) = rest
+            .split_once('/')
+            .ok_or_else(|| anyhow::anyhow!("not an mxc URI: {mxc}"))?;
+        let url = format!(
+            "{}/_matrix/client/v1/media/download/{}/{}?user_id={}",
+            self.hs.base,
+            enc(server),
+            enc(id),
+            enc(self.user_id.as_str())
+        );
+        let res = self
+            .hs
+            .http
+            .get(url)
+            .bearer_auth(&self.hs.as_token)
+            .send()
+            .await?;
+        let status = res.status().as_u16();
+        if !(200..300).contains(&status) {
+            let value: JsonValue = res.json().await.unwrap_or(JsonValue::Null);
+            return Err(MatrixError {
+                status,
+                errcode: value["errcode"].as_str().unwrap_or("M_UNKNOWN").to_owned(),
+                error: value["error"].as_str().unwrap_or_default().to_owned(),
+            }
+            .into());
+        }
+        let mime = res
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("application/octet-stream")
+            .to_owned();
+        Ok((res.bytes().await?.to_vec(), mime))
+    }
+
+    /// The room an alias points to, if any.
+    pub async fn resolve_alias(&self, alias: &str) -> anyhow::Result<Option<OwnedRoomId>> {
+        match self
+            .request(
+                reqwest::Method::GET,
+                &format!("/_matrix/client/v3/directory/room/{}", enc(alias)),
+                None,
+            )
+            .await
+        {
+            Ok(v) => Ok(Some(OwnedRoomId::try_from(
+                v["room_id"].as_str().unwrap_or_default(),
+            )?)),
+            Err(e) if is_errcode(&e, "M_NOT_FOUND") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A user's profile (`displayname`, `avatar_url`); `None` when there is no such user.
+    pub async fn profile(&self, user: &UserId) -> anyhow::Result<Option<JsonValue>> {
+        match self
+            .request(
+                reqwest::Method::GET,
+                &format!("/_matrix/client/v3/profile/{}", enc(user.as_str())),
+                None,
+            )
+            .await
+        {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if is_errcode(&e, "M_NOT_FOUND") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Create a room (a portal) with the given `createRoom` body.
     pub async fn create_room(&self, body: &JsonValue) -> anyhow::Result<OwnedRoomId> {
         self.ensure_registered().await?;

@@ -201,6 +201,17 @@ pub async fn start_on<H: Handler>(
     handler: H,
 ) -> anyhow::Result<Running> {
     let store = Store::open(&settings.store_dir)?;
+    start_with_store(listener, settings, store, handler).await
+}
+
+/// Like [`start_on`], with the store opened beforehand (`settings.store_dir` is not
+/// used): the appservice can keep its own records in it before serving.
+pub async fn start_with_store<H: Handler>(
+    listener: tokio::net::TcpListener,
+    settings: Settings,
+    store: Store,
+    handler: H,
+) -> anyhow::Result<Running> {
     let homeserver = Homeserver::new(
         &settings.homeserver_url,
         &settings.registration.as_token,
