@@ -170,9 +170,18 @@ def bundled_bridge():
     relay = Relay()
     relay.controller.start()
     smtp_port = _free_loopback_port()
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )
     proc, base, log = _start_salon(
         tmp,
         {
+            "SALON_BRIDGES__EMAIL__SMTP__TLS_CERT": str(cert),
+            "SALON_BRIDGES__EMAIL__SMTP__TLS_KEY": str(key),
             "SALON_BRIDGES__EMAIL__ENABLED": "true",
             "SALON_BRIDGES__EMAIL__DOMAIN": DOMAIN,
             "SALON_BRIDGES__EMAIL__SMTP__LISTEN": f"127.0.0.1:{smtp_port}",
@@ -290,6 +299,34 @@ def test_relaying_and_unknown_recipients_are_refused(bundled_bridge):
         assert code == 550
         code, _ = s.docmd("DATA")
         assert code == 503
+
+
+def test_starttls_protects_the_conversation(bundled_bridge):
+    import socket
+    import ssl
+
+    base, smtp_port, _relay, tmp = bundled_bridge
+    ctx = ssl.create_default_context(cafile=str(tmp / "cert.pem"))
+    with smtplib.SMTP("127.0.0.1", smtp_port, timeout=15) as s:
+        s.ehlo("client.example")
+        assert s.has_extn("starttls")
+        code, _ = s.starttls(context=ctx)
+        assert code == 220
+        s.ehlo("client.example")
+        assert not s.has_extn("starttls"), "no second STARTTLS inside TLS"
+        assert s.sock.version() in ("TLSv1.2", "TLSv1.3")
+        s.mail("bob@example.com")
+        code, _ = s.rcpt("someone@elsewhere.example")
+        assert code == 550
+    # Commands pipelined behind STARTTLS in clear text are never obeyed (CVE-2011-0411).
+    with socket.create_connection(("127.0.0.1", smtp_port), timeout=15) as raw:
+        f = raw.makefile("rb")
+        assert f.readline().startswith(b"220")
+        raw.sendall(b"EHLO x.example\r\n")
+        while not f.readline().startswith(b"250 "):
+            pass
+        raw.sendall(b"STARTTLS\r\nMAIL FROM:<evil@example.com>\r\n")
+        assert f.readline().startswith(b"421")
 
 
 def _email_config(tmp: Path, smtp_port: int, as_port: int) -> Path:

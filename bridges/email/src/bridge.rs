@@ -611,6 +611,7 @@ async fn post(
             .map(content::html_to_text)
             .unwrap_or_default();
     }
+    text.retain(|c| c == '\n' || c == '\t' || !c.is_control());
     if starts_thread {
         // The root of a thread in a mailbox room names the subject.
         text = format!("{}\n\n{text}", mail.subject);
@@ -894,7 +895,7 @@ impl EmailHandler {
                         "preset": "private_chat",
                         "invite": [sender],
                         "initial_state": initial_state,
-                        "power_level_content_override": { "users": { kit.bot_id(): 100, sender: 100 } },
+                        "power_level_content_override": { "users": { sender: 100 } },
                     }))
                     .await?;
                 kit.bot
@@ -930,6 +931,13 @@ impl EmailHandler {
                     .await?;
                 reply(format!(
                     "Started an email thread with {addr}: you are invited to its room."
+                ))
+                .await
+            }
+            "add" | "address" if !bot_can_invite(kit, room).await => {
+                reply(format!(
+                    "I bring people outside into this room as ghosts, so I need to be allowed to invite here: give {} the invite power level first.",
+                    kit.bot_id()
                 ))
                 .await
             }
@@ -1044,6 +1052,29 @@ impl EmailHandler {
             _ => Ok(()),
         }
     }
+}
+
+/// Whether the bot may invite in a room (it brings the ghosts of people outside in).
+async fn bot_can_invite(kit: &Kit, room: &RoomId) -> bool {
+    let Ok(pl) = kit
+        .bot
+        .request(
+            reqwest::Method::GET,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/state/m.room.power_levels/",
+                crate::enc(room.as_str())
+            ),
+            None,
+        )
+        .await
+    else {
+        return false;
+    };
+    let level = |v: &JsonValue| v.as_i64().or_else(|| v.as_str()?.parse().ok());
+    let mine = level(&pl["users"][kit.bot_id().as_str()])
+        .or_else(|| level(&pl["users_default"]))
+        .unwrap_or(0);
+    mine >= level(&pl["invite"]).unwrap_or(0)
 }
 
 async fn event_room_name(kit: &Kit, room: &RoomId) -> String {

@@ -186,7 +186,14 @@ pub fn parse(raw: &[u8]) -> Mail {
         .map(|s| s.trim().to_owned())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "(no subject)".to_owned());
-    let text = m.body_text(0).map(|t| t.into_owned()).unwrap_or_default();
+    // Only a real text/plain part: for HTML-only mail the text is made from the
+    // sanitised HTML later, never from the raw markup (scripts and styles included).
+    let text = m
+        .text_part(0)
+        .filter(|p| !p.is_text_html())
+        .and_then(|_| m.body_text(0))
+        .map(|t| t.into_owned())
+        .unwrap_or_default();
     let html = (m.html_body_count() > 0)
         .then(|| m.html_part(0))
         .flatten()

@@ -524,7 +524,16 @@ async fn session<R: Recipients>(
                 let text = match outcome {
                     Data::Eof => return Ok(()),
                     Data::Refused(text) => text.to_owned(),
-                    Data::Message(raw) => {
+                    Data::Message(raw) => 'accept: {
+                        let (raw, verdict) = tokio::task::spawn_blocking(move || {
+                            let v = crate::parse::check_structure(&raw);
+                            (raw, v)
+                        })
+                        .await?;
+                        if let Err(text) = verdict {
+                            tracing::info!(peer = %peer, reason = text, "mail refused");
+                            break 'accept text.to_owned();
+                        }
                         let from = s.mail_from.clone().unwrap_or_default();
                         let envelope = Envelope {
                             mail_from: from.clone(),
