@@ -56,3 +56,13 @@ ensure_slapd() {
     as_root systemctl disable --now slapd >/dev/null 2>&1 || true
     as_root pkill -x slapd >/dev/null 2>&1 || true
 }
+
+# dnsmasq (the binary only, no system service) serves the DNS records of the email
+# bridge's SPF/DKIM/DMARC tests on a loopback port; openssl makes their keys.
+ensure_dnsmasq() {
+    if [ -x /usr/sbin/dnsmasq ] && command -v openssl >/dev/null 2>&1; then
+        return
+    fi
+    echo "installing dnsmasq-base and openssl for the email bridge tests" >&2
+    apt_install dnsmasq-base openssl
+}

@@ -188,6 +188,7 @@ def bundled_bridge():
             "SALON_BRIDGES__EMAIL__RELAY__HOST": "127.0.0.1",
             "SALON_BRIDGES__EMAIL__RELAY__PORT": str(relay.port),
             "SALON_BRIDGES__EMAIL__RELAY__RETRY_SECS": "1",
+            "SALON_BRIDGES__EMAIL__AUTH__ENABLED": "false",
         },
     )
     try:
@@ -335,6 +336,7 @@ def _email_config(tmp: Path, smtp_port: int, as_port: int) -> Path:
         f'domain = "{DOMAIN}"\n'
         f'appservice_listen = "127.0.0.1:{as_port}"\n'
         f"[smtp]\nlisten = \"127.0.0.1:{smtp_port}\"\nper_sender_per_minute = 0\n"
+        "[auth]\nenabled = false\n"
     )
     return conf
 
@@ -441,3 +443,102 @@ async def test_no_accepted_mail_is_lost_or_doubled(tmp_path):
         _stop(salon)
         salon_log.close()
         bridge_log.close()
+
+
+def _dnsmasq(tmp: Path, records: dict[str, list[str]]) -> tuple[subprocess.Popen, int]:
+    """A DNS server on a loopback port serving only the given TXT records."""
+    if not os.path.exists("/usr/sbin/dnsmasq"):
+        pytest.fail("dnsmasq is not installed: scripts/test installs dnsmasq-base", pytrace=False)
+    port = _free_loopback_port()
+    args = [
+        "/usr/sbin/dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--no-poll",
+        "--listen-address=127.0.0.1", "--bind-interfaces", f"--port={port}", "--user=root",
+        f"--pid-file={tmp / 'dnsmasq.pid'}", "--log-facility=-", "--log-queries",
+    ]
+    for name, strings in records.items():
+        # Each TXT string at most 255 bytes, as DNS wants.
+        chunks = [c[i:i + 250] for c in strings for i in range(0, len(c), 250)]
+        # No shell here: commas separate the strings, and quotes would be kept.
+        args.append(f"--txt-record={name}," + ",".join(chunks))
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(tmp / "dnsmasq.log", "wb"))
+    time.sleep(0.3)
+    if proc.poll() is not None:
+        pytest.fail(f"dnsmasq did not start: {(tmp / 'dnsmasq.log').read_text()}", pytrace=False)
+    return proc, port
+
+
+@pytest.mark.parametrize("action", ["quarantine", "reject"])
+async def test_spf_dkim_and_dmarc_decide_what_gets_in(tmp_path, action):
+    import base64
+
+    import dkim
+
+    key = tmp_path / "dkim.pem"
+    subprocess.run(["openssl", "genrsa", "-out", str(key), "2048"], check=True, capture_output=True, timeout=60)
+    der = subprocess.run(
+        ["openssl", "rsa", "-in", str(key), "-pubout", "-outform", "DER"],
+        check=True, capture_output=True, timeout=60,
+    ).stdout
+    dns, dns_port = _dnsmasq(tmp_path, {
+        # good.example sends from loopback and signs; bank.example sends only from elsewhere.
+        "good.example": ["v=spf1 ip4:127.0.0.1 -all"],
+        "sel._domainkey.good.example": ["v=DKIM1; k=rsa; p=" + base64.b64encode(der).decode()],
+        "_dmarc.good.example": ["v=DMARC1; p=reject"],
+        "bank.example": ["v=spf1 ip4:192.0.2.1 -all"],
+        "_dmarc.bank.example": ["v=DMARC1; p=reject"],
+    })
+    smtp_port = _free_loopback_port()
+    salon, base, log = _start_salon(tmp_path, {
+        "SALON_BRIDGES__EMAIL__ENABLED": "true",
+        "SALON_BRIDGES__EMAIL__DOMAIN": DOMAIN,
+        "SALON_BRIDGES__EMAIL__SMTP__LISTEN": f"127.0.0.1:{smtp_port}",
+        "SALON_BRIDGES__EMAIL__AUTH__DNS": f"127.0.0.1:{dns_port}",
+        "SALON_BRIDGES__EMAIL__AUTH__ON_DMARC_FAIL": action,
+        "SALON_BRIDGES__EMAIL__AUTH__REVIEWERS": '["@' + "reviewer_" + action + ':localhost"]',
+    })
+    staff_name = unique_localpart("ines")
+    staff = await _register(base, staff_name)
+    reviewer = await _register(base, "reviewer_" + action)
+    try:
+        _wait_port(smtp_port)
+        rcpt = f"{staff_name}@{DOMAIN}"
+        # A message signed by good.example, sent from an address its SPF allows.
+        good = _mail("Gina <gina@good.example>", [rcpt], "Signed and sound", "All checks pass.")
+        raw = good.as_bytes()
+        sig = dkim.sign(raw, b"sel", b"good.example", key.read_bytes(), include_headers=[b"from", b"to", b"subject", b"message-id"])
+        with smtplib.SMTP("127.0.0.1", smtp_port, timeout=30) as s:
+            s.ehlo("mx.good.example")
+            s.sendmail("gina@good.example", [rcpt], sig + raw)
+        room = await _wait_invite(staff, "Signed and sound")
+        msgs = await _wait_messages(staff, room, 1)
+        assert msgs[0].source["content"]["body"].strip() == "All checks pass."
+
+        # A forgery: From bank.example, no signature, sent from where its SPF forbids.
+        forged = _mail("Bank <security@bank.example>", [rcpt], "Verify your account", "Click here.")
+        with smtplib.SMTP("127.0.0.1", smtp_port, timeout=30) as s:
+            s.ehlo("mx.attacker.example")
+            if action == "reject":
+                with pytest.raises(smtplib.SMTPDataError) as refused:
+                    s.sendmail("security@bank.example", [rcpt], forged.as_bytes())
+                assert refused.value.smtp_code == 550
+                assert b"DMARC" in refused.value.smtp_error
+            else:
+                s.sendmail("security@bank.example", [rcpt], forged.as_bytes())
+        if action == "quarantine":
+            review = await _wait_invite(reviewer, "Email review")
+            msgs = await _wait_messages(reviewer, review, 2)
+            assert "security@bank.example" in msgs[0].source["content"]["body"]
+            assert "failed DMARC" in msgs[0].source["content"]["body"]
+            assert msgs[1].source["content"]["msgtype"] == "m.file"
+        # The staff member never sees the forgery: no room for it.
+        await asyncio.sleep(1)
+        await bounded(staff.sync(timeout=0))
+        names = [r.name for r in list(staff.rooms.values()) + list(staff.invited_rooms.values())]
+        assert "Verify your account" not in names, names
+    finally:
+        await staff.close()
+        await reviewer.close()
+        _stop(salon)
+        log.close()
+        dns.kill()
+        dns.wait()

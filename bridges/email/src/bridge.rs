@@ -321,6 +321,9 @@ async fn bridge_one(kit: &Kit, shared: &Shared, m: &Spooled) -> anyhow::Result<(
         });
     }
     let _guard = shared.lock.lock().await;
+    if m.envelope.quarantine {
+        return quarantine(kit, shared, m, &mail).await;
+    }
     if let Kind::Bounce { failed } = &mail.kind {
         return bridge_bounce(kit, shared, m, &mail, failed).await;
     }
@@ -439,6 +442,67 @@ async fn bridge_bounce(
         &mail.message_id,
         &Bridged {
             conversation: conv.key(),
+            event_id: String::new(),
+        },
+    )?;
+    shared.spool.done(&m.key, batch)
+}
+
+/// Mail that failed its domain's DMARC policy: shown to the reviewers, whole, in the
+/// review room, and to nobody else.
+async fn quarantine(kit: &Kit, shared: &Shared, m: &Spooled, mail: &Mail) -> anyhow::Result<()> {
+    let alias_local = "_email_review";
+    let room = match kit
+        .bot
+        .resolve_alias(&format!("#{alias_local}:{}", kit.homeserver.server_name))
+        .await?
+    {
+        Some(r) => r,
+        None => {
+            kit.bot
+                .create_room(&json!({
+                    "name": "Email review",
+                    "topic": "Mail that failed its sender's DMARC policy; nobody else has seen it",
+                    "preset": "private_chat",
+                    "room_alias_name": alias_local,
+                    "invite": shared.config.auth.reviewers,
+                }))
+                .await?
+        }
+    };
+    let from = mail
+        .from
+        .as_ref()
+        .map(|p| p.address.clone())
+        .unwrap_or_else(|| m.envelope.mail_from.clone());
+    let text = format!(
+        "Quarantined: mail from {from} to {} failed DMARC (“{}”). The message is attached as it arrived.",
+        m.envelope.rcpts.join(", "),
+        mail.subject
+    );
+    let notice = json!({ "msgtype": "m.notice", "body": text });
+    kit.bot
+        .send(&room, "m.room.message", &notice, Some(&txn_for(&mail.message_id, 0)))
+        .await?;
+    let mxc = kit
+        .bot
+        .upload(m.raw.clone(), "message/rfc822", "quarantined.eml")
+        .await?;
+    let file = json!({
+        "msgtype": "m.file",
+        "body": "quarantined.eml",
+        "url": mxc,
+        "info": { "mimetype": "message/rfc822", "size": m.raw.len() },
+    });
+    kit.bot
+        .send(&room, "m.room.message", &file, Some(&txn_for(&mail.message_id, 1)))
+        .await?;
+    let mut batch = Batch::default();
+    shared.portals.mark(
+        &mut batch,
+        &mail.message_id,
+        &Bridged {
+            conversation: format!("quarantine:{room}"),
             event_id: String::new(),
         },
     )?;

@@ -22,6 +22,7 @@ pub struct EmailConfig {
     pub lmtp: Option<SocketAddr>,
     pub relay: RelayConfig,
     pub inbound: InboundConfig,
+    pub auth: AuthConfig,
 }
 
 impl Default for EmailConfig {
@@ -35,6 +36,7 @@ impl Default for EmailConfig {
             lmtp: None,
             relay: RelayConfig::default(),
             inbound: InboundConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -141,6 +143,42 @@ impl Default for InboundConfig {
         Self {
             trim_quotes: true,
             space_name: "Email".to_owned(),
+        }
+    }
+}
+
+/// What happens to mail that fails DMARC when its domain asks for quarantine or
+/// rejection.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDmarcFail {
+    /// Bridge it as usual; the `Authentication-Results` header records the failure.
+    Tag,
+    /// Put it in the review room instead of its recipients' rooms.
+    Quarantine,
+    /// Refuse it at the end of `DATA` (`550 5.7.1`).
+    Reject,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Check SPF, DKIM and DMARC on every inbound message.
+    pub enabled: bool,
+    /// The DNS resolver to ask (`127.0.0.1:53`); the system's when unset.
+    pub dns: Option<SocketAddr>,
+    pub on_dmarc_fail: OnDmarcFail,
+    /// Who is invited to the review room where quarantined mail goes.
+    pub reviewers: Vec<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            dns: None,
+            on_dmarc_fail: OnDmarcFail::Quarantine,
+            reviewers: Vec::new(),
         }
     }
 }

@@ -7,6 +7,7 @@
 //! `[bridges.email] enabled = true`, and `salon-email` runs it against any homeserver.
 
 pub mod address;
+pub mod auth;
 pub mod bridge;
 pub mod config;
 pub mod content;
@@ -145,6 +146,15 @@ pub async fn start_on(listener: tokio::net::TcpListener, o: Options) -> anyhow::
         ),
         None => None,
     };
+    let checker = if config.auth.enabled {
+        Some(Arc::new(auth::Checker::new(
+            config.auth.dns,
+            &hostname,
+            config.auth.on_dmarc_fail,
+        )?))
+    } else {
+        None
+    };
     let store = Store::open(&o.store_dir)?;
     let shared = Arc::new(Shared {
         domain: domain.clone(),
@@ -202,6 +212,12 @@ pub async fn start_on(listener: tokio::net::TcpListener, o: Options) -> anyhow::
             },
             shared.spool.clone(),
             recipients.clone(),
+            // A local MTA in front checks mail itself before handing it over.
+            if protocol == Protocol::Smtp {
+                checker.clone()
+            } else {
+                None
+            },
         ));
         tracing::info!(address = %addrs[i].unwrap_or(listen), protocol = ?protocol, "email bridge listening");
         tasks.push(tokio::spawn(smtp::serve(server, listener, stopped.clone())));

@@ -23,7 +23,7 @@ use tokio::{
 
 use crate::{
     address,
-    config::SmtpListenConfig,
+    config::{OnDmarcFail, SmtpListenConfig},
     spool::{Envelope, Spool},
 };
 
@@ -103,6 +103,7 @@ pub struct Server<R> {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub spool: Spool,
     pub recipients: Arc<R>,
+    pub auth: Option<Arc<crate::auth::Checker>>,
     limiter: SenderLimiter,
 }
 
@@ -115,6 +116,7 @@ impl<R: Recipients> Server<R> {
         tls: Option<tokio_rustls::TlsAcceptor>,
         spool: Spool,
         recipients: Arc<R>,
+        auth: Option<Arc<crate::auth::Checker>>,
     ) -> Self {
         Self {
             protocol,
@@ -124,6 +126,7 @@ impl<R: Recipients> Server<R> {
             tls,
             spool,
             recipients,
+            auth,
             limiter: SenderLimiter::default(),
         }
     }
@@ -535,13 +538,34 @@ async fn session<R: Recipients>(
                             break 'accept text.to_owned();
                         }
                         let from = s.mail_from.clone().unwrap_or_default();
+                        let helo = s.helo.clone().unwrap_or_default();
+                        let mut raw = raw;
+                        let mut quarantine = false;
+                        if let Some(checker) = &server.auth {
+                            let outcome = checker.check(&raw, peer.ip(), &helo, &from).await;
+                            if outcome.failed {
+                                tracing::info!(peer = %peer, from = %from, domain = %outcome.from_domain, action = ?checker.on_fail, "mail fails DMARC");
+                                match checker.on_fail {
+                                    OnDmarcFail::Reject => {
+                                        break 'accept format!(
+                                            "550 5.7.1 Rejected by the DMARC policy of {}",
+                                            outcome.from_domain
+                                        );
+                                    }
+                                    OnDmarcFail::Quarantine => quarantine = true,
+                                    OnDmarcFail::Tag => {}
+                                }
+                            }
+                            raw = [outcome.header.as_bytes(), &raw].concat();
+                        }
                         let envelope = Envelope {
                             mail_from: from.clone(),
                             rcpts: s.rcpts.clone(),
-                            helo: s.helo.clone().unwrap_or_default(),
+                            helo,
                             peer: peer.to_string(),
                             tls: s.tls,
                             received_at: now_ms(),
+                            quarantine,
                         };
                         let spool = server.spool.clone();
                         let stored =

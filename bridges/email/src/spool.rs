@@ -26,6 +26,9 @@ pub struct Envelope {
     pub peer: String,
     pub tls: bool,
     pub received_at: u64,
+    /// Failed DMARC where the domain asks for quarantine: goes to the review room.
+    #[serde(default)]
+    pub quarantine: bool,
 }
 
 /// A message waiting to be bridged.
