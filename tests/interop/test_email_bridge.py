@@ -177,9 +177,13 @@ def bundled_bridge():
          "-keyout", str(key), "-out", str(cert)],
         check=True, capture_output=True, timeout=60,
     )
+    dkim_key = tmp / "dkim.pem"
+    subprocess.run(["openssl", "genrsa", "-out", str(dkim_key), "2048"], check=True, capture_output=True, timeout=60)
     proc, base, log = _start_salon(
         tmp,
         {
+            "SALON_BRIDGES__EMAIL__DKIM__KEY": str(dkim_key),
+            "SALON_BRIDGES__EMAIL__DKIM__SELECTOR": "mail",
             "SALON_BRIDGES__EMAIL__SMTP__TLS_CERT": str(cert),
             "SALON_BRIDGES__EMAIL__SMTP__TLS_KEY": str(key),
             "SALON_BRIDGES__EMAIL__ENABLED": "true",
@@ -256,6 +260,26 @@ async def test_a_thread_becomes_a_room_and_staff_answer_by_mail(bundled_bridge):
             await asyncio.sleep(0.2)
         assert len(relay.messages) == 2, relay.messages
         text_mail, file_mail = relay.parsed()
+        # Both are DKIM-signed for the mail domain; dkimpy checks them against the key
+        # the domain would publish at mail._domainkey.salon.test.
+        import base64
+
+        import dkim
+
+        der = subprocess.run(
+            ["openssl", "rsa", "-in", str(_tmp / "dkim.pem"), "-pubout", "-outform", "DER"],
+            check=True, capture_output=True, timeout=60,
+        ).stdout
+        record = b"v=DKIM1; k=rsa; p=" + base64.b64encode(der)
+
+        def dns(name, timeout=5):
+            return record if name == b"mail._domainkey.salon.test." else None
+
+        for _, _, raw in relay.messages:
+            assert raw.startswith(b"DKIM-Signature:"), raw[:200]
+            assert dkim.verify(raw, dnsfunc=dns), raw[:600]
+        tampered = relay.messages[0][2].replace(b"Thanks, approved.", b"Thanks, rejected.")
+        assert not dkim.verify(tampered, dnsfunc=dns)
         assert sorted(relay.messages[0][1]) == [bob, carol]
         assert text_mail["Subject"] == "Re: Budget 2027"
         assert text_mail["From"].addresses[0].display_name == "Alice Martin (Salon)"

@@ -41,8 +41,10 @@ pub fn organisational_domain(domain: &str) -> &str {
     }
     let second = labels[labels.len() - 2];
     let keep = if labels[labels.len() - 1].len() == 2
-        && matches!(second, "co" | "com" | "org" | "net" | "ac" | "gov" | "edu" | "gv" | "or" | "ne")
-    {
+        && matches!(
+            second,
+            "co" | "com" | "org" | "net" | "ac" | "gov" | "edu" | "gv" | "or" | "ne"
+        ) {
         3
     } else {
         2
@@ -56,7 +58,11 @@ pub fn organisational_domain(domain: &str) -> &str {
 
 impl Checker {
     /// A checker asking `dns` (a resolver on `ip:port`), or the system's resolvers.
-    pub fn new(dns: Option<SocketAddr>, hostname: &str, on_fail: OnDmarcFail) -> anyhow::Result<Self> {
+    pub fn new(
+        dns: Option<SocketAddr>,
+        hostname: &str,
+        on_fail: OnDmarcFail,
+    ) -> anyhow::Result<Self> {
         let authenticator = match dns {
             Some(addr) => {
                 let config = ResolverConfig::from_parts(
@@ -95,17 +101,20 @@ impl Checker {
             .and_then(|f| f.rsplit_once('@'))
             .map(|(_, d)| d.to_ascii_lowercase())
             .unwrap_or_default();
-        let dkim = self.authenticator.verify_dkim(Parameters::new(&message)).await;
+        let dkim = self
+            .authenticator
+            .verify_dkim(Parameters::new(&message))
+            .await;
         let spf_params = if mail_from.is_empty() {
             SpfParameters::verify_ehlo(ip, helo, &self.hostname)
         } else {
             SpfParameters::verify_mail_from(ip, helo, &self.hostname, mail_from)
         };
-        let spf = self.authenticator.verify_spf(Parameters::new(spf_params)).await;
-        let mail_from_domain = mail_from
-            .rsplit_once('@')
-            .map(|(_, d)| d)
-            .unwrap_or(helo);
+        let spf = self
+            .authenticator
+            .verify_spf(Parameters::new(spf_params))
+            .await;
+        let mail_from_domain = mail_from.rsplit_once('@').map(|(_, d)| d).unwrap_or(helo);
         let dmarc = self
             .authenticator
             .verify_dmarc(Parameters::new(
@@ -117,7 +126,9 @@ impl Checker {
         // result at all); a DNS failure is not held against the sender.
         let results = [dmarc.dkim_result(), dmarc.spf_result()];
         let failed = !results.iter().any(|r| **r == DmarcResult::Pass)
-            && !results.iter().any(|r| matches!(r, DmarcResult::TempError(_)))
+            && !results
+                .iter()
+                .any(|r| matches!(r, DmarcResult::TempError(_)))
             && matches!(dmarc.policy(), Policy::Quarantine | Policy::Reject);
         tracing::debug!(dkim = ?dmarc.dkim_result(), spf = ?dmarc.spf_result(), policy = ?dmarc.policy(), spf_raw = ?spf.result(), "authentication checked");
         let header = AuthenticationResults::new(&self.hostname)

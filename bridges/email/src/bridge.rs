@@ -91,6 +91,7 @@ pub struct Shared {
     pub queue: Queue,
     /// Conversations are read, changed and written under this lock.
     pub lock: tokio::sync::Mutex<()>,
+    pub dkim: Option<outbound::Signer>,
 }
 
 impl Shared {
@@ -482,7 +483,12 @@ async fn quarantine(kit: &Kit, shared: &Shared, m: &Spooled, mail: &Mail) -> any
     );
     let notice = json!({ "msgtype": "m.notice", "body": text });
     kit.bot
-        .send(&room, "m.room.message", &notice, Some(&txn_for(&mail.message_id, 0)))
+        .send(
+            &room,
+            "m.room.message",
+            &notice,
+            Some(&txn_for(&mail.message_id, 0)),
+        )
         .await?;
     let mxc = kit
         .bot
@@ -495,7 +501,12 @@ async fn quarantine(kit: &Kit, shared: &Shared, m: &Spooled, mail: &Mail) -> any
         "info": { "mimetype": "message/rfc822", "size": m.raw.len() },
     });
     kit.bot
-        .send(&room, "m.room.message", &file, Some(&txn_for(&mail.message_id, 1)))
+        .send(
+            &room,
+            "m.room.message",
+            &file,
+            Some(&txn_for(&mail.message_id, 1)),
+        )
         .await?;
     let mut batch = Batch::default();
     shared.portals.mark(
@@ -884,6 +895,10 @@ impl EmailHandler {
             html: html.as_deref(),
             files,
         })?;
+        let raw = match &shared.dkim {
+            Some(sign) => [sign(&raw)?.into_bytes(), raw].concat(),
+            None => raw,
+        };
         let out = Outgoing {
             room_id: room.to_string(),
             event_id: event_id.to_owned(),

@@ -23,6 +23,7 @@ pub struct EmailConfig {
     pub relay: RelayConfig,
     pub inbound: InboundConfig,
     pub auth: AuthConfig,
+    pub dkim: DkimConfig,
 }
 
 impl Default for EmailConfig {
@@ -37,6 +38,7 @@ impl Default for EmailConfig {
             relay: RelayConfig::default(),
             inbound: InboundConfig::default(),
             auth: AuthConfig::default(),
+            dkim: DkimConfig::default(),
         }
     }
 }
@@ -179,6 +181,25 @@ impl Default for AuthConfig {
             dns: None,
             on_dmarc_fail: OnDmarcFail::Quarantine,
             reviewers: Vec::new(),
+        }
+    }
+}
+
+/// DKIM signing of outbound mail (publish the public key at
+/// `<selector>._domainkey.<domain>`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DkimConfig {
+    /// PEM file of the RSA private key (PKCS#1 or PKCS#8); no signing without it.
+    pub key: Option<PathBuf>,
+    pub selector: String,
+}
+
+impl Default for DkimConfig {
+    fn default() -> Self {
+        Self {
+            key: None,
+            selector: "salon".to_owned(),
         }
     }
 }

@@ -162,6 +162,10 @@ pub async fn start_on(listener: tokio::net::TcpListener, o: Options) -> anyhow::
         spool: Spool::open(store.clone())?,
         queue: Queue::new(store.clone()),
         lock: tokio::sync::Mutex::new(()),
+        dkim: match &config.dkim.key {
+            Some(key) => Some(outbound::dkim_signer(key, &domain, &config.dkim.selector)?),
+            None => None,
+        },
         config: config.clone(),
     });
     let listen = listener.local_addr()?;

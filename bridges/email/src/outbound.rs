@@ -19,6 +19,47 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{RelayConfig, RelayTls};
 
+/// Signs outbound mail: returns the `DKIM-Signature: …` header for a message.
+pub type Signer = Box<dyn Fn(&[u8]) -> anyhow::Result<String> + Send + Sync>;
+
+/// A DKIM signer (RSA-SHA256, relaxed) for `domain` from a PEM private key.
+pub fn dkim_signer(key: &std::path::Path, domain: &str, selector: &str) -> anyhow::Result<Signer> {
+    use mail_auth::{
+        common::{
+            crypto::{RsaKey, Sha256},
+            headers::HeaderWriter,
+        },
+        dkim::DkimSigner,
+    };
+    use rustls::pki_types::{PrivateKeyDer, pem::PemObject};
+    let der =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| anyhow::anyhow!("{}: {e}", key.display()))?;
+    let key = RsaKey::<Sha256>::from_key_der(der)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", key.display()))?;
+    let signer = DkimSigner::from_key(key)
+        .domain(domain)
+        .selector(selector)
+        .headers([
+            "From",
+            "To",
+            "Cc",
+            "Subject",
+            "Date",
+            "Message-ID",
+            "In-Reply-To",
+            "References",
+            "Reply-To",
+            "MIME-Version",
+            "Content-Type",
+        ]);
+    Ok(Box::new(move |raw| {
+        Ok(signer
+            .sign(raw)
+            .map_err(|e| anyhow::anyhow!("DKIM signing: {e}"))?
+            .to_header())
+    }))
+}
+
 const OUT: &str = "out:";
 const OUT_RAW: &str = "outraw:";
 
