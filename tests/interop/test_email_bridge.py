@@ -47,11 +47,25 @@ class Relay:
     """An SMTP relay on loopback that keeps every message it is given."""
 
     def __init__(self) -> None:
+        self.refuse = set()
         self.messages: list[tuple[str, list[str], bytes]] = []
         self.port = _free_loopback_port()
         self.controller = Controller(self, hostname="127.0.0.1", port=self.port)
 
+    # Recipients refused for good, and how many more times to answer 451 before 250.
+    refuse: set[str] = set()
+    defer = 0
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802
+        if address in self.refuse:
+            return "550 5.1.1 No such user"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
     async def handle_DATA(self, server, session, envelope):  # noqa: N802 (aiosmtpd's name)
+        if self.defer > 0:
+            self.defer -= 1
+            return "451 4.3.0 Try again later"
         self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
         return "250 2.0.0 OK"
 
@@ -308,6 +322,39 @@ async def test_a_thread_becomes_a_room_and_staff_answer_by_mail(bundled_bridge):
         assert len(relay.messages) == 2
     finally:
         await alice.close()
+
+
+async def test_relay_failures_are_retried_or_reported(bundled_bridge):
+    base, smtp_port, relay, _tmp = bundled_bridge
+    name = unique_localpart("omar")
+    omar = await _register(base, name)
+    try:
+        staff = f"{name}@{DOMAIN}"
+        first = _mail("Zoe <zoe@example.net>", [staff], "Quarterly figures", "Figures attached soon.")
+        _send(smtp_port, first, [staff])
+        room = await _wait_invite(omar, "Quarterly figures")
+        await _wait_messages(omar, room, 1)
+        # The relay is busy twice, then takes the mail: it arrives once.
+        relay.defer = 2
+        sent = await bounded(omar.room_send(room, "m.room.message", {"msgtype": "m.text", "body": "Thank you Zoe."}))
+        assert isinstance(sent, RoomSendResponse), sent
+        deadline = time.monotonic() + 30
+        while not relay.messages and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert relay.defer == 0 and len(relay.messages) == 1
+        assert relay.messages[0][1] == ["zoe@example.net"]
+        # The relay refuses the recipient for good: the room is told.
+        relay.refuse.add("zoe@example.net")
+        sent = await bounded(omar.room_send(room, "m.room.message", {"msgtype": "m.text", "body": "One more thing."}))
+        assert isinstance(sent, RoomSendResponse), sent
+        msgs = await _wait_messages(omar, room, 4)
+        notice = msgs[-1].source
+        assert notice["sender"] == f"@email:{SERVER}"
+        assert notice["content"]["msgtype"] == "m.notice"
+        assert "zoe@example.net was not delivered" in notice["content"]["body"]
+        assert len(relay.messages) == 1
+    finally:
+        await omar.close()
 
 
 def test_relaying_and_unknown_recipients_are_refused(bundled_bridge):

@@ -721,7 +721,26 @@ async fn post(
         if starts_thread && let Some(root) = &first {
             conv.thread_root = Some(root.clone());
         }
-        let mxc = ghost.upload(a.bytes.clone(), &a.mime, &a.filename).await?;
+        let mxc = match ghost.upload(a.bytes.clone(), &a.mime, &a.filename).await {
+            Ok(mxc) => mxc,
+            Err(e) if is_errcode(&e, "M_TOO_LARGE") => {
+                // Said in the room rather than retried for ever.
+                let mut c = json!({
+                    "msgtype": "m.notice",
+                    "body": format!(
+                        "The attachment {} ({} bytes) is larger than this server keeps.",
+                        a.filename,
+                        a.bytes.len()
+                    ),
+                });
+                thread_relation(&mut c, &conv);
+                let txn = txn_for(&mail.message_id, n);
+                let id = ghost.send(&room, "m.room.message", &c, Some(&txn)).await?;
+                first.get_or_insert(id.to_string());
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let msgtype = match a.mime.split('/').next() {
             Some("image") => "m.image",
             Some("video") => "m.video",
