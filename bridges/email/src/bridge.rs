@@ -1112,6 +1112,20 @@ impl EmailHandler {
                     return reply(format!("{name}@{} is a person's address.", shared.domain)).await;
                 }
                 shared.portals.set_mailbox(&name, room.as_str())?;
+                let address = format!("{name}@{}", shared.domain);
+                let info = BridgeInfo {
+                    bot: kit.bot_id(),
+                    creator: Some(sender),
+                    protocol: ("email", "Email"),
+                    channel: (&address, &address),
+                };
+                let (state_key, content) = info.state();
+                for t in BRIDGE_EVENT_TYPES {
+                    if let Err(e) = kit.bot.send_state(room, t, &state_key, &content).await {
+                        tracing::debug!(room_id = %room, error = %e, "cannot mark a mailbox room as bridged");
+                        break;
+                    }
+                }
                 reply(format!(
                     "This room now receives mail at {name}@{}: each new mail starts a thread here.",
                     shared.domain
