@@ -77,6 +77,28 @@ pub fn prepare(s: &Services, homeserver: SocketAddr) -> anyhow::Result<Prepared>
     Ok(prepared)
 }
 
+/// Staff are also reached at their account's (or directory entry's) email address.
+fn staff_directory(s: Arc<Services>) -> salon_email::StaffDirectory {
+    Arc::new(move |addr: &str| {
+        let users = match s.users.all() {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the accounts for an email address");
+                return None;
+            }
+        };
+        users
+            .into_iter()
+            .find(|(_, r)| {
+                !r.deactivated
+                    && r.email
+                        .as_deref()
+                        .is_some_and(|e| e.trim().eq_ignore_ascii_case(addr))
+            })
+            .map(|(u, _)| u.localpart().to_owned())
+    })
+}
+
 /// Start the prepared bundled appservices.
 pub async fn start(s: &Arc<Services>, prepared: Prepared) -> anyhow::Result<Bundled> {
     let mut bundled = Bundled::default();
@@ -111,6 +133,7 @@ pub async fn start(s: &Arc<Services>, prepared: Prepared) -> anyhow::Result<Bund
                 server_name: s.globals.server_name().to_owned(),
                 store_dir: s.globals.config.data_dir.join("bridges").join("email"),
                 config: s.globals.config.bridges.email.clone(),
+                directory: Some(staff_directory(s.clone())),
             },
         )
         .await?;

@@ -45,6 +45,9 @@ enum AdminCommand {
         password: Option<String>,
         #[arg(long)]
         admin: bool,
+        /// Their email address: the email bridge delivers mail for it to them.
+        #[arg(long)]
+        email: Option<String>,
     },
     /// Manage registration tokens.
     RegistrationToken {
@@ -208,6 +211,7 @@ async fn admin(config: Config, command: AdminCommand) -> anyhow::Result<()> {
             name,
             password,
             admin,
+            email,
         } => {
             let user_id =
                 salon::service::users::new_local_user_id(&name, services.globals.server_name())
@@ -221,6 +225,11 @@ async fn admin(config: Config, command: AdminCommand) -> anyhow::Result<()> {
                 .users
                 .create(&user_id, Some(&password), admin, false)
                 .await?;
+            if let Some(email) = email {
+                services
+                    .users
+                    .set_email(&user_id, Some(email.trim().to_owned()))?;
+            }
             println!(
                 "created {user_id}{}",
                 if admin { " (server admin)" } else { "" }

@@ -34,20 +34,27 @@ struct Bridge {
 }
 
 async fn start() -> Bridge {
+    start_in(tempfile::tempdir().unwrap()).await
+}
+
+async fn start_in(dir: tempfile::TempDir) -> Bridge {
     let (smtp, lmtp) = (free_port(), free_port());
     let smtp_listen = format!("127.0.0.1:{smtp}");
     let lmtp_listen = format!("127.0.0.1:{lmtp}");
-    let server = TestServer::start_with(&[
-        ("SALON_BRIDGES__EMAIL__ENABLED", "true"),
-        ("SALON_BRIDGES__EMAIL__DOMAIN", DOMAIN),
-        ("SALON_BRIDGES__EMAIL__SMTP__LISTEN", &smtp_listen),
-        ("SALON_BRIDGES__EMAIL__SMTP__MAX_MESSAGE_BYTES", "200000"),
-        ("SALON_BRIDGES__EMAIL__SMTP__MAX_HEADER_BYTES", "8192"),
-        ("SALON_BRIDGES__EMAIL__LMTP", &lmtp_listen),
-        ("SALON_APPSERVICES__PING__ENABLED", "false"),
-        // SPF/DKIM/DMARC have their own test, with a DNS server of their own.
-        ("SALON_BRIDGES__EMAIL__AUTH__ENABLED", "false"),
-    ])
+    let server = TestServer::start_in(
+        dir,
+        &[
+            ("SALON_BRIDGES__EMAIL__ENABLED", "true"),
+            ("SALON_BRIDGES__EMAIL__DOMAIN", DOMAIN),
+            ("SALON_BRIDGES__EMAIL__SMTP__LISTEN", &smtp_listen),
+            ("SALON_BRIDGES__EMAIL__SMTP__MAX_MESSAGE_BYTES", "200000"),
+            ("SALON_BRIDGES__EMAIL__SMTP__MAX_HEADER_BYTES", "8192"),
+            ("SALON_BRIDGES__EMAIL__LMTP", &lmtp_listen),
+            ("SALON_APPSERVICES__PING__ENABLED", "false"),
+            // SPF/DKIM/DMARC have their own test, with a DNS server of their own.
+            ("SALON_BRIDGES__EMAIL__AUTH__ENABLED", "false"),
+        ],
+    )
     .await;
     for _ in 0..200 {
         if TcpStream::connect(("127.0.0.1", smtp)).await.is_ok() {
@@ -588,6 +595,72 @@ Content-Type: multipart/report; report-type=delivery-status; boundary=\"r\"\r\n\
             .iter()
             .any(|e| e["type"] == "m.bridge" && e["content"]["protocol"]["id"] == "email"),
         "{bridge}"
+    );
+    b.server.stop().await;
+}
+
+#[tokio::test]
+async fn staff_are_reached_at_their_account_address_too() {
+    // An account made by the administrator with the address of its mailbox elsewhere.
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_salon"))
+        .args([
+            "admin",
+            "create-user",
+            "nbenali",
+            "--password",
+            "correct horse battery",
+            "--email",
+            "Nadia.Benali@Ministry.example",
+        ])
+        .env("SALON_DATA_DIR", dir.path())
+        .env("SALON_SERVER_NAME", "localhost")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let b = start_in(dir).await;
+    let mut nadia = b.server.client();
+    let (status, body) = nadia
+        .post(
+            "/_matrix/client/v3/login",
+            json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": "nbenali" }, "password": "correct horse battery" }),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    nadia.token = Some(body["access_token"].as_str().unwrap().to_owned());
+    let _carl = b.server.user("carl").await;
+    // Mail to Carl that copies Nadia's own address: she is invited, not made a ghost,
+    // and she is not among the people outside who get the room's messages by mail.
+    let raw = b"From: Pat <pat@example.com>\r\nTo: carl@salon.test\r\nCc: Nadia Benali <nadia.benali@ministry.example>\r\nSubject: Visit planning\r\nMessage-ID: <visit-1@example.com>\r\n\r\nWhen do you both arrive?\r\n";
+    assert_eq!(
+        deliver(b.smtp, "pat@example.com", "carl@salon.test", raw)
+            .await
+            .0,
+        250
+    );
+    let (room, _) = joined_invite(&nadia, |n| n == "Visit planning").await;
+    let members = nadia
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/rooms/{}/joined_members", enc(&room)),
+            None,
+        )
+        .await;
+    let joined: Vec<&String> = members["joined"].as_object().unwrap().keys().collect();
+    assert!(
+        !joined.iter().any(|u| u.contains("nadia.benali")),
+        "{joined:?}"
+    );
+    nadia.send_text(&room, "p1", "!email participants").await;
+    let m = wait_messages(&nadia, &room, 3).await;
+    let answer = m[2]["content"]["body"].as_str().unwrap();
+    assert!(
+        answer.contains("pat@example.com") && !answer.contains("ministry"),
+        "{answer}"
     );
     b.server.stop().await;
 }

@@ -399,6 +399,13 @@ impl Users {
         self.save(user, &record)
     }
 
+    /// The account's email address (the email bridge reaches them there).
+    pub fn set_email(&self, user: &UserId, email: Option<String>) -> Result<()> {
+        let mut record = self.active(user)?;
+        record.email = email;
+        self.save(user, &record)
+    }
+
     /// All accounts, for the user directory.
     pub fn all(&self) -> Result<Vec<(OwnedUserId, UserRecord)>> {
         self.db

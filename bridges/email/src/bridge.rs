@@ -92,9 +92,24 @@ pub struct Shared {
     /// Conversations are read, changed and written under this lock.
     pub lock: tokio::sync::Mutex<()>,
     pub dkim: Option<outbound::Signer>,
+    pub directory: Option<crate::StaffDirectory>,
 }
 
 impl Shared {
+    /// The localpart of the member of staff an address belongs to, by the directory
+    /// (any domain), else by its local part when it is in the mail domain.
+    fn staff_localpart(&self, addr: &str) -> Option<String> {
+        if let Some(local) = self.directory.as_ref().and_then(|d| d(addr)) {
+            return Some(local);
+        }
+        self.ours(addr).then(|| address::local_of(addr).to_owned())
+    }
+
+    /// Someone outside: not the mail domain and no member of staff.
+    fn external(&self, addr: &str) -> bool {
+        !self.ours(addr) && self.directory.as_ref().and_then(|d| d(addr)).is_none()
+    }
+
     fn reply_address(&self, c: &Conversation) -> String {
         format!("reply+{}@{}", c.reply_token, self.domain)
     }
@@ -176,6 +191,11 @@ impl Recipients for Rcpt {
                 return Verdict::Later;
             }
         }
+        let resolved = self
+            .shared
+            .staff_localpart(addr)
+            .unwrap_or_else(|| local.to_owned());
+        let local = resolved.as_str();
         if !valid_localpart(local) || local.starts_with(GHOST_PREFIX) || local == BOT_LOCALPART {
             return Verdict::Unknown;
         }
@@ -198,14 +218,19 @@ impl Recipients for Rcpt {
 
 /// The staff account an address of our domain belongs to, if any.
 async fn local_user(shared: &Shared, kit: &Kit, addr: &str) -> Option<OwnedUserId> {
-    if !shared.ours(addr) {
-        return None;
-    }
-    let local = address::local_of(addr);
+    let local = shared.staff_localpart(addr)?;
+    let local = local.as_str();
     if local.starts_with("reply+") || !valid_localpart(local) || local.starts_with(GHOST_PREFIX) {
         return None;
     }
-    if shared.portals.mailbox_room(local).ok().flatten().is_some() {
+    if shared.ours(addr)
+        && shared
+            .portals
+            .mailbox_room(address::local_of(addr))
+            .ok()
+            .flatten()
+            .is_some()
+    {
         return None;
     }
     let user = kit.homeserver.user_id(local).ok()?;
@@ -346,7 +371,9 @@ async fn bridge_one(kit: &Kit, shared: &Shared, m: &Spooled) -> anyhow::Result<(
                     ..Default::default()
                 };
                 targets.push((conv, true));
-            } else if let Ok(user) = kit.homeserver.user_id(local) {
+            } else if let Some(local) = shared.staff_localpart(rcpt)
+                && let Ok(user) = kit.homeserver.user_id(&local)
+            {
                 people.push(user);
             }
         }
@@ -373,7 +400,7 @@ async fn bridge_one(kit: &Kit, shared: &Shared, m: &Spooled) -> anyhow::Result<(
     let mut batch = Batch::default();
     for (n, (mut conv, starts_thread)) in targets.into_iter().enumerate() {
         for p in mail.from.iter().chain(mail.to.iter()).chain(mail.cc.iter()) {
-            if !shared.ours(&p.address) {
+            if shared.external(&p.address) {
                 conv.add_external(p);
             }
         }

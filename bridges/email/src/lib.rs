@@ -74,6 +74,10 @@ pub fn template(server_name: &str, url: Option<String>) -> Template<'static> {
     }
 }
 
+/// Finds the member of staff an email address belongs to (their directory or account
+/// address, in any domain), as a localpart. `salon serve` answers from its accounts.
+pub type StaffDirectory = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
 /// How to run the bridge.
 pub struct Options {
     pub registration: Registration,
@@ -83,6 +87,8 @@ pub struct Options {
     /// The bridge's own store (spool, queue, conversations).
     pub store_dir: PathBuf,
     pub config: EmailConfig,
+    /// Addresses of staff beyond `<localpart>@<domain>`.
+    pub directory: Option<StaffDirectory>,
 }
 
 /// A running bridge.
@@ -167,6 +173,7 @@ pub async fn start_on(listener: tokio::net::TcpListener, o: Options) -> anyhow::
             None => None,
         },
         config: config.clone(),
+        directory: o.directory,
     });
     let listen = listener.local_addr()?;
     let running = salon_appservice_kit::start_with_store(

@@ -70,6 +70,7 @@ async fn main() -> anyhow::Result<()> {
         server_name: args.server_name.as_str().try_into()?,
         store_dir: args.data,
         config,
+        directory: None,
     })
     .await?;
     tracing::info!(smtp = ?bridge.smtp_addr, lmtp = ?bridge.lmtp_addr, "salon-email is serving");
