@@ -884,6 +884,10 @@ impl EmailHandler {
             return Ok(());
         }
         let content = event.content();
+        if content["m.relates_to"]["rel_type"] == "m.replace" {
+            // An edit: the mail already went; mailing every correction would be noise.
+            return Ok(());
+        }
         let name = self.display_name(kit, sender).await;
         let msgtype = content["msgtype"].as_str().unwrap_or("m.text");
         let mut files = Vec::new();

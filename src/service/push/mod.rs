@@ -92,6 +92,10 @@ pub struct Push {
     users: Arc<Users>,
     pub config: PushConfig,
     rules: Mutex<HashMap<OwnedUserId, Arc<Ruleset>>>,
+    /// Each user's pushers, read once for the event pipeline; dropped on every change.
+    pusher_cache: Mutex<HashMap<OwnedUserId, Arc<Vec<PusherRecord>>>>,
+    /// Counts pusher changes, so that a read that raced a change is not cached.
+    pusher_generation: std::sync::atomic::AtomicU64,
     /// Wakes the sender when something was queued.
     pub queued: tokio::sync::Notify,
 }
@@ -136,6 +140,8 @@ impl Push {
             users,
             config,
             rules: Mutex::new(HashMap::new()),
+            pusher_cache: Mutex::new(HashMap::new()),
+            pusher_generation: std::sync::atomic::AtomicU64::new(0),
             queued: tokio::sync::Notify::new(),
         }
     }
@@ -181,17 +187,23 @@ impl Push {
         // per call); the loop below is `Ruleset::get_match` over that one flattening.
         let flat = FlattenedJson::from_raw(event);
         let body_lower = flat.get_str("content.body").map(str::to_lowercase);
+        // One room context for the event; only the recipient changes in it.
+        let Some((first, _)) = recipients.first() else {
+            return Ok(());
+        };
+        let mut ctx = PushConditionRoomCtx::new(
+            room.room_id.to_owned(),
+            UInt::new_saturating(room.member_count),
+            first.clone(),
+            String::new(),
+        );
+        if let Some(pl) = &room.power_levels {
+            ctx = ctx.with_power_levels(pl.clone());
+        }
         for (user, display_name) in recipients {
             let rules = self.ruleset(user)?;
-            let mut ctx = PushConditionRoomCtx::new(
-                room.room_id.to_owned(),
-                UInt::new_saturating(room.member_count),
-                user.clone(),
-                display_name.clone(),
-            );
-            if let Some(pl) = &room.power_levels {
-                ctx = ctx.with_power_levels(pl.clone());
-            }
+            ctx.user_id.clone_from(user);
+            ctx.user_display_name.clone_from(display_name);
             let name_lower = display_name.to_lowercase();
             let mut actions: &[Action] = &[];
             for rule in rules.iter() {
@@ -231,7 +243,7 @@ impl Push {
             if !self.config.enabled {
                 continue;
             }
-            for record in self.pushers(user)? {
+            for record in self.cached_pushers(user)?.iter() {
                 let Ok(pusher) = record.parsed() else {
                     continue;
                 };
@@ -361,6 +373,35 @@ impl Push {
 
     // --- pushers ---
 
+    /// The user's pushers, from memory after the first read.
+    fn cached_pushers(&self, user: &UserId) -> Result<Arc<Vec<PusherRecord>>> {
+        if let Some(p) = self.pusher_cache.lock().get(user) {
+            return Ok(p.clone());
+        }
+        use std::sync::atomic::Ordering;
+        let generation = self.pusher_generation.load(Ordering::SeqCst);
+        let pushers = Arc::new(self.pushers(user)?);
+        let mut cache = self.pusher_cache.lock();
+        if self.pusher_generation.load(Ordering::SeqCst) == generation {
+            if cache.len() > 10_000 {
+                cache.clear();
+            }
+            cache.insert(user.to_owned(), pushers.clone());
+        }
+        Ok(pushers)
+    }
+
+    /// Write a change of pushers and forget the cached ones (a change can touch other
+    /// users' pushers too).
+    fn commit_pushers(&self, batch: Batch) -> Result<()> {
+        let result = self.db.commit(batch);
+        let mut cache = self.pusher_cache.lock();
+        self.pusher_generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        cache.clear();
+        result
+    }
+
     pub fn pushers(&self, user: &UserId) -> Result<Vec<PusherRecord>> {
         self.db
             .scan_prefix("pushers", &str_prefix(&[user.as_str()]))
@@ -430,7 +471,7 @@ impl Push {
             &str_key(&[user.as_str(), &pusher.ids.app_id, &pusher.ids.pushkey]),
             &serde_json::to_vec(&record)?,
         );
-        self.db.commit(batch)
+        self.commit_pushers(batch)
     }
 
     pub fn delete_pusher(&self, user: &UserId, app_id: &str, pushkey: &str) -> Result<()> {
@@ -440,7 +481,7 @@ impl Push {
             "pushers",
             &str_key(&[user.as_str(), app_id, pushkey]),
         );
-        self.db.commit(batch)
+        self.commit_pushers(batch)
     }
 
     /// Remove the pushers a device set (when it logs out).
@@ -456,7 +497,7 @@ impl Push {
                 batch.delete(&self.db, "pushers", &k);
             }
         }
-        self.db.commit(batch)
+        self.commit_pushers(batch)
     }
 
     /// Push gateways are reached at `/_matrix/push/v1/notify`, over https unless the

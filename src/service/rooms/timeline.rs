@@ -97,6 +97,16 @@ pub struct Timeline {
     notifier: Arc<Notifier>,
     push: Arc<Push>,
     locks: Mutex<HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
+    /// What push evaluation needs of a room's state, per room, for its latest state
+    /// group: read once instead of for every event and member.
+    push_rooms: Mutex<HashMap<u64, Arc<PushRoomState>>>,
+}
+
+/// A room's power levels and members' display names as of one state group.
+struct PushRoomState {
+    group: u64,
+    power_levels: Option<ruma::push::PushConditionPowerLevelsCtx>,
+    names: HashMap<OwnedUserId, String>,
 }
 
 impl Timeline {
@@ -114,6 +124,7 @@ impl Timeline {
             notifier,
             push,
             locks: Mutex::new(HashMap::new()),
+            push_rooms: Mutex::new(HashMap::new()),
         }
     }
 
@@ -586,6 +597,15 @@ impl<'a> Draft<'a> {
             .map(|p| p.content_json()))
     }
 
+    /// A member's display name in the room (their localpart without one), as push
+    /// rules match it.
+    fn display_name(&self, user: &UserId) -> Result<String> {
+        Ok(self
+            .state_content("m.room.member", user.as_str())?
+            .and_then(|c| c.get("displayname")?.as_str().map(str::to_owned))
+            .unwrap_or_else(|| user.localpart().to_owned()))
+    }
+
     /// The membership of a user in the draft's current state.
     pub fn membership(&self, user: &UserId) -> Result<Option<String>> {
         Ok(self
@@ -944,16 +964,44 @@ impl<'a> Draft<'a> {
         if !someone_to_tell {
             return Ok(());
         }
-        let power_levels = self
-            .power_levels()
-            .ok()
-            .map(|pl| ruma::push::PushConditionPowerLevelsCtx::from(pl.levels));
+        // A state group names one state for good, so what was read for it stays true.
+        let group = self.record.state_group;
+        let cached = self
+            .tl
+            .push_rooms
+            .lock()
+            .get(&self.room_short)
+            .filter(|c| c.group == group)
+            .cloned();
+        let room_state = match cached {
+            Some(c) => c,
+            None => {
+                let mut names = HashMap::new();
+                for user in &joined {
+                    names.insert(user.clone(), self.display_name(user)?);
+                }
+                let c = Arc::new(PushRoomState {
+                    group,
+                    power_levels: self
+                        .power_levels()
+                        .ok()
+                        .map(|pl| ruma::push::PushConditionPowerLevelsCtx::from(pl.levels)),
+                    names,
+                });
+                let mut rooms = self.tl.push_rooms.lock();
+                if rooms.len() > 10_000 {
+                    rooms.clear();
+                }
+                rooms.insert(self.room_short, c.clone());
+                c
+            }
+        };
         let room_id = self.record.room_id.clone();
         let ctx = RoomContext {
             room_id: &room_id,
             room_short: self.room_short,
             member_count: joined.len() as u64,
-            power_levels,
+            power_levels: room_state.power_levels.clone(),
         };
         let mut names: HashMap<OwnedUserId, String> = HashMap::new();
         for (pos, short) in events {
@@ -970,13 +1018,11 @@ impl<'a> Draft<'a> {
                 if user == pdu.sender {
                     continue;
                 }
-                let name = match names.get(&user) {
+                let name = match room_state.names.get(&user).or_else(|| names.get(&user)) {
                     Some(n) => n.clone(),
                     None => {
-                        let n = self
-                            .state_content("m.room.member", user.as_str())?
-                            .and_then(|c| c.get("displayname")?.as_str().map(str::to_owned))
-                            .unwrap_or_else(|| user.localpart().to_owned());
+                        // An invitee, not among the members read for the cache.
+                        let n = self.display_name(&user)?;
                         names.insert(user.clone(), n.clone());
                         n
                     }
