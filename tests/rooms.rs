@@ -749,6 +749,15 @@ async fn redaction_strips_content_by_the_room_version() {
     bob.join(&room).await;
     let mine = bob.send_text(&room, "b1", "oops, a secret").await;
     let theirs = alice.send_text(&room, "a1", "alice's words").await;
+    // Read before the redaction (parsed events are cached): the redaction must win.
+    let before = alice
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/rooms/{r}/event/{}", enc(&mine)),
+            None,
+        )
+        .await;
+    assert_eq!(before["content"]["body"], "oops, a secret");
     let (status, body) = bob
         .put(
             &format!("/_matrix/client/v3/rooms/{r}/redact/{}/r1", enc(&theirs)),

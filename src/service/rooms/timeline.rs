@@ -100,6 +100,48 @@ pub struct Timeline {
     /// What push evaluation needs of a room's state, per room, for its latest state
     /// group: read once instead of for every event and member.
     push_rooms: Mutex<HashMap<u64, Arc<PushRoomState>>>,
+    /// Parsed PDUs recently read (the state events every new event is authorised
+    /// against, the events syncs return).
+    pdus: Mutex<PduCache>,
+}
+
+/// A small cache of parsed PDUs by short id: two generations, the older dropped when
+/// the younger fills, so what is used often stays. Stored PDUs change only when
+/// redacted; a redaction's commit bumps `generation` and forgets them, and a read that
+/// raced it is not cached.
+struct PduCache {
+    young: HashMap<u64, Arc<Pdu>>,
+    old: HashMap<u64, Arc<Pdu>>,
+    generation: u64,
+}
+
+/// PDUs in each generation of the cache.
+const PDU_CACHE_GENERATION: usize = 1024;
+
+impl PduCache {
+    fn get(&mut self, short: u64) -> Option<Arc<Pdu>> {
+        if let Some(p) = self.young.get(&short) {
+            return Some(p.clone());
+        }
+        let p = self.old.remove(&short)?;
+        self.insert(short, p.clone());
+        Some(p)
+    }
+
+    fn insert(&mut self, short: u64, pdu: Arc<Pdu>) {
+        if self.young.len() >= PDU_CACHE_GENERATION {
+            self.old = std::mem::take(&mut self.young);
+        }
+        self.young.insert(short, pdu);
+    }
+
+    fn forget(&mut self, shorts: &[u64]) {
+        self.generation += 1;
+        for s in shorts {
+            self.young.remove(s);
+            self.old.remove(s);
+        }
+    }
 }
 
 /// A room's power levels and members' display names as of one state group.
@@ -125,6 +167,11 @@ impl Timeline {
             push,
             locks: Mutex::new(HashMap::new()),
             push_rooms: Mutex::new(HashMap::new()),
+            pdus: Mutex::new(PduCache {
+                young: HashMap::new(),
+                old: HashMap::new(),
+                generation: 0,
+            }),
         }
     }
 
@@ -259,6 +306,13 @@ impl Timeline {
     }
 
     pub fn pdu_by_short(&self, short: u64) -> Result<Option<Arc<Pdu>>> {
+        let generation = {
+            let mut cache = self.pdus.lock();
+            if let Some(p) = cache.get(short) {
+                return Ok(Some(p));
+            }
+            cache.generation
+        };
         let Some(json) = self.db.get("pdus", &short.to_be_bytes())? else {
             return Ok(None);
         };
@@ -266,7 +320,12 @@ impl Timeline {
             .db
             .long_id(short)?
             .ok_or_else(|| Error::internal("event without id"))?;
-        Ok(Some(Arc::new(Pdu::from_json(EventId::parse(&id)?, &json)?)))
+        let pdu = Arc::new(Pdu::from_json(EventId::parse(&id)?, &json)?);
+        let mut cache = self.pdus.lock();
+        if cache.generation == generation {
+            cache.insert(short, pdu.clone());
+        }
+        Ok(Some(pdu))
     }
 
     pub fn pdu(&self, event_id: &EventId) -> Result<Option<Arc<Pdu>>> {
@@ -470,6 +529,8 @@ pub struct Draft<'a> {
     /// when they are no longer in the room.
     affected: Vec<OwnedUserId>,
     touched: bool,
+    /// Stored events this draft redacts: their cached parsed form goes at the commit.
+    redacted: Vec<u64>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -552,6 +613,7 @@ impl<'a> Draft<'a> {
             pending: HashMap::new(),
             pending_state: HashMap::new(),
             pending_short: HashMap::new(),
+            redacted: Vec::new(),
             pending_json: HashMap::new(),
             pending_meta: HashMap::new(),
             affected: Vec::new(),
@@ -931,6 +993,7 @@ impl<'a> Draft<'a> {
         )
         .map_err(|e| Error::internal(format!("cannot redact: {e}")))?;
         meta.redacted_by = Some(redaction_id.to_string());
+        self.redacted.push(short);
         self.batch.put(
             db,
             "pdus",
@@ -1071,6 +1134,9 @@ impl<'a> Draft<'a> {
         // Apply under the room lock, so the next event of the room builds on this one;
         // then let the next writer in.
         let seq = db.write(batch)?;
+        if !self.redacted.is_empty() {
+            self.tl.pdus.lock().forget(&self.redacted);
+        }
         self.guard.take();
         // The room's members as this draft left them: for the push rules, then for
         // whom to wake.
