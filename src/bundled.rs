@@ -125,7 +125,7 @@ pub async fn start(s: &Arc<Services>, prepared: Prepared) -> anyhow::Result<Bund
         bundled.running.push(running);
     }
     if let Some((listener, registration)) = prepared.email {
-        let bridge = salon_email::start_on(
+        let started = salon_email::start_on(
             tokio::net::TcpListener::from_std(listener)?,
             salon_email::Options {
                 registration,
@@ -136,9 +136,16 @@ pub async fn start(s: &Arc<Services>, prepared: Prepared) -> anyhow::Result<Bund
                 directory: Some(staff_directory(s.clone())),
             },
         )
-        .await?;
-        tracing::info!(smtp = ?bridge.smtp_addr, lmtp = ?bridge.lmtp_addr, "bundled email bridge is running");
-        bundled.email = Some(bridge);
+        .await;
+        // A bridge that cannot start (its port taken, a bad certificate) is reported,
+        // and the homeserver and the other appservices serve on.
+        match started {
+            Ok(bridge) => {
+                tracing::info!(smtp = ?bridge.smtp_addr, lmtp = ?bridge.lmtp_addr, "bundled email bridge is running");
+                bundled.email = Some(bridge);
+            }
+            Err(e) => tracing::error!(error = %e, "the email bridge could not start"),
+        }
     }
     Ok(bundled)
 }
