@@ -42,6 +42,21 @@ pub(crate) fn enc(s: &str) -> String {
     out
 }
 
+/// A JSON answer of the homeserver: its body on success, else its Matrix error.
+async fn json_answer(res: reqwest::Response) -> anyhow::Result<JsonValue> {
+    let status = res.status().as_u16();
+    let value: JsonValue = res.json().await.unwrap_or(JsonValue::Null);
+    if (200..300).contains(&status) {
+        return Ok(value);
+    }
+    Err(MatrixError {
+        status,
+        errcode: value["errcode"].as_str().unwrap_or("M_UNKNOWN").to_owned(),
+        error: value["error"].as_str().unwrap_or_default().to_owned(),
+    }
+    .into())
+}
+
 /// The homeserver, as the appservice reaches it.
 #[derive(Clone)]
 pub struct Homeserver {
@@ -117,18 +132,7 @@ impl Intent {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let res = req.send().await?;
-        let status = res.status().as_u16();
-        let value: JsonValue = res.json().await.unwrap_or(JsonValue::Null);
-        if (200..300).contains(&status) {
-            return Ok(value);
-        }
-        Err(MatrixError {
-            status,
-            errcode: value["errcode"].as_str().unwrap_or("M_UNKNOWN").to_owned(),
-            error: value["error"].as_str().unwrap_or_default().to_owned(),
-        }
-        .into())
+        json_answer(req.send().await?).await
     }
 
     /// Register the user (once; remembered in the store).
@@ -160,17 +164,7 @@ impl Intent {
             .json(body)
             .send()
             .await?;
-        let status = res.status().as_u16();
-        let value: JsonValue = res.json().await.unwrap_or(JsonValue::Null);
-        if (200..300).contains(&status) {
-            return Ok(value);
-        }
-        Err(MatrixError {
-            status,
-            errcode: value["errcode"].as_str().unwrap_or("M_UNKNOWN").to_owned(),
-            error: value["error"].as_str().unwrap_or_default().to_owned(),
-        }
-        .into())
+        json_answer(res).await
     }
 
     /// Set the display name, when it differs from the one last set.
@@ -324,16 +318,7 @@ impl Intent {
             .body(bytes)
             .send()
             .await?;
-        let status = res.status().as_u16();
-        let value: JsonValue = res.json().await.unwrap_or(JsonValue::Null);
-        if !(200..300).contains(&status) {
-            return Err(MatrixError {
-                status,
-                errcode: value["errcode"].as_str().unwrap_or("M_UNKNOWN").to_owned(),
-                error: value["error"].as_str().unwrap_or_default().to_owned(),
-            }
-            .into());
-        }
+        let value = json_answer(res).await?;
         value["content_uri"]
             .as_str()
             .map(str::to_owned)
@@ -362,15 +347,11 @@ impl Intent {
             .bearer_auth(&self.hs.as_token)
             .send()
             .await?;
-        let status = res.status().as_u16();
-        if !(200..300).contains(&status) {
-            let value: JsonValue = res.json().await.unwrap_or(JsonValue::Null);
-            return Err(MatrixError {
-                status,
-                errcode: value["errcode"].as_str().unwrap_or("M_UNKNOWN").to_owned(),
-                error: value["error"].as_str().unwrap_or_default().to_owned(),
-            }
-            .into());
+        if !res.status().is_success() {
+            return Err(json_answer(res)
+                .await
+                .err()
+                .unwrap_or_else(|| anyhow::anyhow!("the download failed without a Matrix error")));
         }
         let mime = res
             .headers()

@@ -464,16 +464,7 @@ async fn bridge_bounce(
             Some(&txn_for(&mail.message_id, 0)),
         )
         .await?;
-    let mut batch = Batch::default();
-    shared.portals.mark(
-        &mut batch,
-        &mail.message_id,
-        &Bridged {
-            conversation: conv.key(),
-            event_id: String::new(),
-        },
-    )?;
-    shared.spool.done(&m.key, batch)
+    done_as_notice(shared, m, &mail.message_id, conv.key())
 }
 
 /// Mail that failed its domain's DMARC policy: shown to the reviewers, whole, in the
@@ -535,15 +526,23 @@ async fn quarantine(kit: &Kit, shared: &Shared, m: &Spooled, mail: &Mail) -> any
             Some(&txn_for(&mail.message_id, 1)),
         )
         .await?;
+    done_as_notice(shared, m, &mail.message_id, format!("quarantine:{room}"))
+}
+
+/// Take a mail the bot answered with notices (a bounce, a quarantine) out of the spool,
+/// recorded as bridged so a copy is not handled again.
+fn done_as_notice(
+    shared: &Shared,
+    m: &Spooled,
+    message_id: &str,
+    conversation: String,
+) -> anyhow::Result<()> {
     let mut batch = Batch::default();
-    shared.portals.mark(
-        &mut batch,
-        &mail.message_id,
-        &Bridged {
-            conversation: format!("quarantine:{room}"),
-            event_id: String::new(),
-        },
-    )?;
+    let bridged = Bridged {
+        conversation,
+        event_id: String::new(),
+    };
+    shared.portals.mark(&mut batch, message_id, &bridged)?;
     shared.spool.done(&m.key, batch)
 }
 
@@ -572,39 +571,43 @@ async fn space(kit: &Kit, shared: &Shared) -> anyhow::Result<OwnedRoomId> {
         "creation_content": { "type": "m.space" },
         "power_level_content_override": { "events_default": 100, "invite": 0 },
     });
-    let room = match kit.bot.create_room(&body).await {
-        Ok(r) => r,
+    let room = create_aliased(kit, &body, alias_local).await?;
+    kit.store.put(SPACE_KEY, room.as_str())?;
+    Ok(room)
+}
+
+/// Create a room with an alias of ours; when the alias exists already (a retry after a
+/// crash), the room it names.
+async fn create_aliased(
+    kit: &Kit,
+    body: &JsonValue,
+    alias_local: &str,
+) -> anyhow::Result<OwnedRoomId> {
+    match kit.bot.create_room(body).await {
+        Ok(r) => Ok(r),
         Err(e) if is_errcode(&e, "M_ROOM_IN_USE") => {
             let alias = format!("#{alias_local}:{}", kit.homeserver.server_name);
             kit.bot
                 .resolve_alias(&alias)
                 .await?
-                .ok_or_else(|| anyhow::anyhow!("the email space alias points nowhere"))?
+                .ok_or_else(|| anyhow::anyhow!("the alias {alias} points nowhere"))
         }
-        Err(e) => return Err(e),
-    };
-    kit.store.put(SPACE_KEY, room.as_str())?;
-    Ok(room)
+        Err(e) => Err(e),
+    }
 }
 
-/// A room for a new email thread: named after the subject, in the space, bridge info set,
-/// the staff recipients invited. Its alias comes from the Message-ID, so bridging the
-/// same mail again after a crash finds the room instead of making another.
-async fn new_room(
+/// A portal room in the Email space: `body` (a `createRoom` body, with an alias of ours
+/// when a retry must find the same room) gets the bridge info and the space parent; the
+/// room becomes the space's child, the staff in `people` are invited to the space, and
+/// the bot publishes its commands there.
+async fn create_portal(
     kit: &Kit,
     shared: &Shared,
-    mail: &Mail,
-    people: &[OwnedUserId],
+    info: &BridgeInfo<'_>,
+    mut body: JsonValue,
+    people: &[&UserId],
 ) -> anyhow::Result<OwnedRoomId> {
     let space = space(kit, shared).await?;
-    let alias_local = alias_for(&mail.message_id);
-    let channel = mail.message_id.clone();
-    let info = BridgeInfo {
-        bot: kit.bot_id(),
-        creator: None,
-        protocol: ("email", "Email"),
-        channel: (&channel, &mail.subject),
-    };
     let (state_key, bridge) = info.state();
     let mut initial_state: Vec<JsonValue> = BRIDGE_EVENT_TYPES
         .iter()
@@ -615,29 +618,11 @@ async fn new_room(
         "state_key": space,
         "content": { "via": [kit.homeserver.server_name], "canonical": true },
     }));
-    let from = mail
-        .from
-        .as_ref()
-        .map(|p| p.address.clone())
-        .unwrap_or_default();
-    let body = json!({
-        "name": mail.subject,
-        "topic": format!("Email thread with {from}"),
-        "preset": "private_chat",
-        "room_alias_name": alias_local,
-        "invite": people,
-        "initial_state": initial_state,
-    });
-    let room = match kit.bot.create_room(&body).await {
-        Ok(r) => r,
-        Err(e) if is_errcode(&e, "M_ROOM_IN_USE") => {
-            let alias = format!("#{alias_local}:{}", kit.homeserver.server_name);
-            kit.bot
-                .resolve_alias(&alias)
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("a thread alias points nowhere"))?
-        }
-        Err(e) => return Err(e),
+    body["preset"] = json!("private_chat");
+    body["initial_state"] = json!(initial_state);
+    let room = match body["room_alias_name"].as_str().map(str::to_owned) {
+        Some(alias_local) => create_aliased(kit, &body, &alias_local).await?,
+        None => kit.bot.create_room(&body).await?,
     };
     kit.bot
         .send_state(
@@ -652,6 +637,36 @@ async fn new_room(
     }
     kit.publish_commands(&room).await;
     Ok(room)
+}
+
+/// A room for a new email thread: named after the subject, in the space, bridge info set,
+/// the staff recipients invited. Its alias comes from the Message-ID, so bridging the
+/// same mail again after a crash finds the room instead of making another.
+async fn new_room(
+    kit: &Kit,
+    shared: &Shared,
+    mail: &Mail,
+    people: &[OwnedUserId],
+) -> anyhow::Result<OwnedRoomId> {
+    let info = BridgeInfo {
+        bot: kit.bot_id(),
+        creator: None,
+        protocol: ("email", "Email"),
+        channel: (&mail.message_id, &mail.subject),
+    };
+    let from = mail
+        .from
+        .as_ref()
+        .map(|p| p.address.clone())
+        .unwrap_or_default();
+    let body = json!({
+        "name": mail.subject,
+        "topic": format!("Email thread with {from}"),
+        "room_alias_name": alias_for(&mail.message_id),
+        "invite": people,
+    });
+    let people: Vec<&UserId> = people.iter().map(|u| &**u).collect();
+    create_portal(kit, shared, &info, body, &people).await
 }
 
 /// A ghost for an outside person, with their name, joined to the room.
@@ -999,43 +1014,19 @@ impl EmailHandler {
                     return reply(format!("{addr} is not an outside email address.")).await;
                 };
                 let _guard = shared.lock.lock().await;
-                let space = space(kit, shared).await?;
                 let info = BridgeInfo {
                     bot: kit.bot_id(),
                     creator: Some(sender),
                     protocol: ("email", "Email"),
                     channel: (&addr, &subject),
                 };
-                let (state_key, bridge) = info.state();
-                let mut initial_state: Vec<JsonValue> = BRIDGE_EVENT_TYPES
-                    .iter()
-                    .map(|t| json!({ "type": t, "state_key": state_key, "content": bridge }))
-                    .collect();
-                initial_state.push(json!({
-                    "type": "m.space.parent",
-                    "state_key": space,
-                    "content": { "via": [kit.homeserver.server_name], "canonical": true },
-                }));
-                let new_room = kit
-                    .bot
-                    .create_room(&json!({
-                        "name": subject,
-                        "topic": format!("Email thread with {addr}"),
-                        "preset": "private_chat",
-                        "invite": [sender],
-                        "initial_state": initial_state,
-                        "power_level_content_override": { "users": { sender: 100 } },
-                    }))
-                    .await?;
-                kit.bot
-                    .send_state(
-                        &space,
-                        "m.space.child",
-                        new_room.as_str(),
-                        &json!({ "via": [kit.homeserver.server_name] }),
-                    )
-                    .await?;
-                let _ = kit.bot.invite(&space, sender).await;
+                let body = json!({
+                    "name": subject,
+                    "topic": format!("Email thread with {addr}"),
+                    "invite": [sender],
+                    "power_level_content_override": { "users": { sender: 100 } },
+                });
+                let new_room = create_portal(kit, shared, &info, body, &[sender]).await?;
                 let person = Person {
                     address: addr.clone(),
                     name: None,
@@ -1050,7 +1041,6 @@ impl EmailHandler {
                 };
                 conv.add_external(&person);
                 shared.portals.save(&conv)?;
-                kit.publish_commands(&new_room).await;
                 kit.bot
                     .send_notice(
                         &new_room,
