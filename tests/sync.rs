@@ -458,6 +458,71 @@ async fn long_poll_wakes_on_send() {
     assert!(v["rooms"]["join"].as_object().unwrap().is_empty());
 }
 
+/// Long-polls woken by one commit share the answer only with identical requests: each
+/// filter and each device still gets its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_long_polls_share_an_answer_and_different_ones_do_not() {
+    let server = TestServer::start().await;
+    let alice = server.user("alice").await;
+    let bob = server.user("bob").await;
+    let room = alice.create_room(json!({ "preset": "public_chat" })).await;
+    bob.join(&room).await;
+    let since = sync(&bob, None, "").await["next_batch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let no_messages =
+        enc(&json!({ "room": { "timeline": { "not_types": ["m.room.message"] } } }).to_string());
+    let poll = |query: String| {
+        let bob = bob.clone();
+        tokio::spawn(async move {
+            bob.ok(
+                Method::GET,
+                &format!("/_matrix/client/v3/sync?timeout=20000&{query}"),
+                None,
+            )
+            .await
+        })
+    };
+    let same: Vec<_> = (0..40).map(|_| poll(format!("since={since}"))).collect();
+    let filtered: Vec<_> = (0..5)
+        .map(|_| poll(format!("since={since}&filter={no_messages}")))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    alice.send_text(&room, "wake", "wake up").await;
+    let mut answers = Vec::new();
+    for w in same {
+        let v = w.await.unwrap();
+        assert_eq!(bodies(&v["rooms"]["join"][&room]), ["wake up"]);
+        answers.push(v);
+    }
+    assert!(answers.windows(2).all(|w| w[0] == w[1]));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        filtered.iter().all(|w| !w.is_finished()),
+        "a filter that leaves the message out keeps waiting"
+    );
+    alice
+        .ok(
+            Method::PUT,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/state/m.room.topic/",
+                enc(&room)
+            ),
+            Some(json!({ "topic": "news" })),
+        )
+        .await;
+    for w in filtered {
+        let v = w.await.unwrap();
+        let events = v["rooms"]["join"][&room]["timeline"]["events"]
+            .as_array()
+            .unwrap()
+            .clone();
+        assert!(events.iter().all(|e| e["type"] != "m.room.message"));
+        assert!(events.iter().any(|e| e["type"] == "m.room.topic"));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typing_account_data_presence_and_markers() {
     let server = TestServer::start().await;

@@ -194,6 +194,25 @@ impl Client {
         json_or_error(res, path).await
     }
 
+    /// A GET and the moment its whole answer had arrived (before it is parsed): what a
+    /// wake-up latency ends with, without the benchmark's own JSON parsing in it.
+    pub async fn get_timed(&self, path: &str) -> anyhow::Result<(Instant, Value)> {
+        let res = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await?;
+        let status = res.status();
+        let bytes = res.bytes().await?;
+        let arrived = Instant::now();
+        let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        if !status.is_success() {
+            bail!("{path}: HTTP {status}: {body}");
+        }
+        Ok((arrived, body))
+    }
+
     pub async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
         let res = self
             .http
@@ -247,13 +266,26 @@ impl Client {
         timeout_ms: u64,
         filter: Option<&str>,
     ) -> anyhow::Result<Value> {
-        let mut path = format!("/_matrix/client/v3/sync?timeout={timeout_ms}");
-        if let Some(s) = since {
-            path.push_str(&format!("&since={}", enc(s)));
-        }
-        if let Some(f) = filter {
-            path.push_str(&format!("&filter={}", enc(f)));
-        }
-        self.get(&path).await
+        self.get(&sync_path(since, timeout_ms, filter)).await
     }
+
+    /// A `/sync` and the moment its answer had arrived.
+    pub async fn sync_timed(
+        &self,
+        since: Option<&str>,
+        timeout_ms: u64,
+    ) -> anyhow::Result<(Instant, Value)> {
+        self.get_timed(&sync_path(since, timeout_ms, None)).await
+    }
+}
+
+fn sync_path(since: Option<&str>, timeout_ms: u64, filter: Option<&str>) -> String {
+    let mut path = format!("/_matrix/client/v3/sync?timeout={timeout_ms}");
+    if let Some(s) = since {
+        path.push_str(&format!("&since={}", enc(s)));
+    }
+    if let Some(f) = filter {
+        path.push_str(&format!("&filter={}", enc(f)));
+    }
+    path
 }

@@ -461,9 +461,8 @@ async fn incremental_and_wakeup(
                 let mut since = since;
                 let mut syncs = 0;
                 loop {
-                    let body = reader.sync(Some(&since), 30_000, None).await?;
+                    let (done, body) = reader.sync_timed(Some(&since), 30_000).await?;
                     syncs += 1;
-                    let done = Instant::now();
                     since = body["next_batch"]
                         .as_str()
                         .context("next_batch")?
@@ -533,8 +532,7 @@ async fn scale_longpolls(
         );
         tasks.push(tokio::spawn(async move {
             started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let body = reader.sync(Some(&since), 60_000, None).await?;
-            let done = Instant::now();
+            let (done, body) = reader.sync_timed(Some(&since), 60_000).await?;
             ensure!(
                 body["rooms"]["join"][&room]["timeline"]["events"]
                     .as_array()

@@ -37,6 +37,7 @@ pub struct Services {
     pub http: reqwest::Client,
     pub login_limit: ratelimit::RateLimiter,
     pub register_limit: ratelimit::RateLimiter,
+    pub sync_answers: sync::SharedAnswers,
 }
 
 pub use globals::Globals;
@@ -105,6 +106,7 @@ impl Services {
             notifier,
             login_limit: ratelimit::RateLimiter::new(rl.login, rl.enabled),
             register_limit: ratelimit::RateLimiter::new(rl.register, rl.enabled),
+            sync_answers: sync::SharedAnswers::default(),
         }))
     }
 }

@@ -4,8 +4,12 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    time::Duration,
+    sync::Arc,
+    time::{Duration, Instant},
 };
+
+use bytes::Bytes;
+use parking_lot::Mutex;
 
 use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde_json::{Value as JsonValue, json};
@@ -67,6 +71,9 @@ impl SyncFilter {
 }
 
 pub struct SyncRequest {
+    /// Everything of the request that shapes the answer, as text (`since`, the filter
+    /// or its id, `full_state`, …): identical long-polls woken together share one answer.
+    pub identity: String,
     pub since: Option<u64>,
     /// To-device messages at or below this position were delivered: delete them.
     pub to_device_acked: Option<u64>,
@@ -151,12 +158,92 @@ fn stripped(e: &StoredEvent) -> JsonValue {
     })
 }
 
-pub async fn sync(
+/// A sync answer, serialised once: the long-polls that one commit wakes with identical
+/// requests are all sent the same bytes.
+pub type Answer = Bytes;
+
+/// Answers being built for woken long-polls, by user, device, request and position.
+/// A thousand identical long-polls (a client retrying, several tabs of one session)
+/// woken by the same message cost one sync, not a thousand.
+#[derive(Default)]
+pub struct SharedAnswers {
+    slots: Mutex<HashMap<AnswerKey, Slot>>,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct AnswerKey {
+    user: OwnedUserId,
+    device: String,
+    identity: String,
+    now: u64,
+}
+
+struct Slot {
+    cell: Arc<tokio::sync::OnceCell<(Answer, bool)>>,
+    born: Instant,
+}
+
+/// How long a shared answer serves latecomers of the same wake-up.
+const SHARE_FOR: Duration = Duration::from_millis(500);
+
+impl SharedAnswers {
+    fn slot(&self, key: AnswerKey) -> Arc<tokio::sync::OnceCell<(Answer, bool)>> {
+        let mut slots = self.slots.lock();
+        if slots.len() >= 64 {
+            slots.retain(|_, s| s.born.elapsed() < SHARE_FOR);
+        }
+        let slot = slots.entry(key).or_insert_with(|| Slot {
+            cell: Arc::new(tokio::sync::OnceCell::new()),
+            born: Instant::now(),
+        });
+        if slot.born.elapsed() >= SHARE_FOR {
+            *slot = Slot {
+                cell: Arc::new(tokio::sync::OnceCell::new()),
+                born: Instant::now(),
+            };
+        }
+        slot.cell.clone()
+    }
+}
+
+fn serialise(value: &JsonValue) -> Result<Answer> {
+    serde_json::to_vec(value)
+        .map(Bytes::from)
+        .map_err(|e| Error::internal(format!("cannot serialise the sync answer: {e}")))
+}
+
+fn build_answer(
     s: &Services,
     user: &UserId,
     device: &str,
-    req: SyncRequest,
-) -> Result<JsonValue> {
+    req: &SyncRequest,
+    now: u64,
+) -> Result<(Answer, bool)> {
+    let (response, has_content) = build(s, user, device, req, now)?;
+    Ok((serialise(&response)?, has_content))
+}
+
+/// The answer of a woken long-poll: built once for all identical requests at `now`.
+async fn shared_answer(
+    s: &Services,
+    user: &UserId,
+    device: &str,
+    req: &SyncRequest,
+    now: u64,
+) -> Result<(Answer, bool)> {
+    let cell = s.sync_answers.slot(AnswerKey {
+        user: user.to_owned(),
+        device: device.to_owned(),
+        identity: req.identity.clone(),
+        now,
+    });
+    let answer = cell
+        .get_or_try_init(|| async { build_answer(s, user, device, req, now) })
+        .await?;
+    Ok(answer.clone())
+}
+
+pub async fn sync(s: &Services, user: &UserId, device: &str, req: SyncRequest) -> Result<Answer> {
     let mut user_rx = s.notifier.subscribe(user);
     let mut visible_rx = s.db.stream.subscribe();
     if let Some(p) = &req.set_presence {
@@ -167,6 +254,9 @@ pub async fn sync(
     }
     let timeout = req.timeout.min(MAX_TIMEOUT);
     let deadline = tokio::time::Instant::now() + timeout;
+    // The first look is this request's own; after a wake-up, the answer is shared with
+    // every identical request the same commit woke.
+    let mut woken = false;
     loop {
         let now = s.db.stream.visible();
         if let Some(since) = req.since
@@ -176,9 +266,13 @@ pub async fn sync(
                 "this sync token is from the future: it was not issued by this server",
             ));
         }
-        let (response, has_content) = build(s, user, device, &req, now)?;
+        let (answer, has_content) = if woken {
+            shared_answer(s, user, device, &req, now).await?
+        } else {
+            build_answer(s, user, device, &req, now)?
+        };
         if req.since.is_none() || has_content || req.full_state || timeout.is_zero() {
-            return Ok(response);
+            return Ok(answer);
         }
         // Something for this user may have been announced but not be readable yet,
         // because a write with an earlier position is still committing: wait for it to
@@ -187,26 +281,27 @@ pub async fn sync(
         if announced > now {
             let wait = visible_rx.wait_for(|v| *v >= announced);
             if tokio::time::timeout_at(deadline, wait).await.is_err() {
-                return Ok(build(s, user, device, &req, s.db.stream.visible())?.0);
+                return Ok(build_answer(s, user, device, &req, s.db.stream.visible())?.0);
             }
+            woken = true;
             continue;
         }
         // Nothing yet: wait for a commit that concerns this user.
         tokio::select! {
             changed = user_rx.changed() => {
                 if changed.is_err() {
-                    return Ok(response);
+                    return Ok(answer);
                 }
             }
-            _ = tokio::time::sleep_until(deadline) => return Ok(response),
+            _ = tokio::time::sleep_until(deadline) => return Ok(answer),
         }
         // The change may sit behind a write still in flight; wait until it is visible.
         let wanted = *user_rx.borrow_and_update();
         let wait = visible_rx.wait_for(|v| *v >= wanted);
         if tokio::time::timeout_at(deadline, wait).await.is_err() {
-            let (response, _) = build(s, user, device, &req, s.db.stream.visible())?;
-            return Ok(response);
+            return Ok(build_answer(s, user, device, &req, s.db.stream.visible())?.0);
         }
+        woken = true;
     }
 }
 

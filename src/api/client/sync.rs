@@ -2,7 +2,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use axum::Json;
+use axum::response::{IntoResponse, Response};
 use ruma::api::client::{
     filter::{FilterDefinition, RoomEventFilter},
     sync::sync_events::{self, v3::Filter},
@@ -71,7 +71,7 @@ fn clamp_limits(value: &mut JsonValue) {
 pub async fn sync_events(
     s: Arc<Services>,
     req: Ruma<sync_events::v3::Request>,
-) -> Result<Json<JsonValue>> {
+) -> Result<Response> {
     let filter = match &req.filter {
         None => SyncFilter::default(),
         Some(Filter::FilterDefinition(def)) => sync_filter(def),
@@ -101,7 +101,15 @@ pub async fn sync_events(
         .as_deref()
         .map(|t| parse_since(t, s.db.stream.visible()))
         .transpose()?;
+    let identity = format!(
+        "{:?}|{}|{}|{:?}",
+        req.since,
+        req.full_state,
+        req.set_presence.as_str(),
+        req.filter
+    );
     let request = SyncRequest {
+        identity,
         since: since.map(|t| t.pos),
         to_device_acked: since.map(|t| t.to_device),
         full_state: req.full_state,
@@ -109,7 +117,6 @@ pub async fn sync_events(
         filter,
         set_presence: Some(req.set_presence.as_str().to_owned()),
     };
-    Ok(Json(
-        sync(&s, req.user(), req.device().as_str(), request).await?,
-    ))
+    let answer = sync(&s, req.user(), req.device().as_str(), request).await?;
+    Ok(([(http::header::CONTENT_TYPE, "application/json")], answer).into_response())
 }
