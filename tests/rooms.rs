@@ -1042,3 +1042,51 @@ async fn identical_rooms_created_at_once_get_distinct_ids() {
     }
     assert_eq!(ids.len(), 8);
 }
+
+/// A transaction id makes a retry idempotent within one room and endpoint; the same id
+/// in another room, or on `/redact`, is a new request, and the local echo carries the
+/// id the client chose.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_ids_are_scoped_to_room_and_endpoint() {
+    let server = TestServer::start().await;
+    let alice = server.user("alice").await;
+    let first = alice.create_room(json!({})).await;
+    let second = alice.create_room(json!({})).await;
+    let a = alice.send_text(&first, "abc", "first").await;
+    assert_eq!(alice.send_text(&first, "abc", "first").await, a);
+    assert_eq!(
+        alice.send_text(&first, "abc", "changed content").await,
+        a,
+        "a retry returns the original event even if its content changed"
+    );
+    let b = alice.send_text(&second, "abc", "first").await;
+    assert_ne!(b, a, "the same id in another room is another event");
+
+    let redaction = alice
+        .ok(
+            Method::PUT,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/redact/{}/abc",
+                enc(&first),
+                enc(&a)
+            ),
+            Some(json!({})),
+        )
+        .await["event_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(redaction, a, "/redact and /send keep separate ids");
+    let echo = alice
+        .ok(
+            Method::GET,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/event/{}",
+                enc(&first),
+                enc(&redaction)
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(echo["unsigned"]["transaction_id"], "abc");
+}

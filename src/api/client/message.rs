@@ -21,7 +21,10 @@ use crate::{
     http::Ruma,
     service::{
         Services,
-        rooms::{read::EventFilter, timeline::NewEvent},
+        rooms::{
+            read::EventFilter,
+            timeline::{NewEvent, Txn},
+        },
     },
 };
 
@@ -43,7 +46,11 @@ pub async fn send(
         return Err(Error::bad_json("use the /redact endpoint to redact events"));
     }
     let mut event = NewEvent::message(kind, content_of(&req.body)?);
-    event.txn = Some((req.device().to_string(), req.txn_id.to_string()));
+    event.txn = Some(Txn {
+        device: req.device().to_string(),
+        id: req.txn_id.to_string(),
+        endpoint: "send",
+    });
     event.timestamp = req.massaged_ts;
     let event_id = s.rooms.send(&req.room_id, req.user(), event).await?;
     Ok(send_message_event::v3::Response::new(event_id))
@@ -59,7 +66,11 @@ pub async fn redact(
     }
     let mut event = NewEvent::message(TimelineEventType::RoomRedaction, content);
     event.redacts = Some(req.event_id.clone());
-    event.txn = Some((req.device().to_string(), format!("redact:{}", req.txn_id)));
+    event.txn = Some(Txn {
+        device: req.device().to_string(),
+        id: req.txn_id.to_string(),
+        endpoint: "redact",
+    });
     let event_id = s.rooms.send(&req.room_id, req.user(), event).await?;
     Ok(redact_event::v3::Response::new(event_id))
 }

@@ -341,8 +341,8 @@ impl Rooms {
         let mut draft = self.timeline.begin(room_id).await?;
         // A retried transaction (checked under the room lock, so two identical retries
         // cannot both pass) gets the original event, once that is on disk.
-        if let Some((device, txn)) = &event.txn
-            && let Some(existing) = self.timeline.txn_event(sender, device, txn)?
+        if let Some(txn) = &event.txn
+            && let Some(existing) = self.timeline.txn_event(sender, room_id, txn)?
         {
             drop(draft);
             self.db.sync_all()?;

@@ -59,8 +59,30 @@ pub struct NewEvent {
     pub state_key: Option<String>,
     pub redacts: Option<OwnedEventId>,
     pub timestamp: Option<MilliSecondsSinceUnixEpoch>,
-    /// Device and transaction id of the request, for idempotency and `unsigned`.
-    pub txn: Option<(String, String)>,
+    /// The request's transaction, for idempotency and `unsigned.transaction_id`.
+    pub txn: Option<Txn>,
+}
+
+/// A client's transaction id. Its scope is the device, the endpoint and the room: the
+/// same id sent to another room, or to `/redact` rather than `/send`, is a new request.
+#[derive(Clone, Debug)]
+pub struct Txn {
+    pub device: String,
+    pub id: String,
+    /// `"send"` or `"redact"`.
+    pub endpoint: &'static str,
+}
+
+impl Txn {
+    fn key(&self, user: &UserId, room: &RoomId) -> Vec<u8> {
+        str_key(&[
+            user.as_str(),
+            &self.device,
+            self.endpoint,
+            room.as_str(),
+            &self.id,
+        ])
+    }
 }
 
 impl NewEvent {
@@ -483,17 +505,14 @@ impl Timeline {
         Ok(out)
     }
 
-    /// A previous send with the same transaction id from the same device.
+    /// A previous request with the same transaction id, device, endpoint and room.
     pub fn txn_event(
         &self,
         user: &UserId,
-        device: &str,
-        txn: &str,
+        room: &RoomId,
+        txn: &Txn,
     ) -> Result<Option<OwnedEventId>> {
-        match self
-            .db
-            .get("txn_ids", &str_key(&[user.as_str(), device, txn]))?
-        {
+        match self.db.get("txn_ids", &txn.key(user, room))? {
             Some(v) => Ok(Some(EventId::parse(String::from_utf8_lossy(&v).as_ref())?)),
             None => Ok(None),
         }
@@ -835,7 +854,7 @@ impl<'a> Draft<'a> {
         object: CanonicalJsonObject,
         json: Vec<u8>,
         pdu: Arc<Pdu>,
-        txn: Option<(String, String)>,
+        txn: Option<Txn>,
     ) -> Result<()> {
         let db = &self.tl.db;
         let short = db.get_or_create_short_id(IdKind::Event, pdu.event_id.as_str())?;
@@ -849,7 +868,7 @@ impl<'a> Draft<'a> {
             pos,
             state_before,
             state_after: state_before,
-            txn: txn.clone(),
+            txn: txn.as_ref().map(|t| (t.device.clone(), t.id.clone())),
             ..Default::default()
         };
         if let Some(sk) = &pdu.state_key {
@@ -922,11 +941,11 @@ impl<'a> Draft<'a> {
         {
             self.apply_redaction(&target, &pdu.event_id, &object)?;
         }
-        if let Some((device, txn_id)) = &txn {
+        if let Some(txn) = &txn {
             self.batch.put(
                 db,
                 "txn_ids",
-                &str_key(&[pdu.sender.as_str(), device, txn_id]),
+                &txn.key(&pdu.sender, &self.record.room_id),
                 pdu.event_id.as_bytes(),
             );
         }
