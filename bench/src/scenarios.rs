@@ -227,7 +227,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     )
     .await?;
     if let Some(n) = args.big_room {
-        messages_scale(&mut report, &users[..10], n).await?;
+        let big_room = messages_scale(&mut report, &users[..10], n).await?;
+        if let Some(cmd) = &args.launch {
+            startup_loaded(&mut report, &mut server, cmd, &args.url, repeat, n).await?;
+            let page = users[0]
+                .get(&format!(
+                    "/_matrix/client/v3/rooms/{}/messages?dir=b&limit=10",
+                    enc(&big_room)
+                ))
+                .await?;
+            ensure!(
+                page["chunk"].as_array().is_some_and(|c| c.len() == 10),
+                "the big room is not served after the restart"
+            );
+        }
     }
 
     if let Some((rss, peak)) = server.rss_mib() {
@@ -582,9 +595,46 @@ async fn scale_longpolls(
     Ok(())
 }
 
+/// Startup again, now that the database holds the big room: the server is stopped and
+/// started `repeat` times, and must still serve the room afterwards.
+async fn startup_loaded(
+    report: &mut Report,
+    server: &mut Server,
+    cmd: &str,
+    url: &str,
+    repeat: usize,
+    big: usize,
+) -> anyhow::Result<()> {
+    let mut samples = Vec::new();
+    for _ in 0..repeat {
+        if let Some(mut child) = server.child.take() {
+            stop(&mut child);
+        }
+        let start = Instant::now();
+        let child = launch(cmd)?;
+        wait_ready(url, Duration::from_secs(180)).await?;
+        samples.push(ms(start.elapsed()));
+        server.pid = Some(child.id());
+        server.child = Some(child);
+    }
+    report.add(
+        "startup_loaded",
+        &format!("startup to /versions, {big}+ events stored"),
+        "ms",
+        Better::Lower,
+        &samples,
+    );
+    Ok(())
+}
+
 /// Cost of a page of `/messages` deep in a big room against a small one.
-async fn messages_scale(report: &mut Report, clients: &[Client], big: usize) -> anyhow::Result<()> {
+async fn messages_scale(
+    report: &mut Report,
+    clients: &[Client],
+    big: usize,
+) -> anyhow::Result<String> {
     let mut costs = Vec::new();
+    let mut last_room = String::new();
     for size in [1000usize, big] {
         let room = clients[0]
             .create_room(json!({ "preset": "public_chat" }))
@@ -597,7 +647,7 @@ async fn messages_scale(report: &mut Report, clients: &[Client], big: usize) -> 
             let (c, room) = (c.clone(), room.clone());
             tokio::spawn(async move {
                 for i in 0..per {
-                    c.send_text(&room, &format!("fill{ci}-{i}"), "filler")
+                    c.send_text(&room, &format!("fill{size}-{ci}-{i}"), "filler")
                         .await?;
                 }
                 anyhow::Ok(())
@@ -641,6 +691,7 @@ async fn messages_scale(report: &mut Report, clients: &[Client], big: usize) -> 
             &samples,
         );
         costs.push(percentile(&samples, 50.0));
+        last_room = room;
     }
     report.add(
         "messages_ratio",
@@ -649,5 +700,5 @@ async fn messages_scale(report: &mut Report, clients: &[Client], big: usize) -> 
         Better::Lower,
         &[costs[1] / costs[0]],
     );
-    Ok(())
+    Ok(last_room)
 }
