@@ -21,6 +21,7 @@ use super::{
         pdu::StoredEvent,
         read::{EventFilter, make_token},
         state::EMPTY_GROUP,
+        visibility::SeenMemo,
     },
     users::UserStreamEntry,
 };
@@ -597,23 +598,26 @@ fn timeline_window(
     let mut out = Vec::new();
     let mut cursor = until;
     let mut limited = false;
+    let mut seen = SeenMemo::default();
+    // One more than the limit tells whether older events were left out.
+    let want = (limit + 1).clamp(1, 64);
     'scan: loop {
         let batch = s
             .rooms
             .timeline
-            .timeline_positions(room_short, cursor + 1, true, 64)?;
+            .timeline_positions(room_short, cursor + 1, true, want)?;
         if batch.is_empty() {
             break;
         }
-        for (pos, short) in &batch {
-            if *pos <= after {
-                break 'scan;
-            }
+        let newer = batch.iter().take_while(|(pos, _)| *pos > after).count();
+        let shorts: Vec<u64> = batch[..newer].iter().map(|(_, short)| *short).collect();
+        let events = s.rooms.timeline.stored_many(&shorts)?;
+        for ((pos, _), e) in batch[..newer].iter().zip(events) {
             cursor = pos - 1;
-            let Some(e) = s.rooms.timeline.stored(*short)? else {
+            let Some(e) = e else {
                 continue;
             };
-            if !filter.allows(&e) || !s.rooms.can_see_event(user, &e)? {
+            if !filter.allows(&e) || !s.rooms.can_see_event_memo(user, &e, &mut seen)? {
                 continue;
             }
             if out.len() == limit {
@@ -622,7 +626,7 @@ fn timeline_window(
             }
             out.push(e);
         }
-        if batch.len() < 64 || cursor <= after {
+        if newer < batch.len() || batch.len() < want || cursor <= after {
             break;
         }
     }

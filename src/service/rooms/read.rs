@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use ruma::{OwnedUserId, RoomId, UserId};
 use serde_json::Value as JsonValue;
 
-use super::{Rooms, pdu::StoredEvent};
+use super::{Rooms, pdu::StoredEvent, visibility::SeenMemo};
 use crate::error::{Error, Result};
 
 /// A position between events in a room's timeline: `t<N>` is just after stream
@@ -169,6 +169,7 @@ impl Rooms {
         let mut senders: BTreeSet<OwnedUserId> = BTreeSet::new();
         let mut end = None;
         let mut exhausted = false;
+        let mut seen = SeenMemo::default();
         while chunk.len() < limit && !exhausted {
             let batch = if backward {
                 self.timeline.timeline_positions(
@@ -187,7 +188,9 @@ impl Rooms {
             if batch.is_empty() {
                 break;
             }
-            for (pos, short) in batch {
+            let shorts: Vec<u64> = batch.iter().map(|(_, short)| *short).collect();
+            let events = self.timeline.stored_many(&shorts)?;
+            for ((pos, _), event) in batch.into_iter().zip(events) {
                 if let Some(to) = to
                     && ((backward && pos <= to) || (!backward && pos > to))
                 {
@@ -196,10 +199,10 @@ impl Rooms {
                 }
                 cursor = if backward { pos - 1 } else { pos };
                 end = Some(make_token(cursor));
-                let Some(event) = self.timeline.stored(short)? else {
+                let Some(event) = event else {
                     continue;
                 };
-                if !filter.allows(&event) || !self.can_see_event(user, &event)? {
+                if !filter.allows(&event) || !self.can_see_event_memo(user, &event, &mut seen)? {
                     continue;
                 }
                 senders.insert(event.pdu.sender.clone());

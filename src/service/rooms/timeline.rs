@@ -391,6 +391,67 @@ impl Timeline {
         }))
     }
 
+    /// Many events at once, in the order of `shorts`: the ones not cached are read
+    /// with one batched lookup per column family rather than three reads each.
+    pub fn stored_many(&self, shorts: &[u64]) -> Result<Vec<Option<StoredEvent>>> {
+        let keys: Vec<[u8; 8]> = shorts.iter().map(|s| s.to_be_bytes()).collect();
+        let metas = self.db.get_many("event_meta", &keys)?;
+        let mut pdus: Vec<Option<Arc<Pdu>>> = {
+            let mut cache = self.pdus.lock();
+            shorts.iter().map(|s| cache.get(*s)).collect()
+        };
+        let missing: Vec<usize> = (0..shorts.len()).filter(|i| pdus[*i].is_none()).collect();
+        if !missing.is_empty() {
+            let generation = self.pdus.lock().generation;
+            let keys: Vec<[u8; 8]> = missing.iter().map(|i| keys[*i]).collect();
+            let jsons = self.db.get_many("pdus", &keys)?;
+            let ids = self.db.get_many("longids", &keys)?;
+            let mut loaded = Vec::new();
+            for ((i, json), id) in missing.into_iter().zip(jsons).zip(ids) {
+                let (Some(json), Some(id)) = (json, id) else {
+                    continue;
+                };
+                let id = String::from_utf8_lossy(id.get(1..).unwrap_or_default()).into_owned();
+                let pdu = Arc::new(Pdu::from_json(EventId::parse(&id)?, &json)?);
+                loaded.push((shorts[i], pdu.clone()));
+                pdus[i] = Some(pdu);
+            }
+            let mut cache = self.pdus.lock();
+            if cache.generation == generation {
+                for (short, pdu) in loaded {
+                    cache.insert(short, pdu);
+                }
+            }
+        }
+        let mut rooms: HashMap<u64, OwnedRoomId> = HashMap::new();
+        let mut out = Vec::with_capacity(shorts.len());
+        for ((short, pdu), meta) in shorts.iter().zip(pdus).zip(metas) {
+            let (Some(pdu), Some(meta)) = (pdu, meta) else {
+                out.push(None);
+                continue;
+            };
+            let meta: EventMeta = serde_json::from_slice(&meta)?;
+            let room_id = match &pdu.room_id {
+                Some(r) => r.clone(),
+                None => match rooms.get(&meta.room) {
+                    Some(r) => r.clone(),
+                    None => {
+                        let r = RoomId::parse(self.db.long_id(meta.room)?.unwrap_or_default())?;
+                        rooms.insert(meta.room, r.clone());
+                        r
+                    }
+                },
+            };
+            out.push(Some(StoredEvent {
+                short: *short,
+                pdu,
+                meta,
+                room_id,
+            }));
+        }
+        Ok(out)
+    }
+
     pub fn stored_by_id(&self, event_id: &EventId) -> Result<Option<StoredEvent>> {
         match self.event_short(event_id)? {
             Some(short) => self.stored(short),

@@ -19,6 +19,18 @@ impl Rooms {
     /// Whether `user` may see `event`, by the room's history visibility at the event
     /// and the user's membership then and now.
     pub fn can_see_event(&self, user: &UserId, event: &StoredEvent) -> Result<bool> {
+        self.can_see_event_memo(user, event, &mut SeenMemo::default())
+    }
+
+    /// [`Self::can_see_event`] for many events of one room and one user: the answer
+    /// depends only on the state after the event, so it is worked out once per state
+    /// group (the user's own membership events aside, which they always see).
+    pub fn can_see_event_memo(
+        &self,
+        user: &UserId,
+        event: &StoredEvent,
+        memo: &mut SeenMemo,
+    ) -> Result<bool> {
         // Everyone sees the events that changed their own membership.
         if event.pdu.kind == ruma::events::TimelineEventType::RoomMember
             && event.pdu.state_key.as_deref() == Some(user.as_str())
@@ -26,6 +38,15 @@ impl Rooms {
             return Ok(true);
         }
         let group = event.meta.state_after;
+        if let Some(seen) = memo.0.get(&group) {
+            return Ok(*seen);
+        }
+        let seen = self.can_see_after(user, event, group)?;
+        memo.0.insert(group, seen);
+        Ok(seen)
+    }
+
+    fn can_see_after(&self, user: &UserId, event: &StoredEvent, group: u64) -> Result<bool> {
         let tl = &self.timeline;
         let visibility = field(
             tl.state_event_in_group(group, "m.room.history_visibility", "")?,
@@ -79,3 +100,7 @@ impl Rooms {
         Err(Error::forbidden("You are not a member of this room"))
     }
 }
+
+/// Visibility answers of one user in one room, by state group.
+#[derive(Default)]
+pub struct SeenMemo(std::collections::HashMap<u64, bool>);
