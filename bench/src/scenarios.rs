@@ -226,8 +226,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         &server,
     )
     .await?;
+    // Read before any restart of the server the big-room scenario makes.
+    let mut after_load = server.rss_mib();
     if let Some(n) = args.big_room {
         let big_room = messages_scale(&mut report, &users[..10], n).await?;
+        after_load = server.rss_mib();
         if let Some(cmd) = &args.launch {
             startup_loaded(&mut report, &mut server, cmd, &args.url, repeat, n).await?;
             let page = users[0]
@@ -243,7 +246,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
 
-    if let Some((rss, peak)) = server.rss_mib() {
+    if let Some((rss, peak)) = after_load {
         report.add(
             "rss_after",
             "RSS after the load",

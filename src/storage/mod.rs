@@ -30,6 +30,11 @@ use crate::error::{Error, Result};
 
 /// Every column family, with what it holds. Keys are big-endian so that prefix scans
 /// walk in order; `SEP` (0xff, never in UTF-8) separates string parts.
+/// Memory all memtables together may hold before the largest is flushed to disk. With
+/// dozens of column families, per-family write buffers alone would let them grow to
+/// hundreds of MiB.
+const MEMTABLE_BUDGET: usize = 16 * 1024 * 1024;
+
 pub const COLUMN_FAMILIES: &[(&str, &str)] = &[
     (
         "meta",
@@ -242,6 +247,7 @@ impl Db {
         // it does so itself (nearly half of a restart, measured); the statistics it
         // would otherwise read from every table file at open only tune compaction.
         db_opts.set_max_file_opening_threads(1);
+        db_opts.set_db_write_buffer_size(MEMTABLE_BUDGET);
         db_opts.set_skip_stats_update_on_db_open(true);
 
         let cfs = COLUMN_FAMILIES.iter().map(|(name, _)| {
@@ -250,6 +256,7 @@ impl Db {
             o.set_compression_type(rust_rocksdb::DBCompressionType::Lz4);
             o.set_bottommost_compression_type(rust_rocksdb::DBCompressionType::Zstd);
             o.set_write_buffer_size(8 * 1024 * 1024);
+            o.set_arena_block_size(64 * 1024);
             ColumnFamilyDescriptor::new(*name, o)
         });
         let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(|e| {
