@@ -590,6 +590,20 @@ impl Timeline {
     }
 }
 
+/// An event built and signed, not yet authorised nor stored.
+pub struct Built {
+    object: CanonicalJsonObject,
+    json: Vec<u8>,
+    pub pdu: Arc<Pdu>,
+}
+
+impl Built {
+    /// The signed event in canonical JSON, as it will be stored.
+    pub fn json(&self) -> &[u8] {
+        &self.json
+    }
+}
+
 /// A set of events being added to one room under its lock; nothing is visible until
 /// [`Draft::commit`] writes them all at once.
 pub struct Draft<'a> {
@@ -771,7 +785,18 @@ impl<'a> Draft<'a> {
     }
 
     /// Build, authorise, hash and sign one event, and stage it for the commit.
+    /// Build, sign and authorise an event and stage it; it is written by [`Self::commit`].
     pub fn append(&mut self, sender: &UserId, new: NewEvent) -> Result<Arc<Pdu>> {
+        let txn = new.txn.clone();
+        let Built { object, json, pdu } = self.build(sender, new)?;
+        self.authorise(&pdu)?;
+        self.store(object, json, pdu.clone(), txn)?;
+        Ok(pdu)
+    }
+
+    /// The event `sender` asks for, complete: prev and auth events, hashes, signature
+    /// and id. Nothing is checked against the room's state yet.
+    pub fn build(&self, sender: &UserId, new: NewEvent) -> Result<Built> {
         if new.kind == TimelineEventType::RoomCreate {
             return Err(Error::forbidden(
                 "a room has exactly one m.room.create event",
@@ -860,24 +885,27 @@ impl<'a> Draft<'a> {
         let event_id: OwnedEventId = EventId::parse(format!("${hash}"))?;
         let json = to_json_checked(&object)?;
         let pdu = Arc::new(Pdu::from_json(event_id, &json)?);
+        Ok(Built { object, json, pdu })
+    }
 
+    /// Check a built event against the authorization rules and the room's state.
+    pub fn authorise(&self, pdu: &Pdu) -> Result<()> {
         state_res::check_state_independent_auth_rules(
             &self.rules.authorization,
-            &*pdu,
+            pdu,
             |id: &EventId| self.fetch_event(id),
         )
         .map_err(Error::forbidden)?;
         state_res::check_state_dependent_auth_rules(
             &self.rules.authorization,
-            &*pdu,
+            pdu,
             |ty: &StateEventType, sk: &str| self.state_pdu(&ty.to_string(), sk).ok().flatten(),
         )
         .map_err(Error::forbidden)?;
         if pdu.kind == TimelineEventType::RoomRedaction {
-            self.check_redaction(&pdu)?;
+            self.check_redaction(pdu)?;
         }
-        self.store(object, json, pdu.clone(), new.txn)?;
-        Ok(pdu)
+        Ok(())
     }
 
     /// A user may redact their own events when their power allows redacting at all,

@@ -1,0 +1,183 @@
+//! Criterion benches of the homeserver's hot paths, on a real database in a temporary
+//! directory: building, hashing and signing an event; authorising it against the
+//! room's state; canonical JSON; assembling an incremental sync.
+//!
+//! `cargo bench --bench hot_paths` measures; the test suite runs each once
+//! (`cargo test --benches`) so that they keep working.
+
+use std::{sync::Arc, time::Duration};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use ruma::{CanonicalJsonValue, OwnedRoomId, OwnedUserId, UserId};
+use salon::{
+    config::Config,
+    service::{
+        Services,
+        rooms::{
+            CreateRoom,
+            pdu::{Pdu, to_json_checked},
+            timeline::NewEvent,
+        },
+        sync::{SyncFilter, SyncRequest, parse_since, sync},
+    },
+};
+use serde_json::json;
+
+struct World {
+    rt: tokio::runtime::Runtime,
+    s: Arc<Services>,
+    alice: OwnedUserId,
+    bob: OwnedUserId,
+    bob_device: String,
+    rooms: Vec<OwnedRoomId>,
+    _dir: tempfile::TempDir,
+}
+
+/// Alice and Bob share 50 rooms of 20 messages each.
+fn world() -> World {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let config = Config {
+        data_dir: dir.path().to_owned(),
+        ..Config::default()
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let s = Services::build(config).expect("services");
+    let alice = UserId::parse("@alice:localhost").unwrap();
+    let bob = UserId::parse("@bob:localhost").unwrap();
+    let (bob_device, rooms) = rt.block_on(async {
+        s.users.create(&alice, None, false, false).await.unwrap();
+        s.users.create(&bob, None, false, false).await.unwrap();
+        let (device, _) = s.users.create_device(&bob, None, None, None).unwrap();
+        let mut rooms = Vec::new();
+        for r in 0..50 {
+            let room = s
+                .rooms
+                .create_room(
+                    &alice,
+                    CreateRoom {
+                        name: Some(format!("Room {r}")),
+                        invite: vec![bob.clone()],
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+            s.rooms
+                .set_membership(&room, &bob, &bob, "join", None, None)
+                .await
+                .unwrap();
+            for m in 0..20 {
+                s.rooms
+                    .send(&room, &alice, message(&format!("message {m} in room {r}")))
+                    .await
+                    .unwrap();
+            }
+            rooms.push(room);
+        }
+        (device.to_string(), rooms)
+    });
+    World {
+        rt,
+        s,
+        alice,
+        bob,
+        bob_device,
+        rooms,
+        _dir: dir,
+    }
+}
+
+fn message(body: &str) -> NewEvent {
+    NewEvent::message(
+        "m.room.message",
+        json!({ "msgtype": "m.text", "body": body, "m.mentions": {} }),
+    )
+}
+
+fn events(c: &mut Criterion) {
+    let w = world();
+    let room = &w.rooms[0];
+    let draft = w.rt.block_on(w.s.rooms.timeline.begin(room)).unwrap();
+    c.bench_function("event: build, hash and sign a message", |b| {
+        b.iter(|| draft.build(&w.alice, message("hello there")).unwrap())
+    });
+    let built = draft.build(&w.alice, message("hello there")).unwrap();
+    c.bench_function("event: authorise a message against the room state", |b| {
+        b.iter(|| draft.authorise(&built.pdu).unwrap())
+    });
+    let member = draft
+        .build(
+            &w.alice,
+            NewEvent::state(
+                "m.room.member",
+                w.bob.as_str(),
+                json!({ "membership": "join", "displayname": "Bob" }),
+            ),
+        )
+        .unwrap();
+    c.bench_function("event: authorise a membership change", |b| {
+        b.iter(|| {
+            // Alice may not set Bob's membership to join: the rules find out why.
+            assert!(draft.authorise(&member.pdu).is_err());
+        })
+    });
+    drop(draft);
+
+    let pdu_json = built.json().to_vec();
+    let value: serde_json::Value = serde_json::from_slice(&pdu_json).unwrap();
+    c.bench_function("canonical JSON: an event to its signed bytes", |b| {
+        b.iter(|| {
+            let CanonicalJsonValue::Object(o) =
+                CanonicalJsonValue::try_from(value.clone()).unwrap()
+            else {
+                unreachable!()
+            };
+            to_json_checked(&o).unwrap()
+        })
+    });
+    let id = built.pdu.event_id.clone();
+    c.bench_function("canonical JSON: parse a stored event", |b| {
+        b.iter(|| Pdu::from_json(id.clone(), &pdu_json).unwrap())
+    });
+}
+
+fn incremental_sync(c: &mut Criterion) {
+    let w = world();
+    let since = w.s.db.stream.visible();
+    w.rt.block_on(w.s.rooms.send(&w.rooms[7], &w.alice, message("news")))
+        .unwrap();
+    let token = parse_since(&format!("s{since}"), w.s.db.stream.visible()).unwrap();
+    c.bench_function("sync: incremental, 50 rooms, one new message", |b| {
+        b.iter(|| {
+            let answer =
+                w.rt.block_on(sync(
+                    &w.s,
+                    &w.bob,
+                    &w.bob_device,
+                    SyncRequest {
+                        identity: String::new(),
+                        since: Some(token.pos),
+                        to_device_acked: Some(token.to_device),
+                        full_state: false,
+                        timeout: Duration::ZERO,
+                        filter: SyncFilter::default(),
+                        set_presence: None,
+                    },
+                ))
+                .unwrap();
+            assert!(answer.len() > 100);
+            answer
+        })
+    });
+}
+
+criterion_group! {
+    name = hot_paths;
+    config = Criterion::default().sample_size(30).measurement_time(Duration::from_secs(3));
+    targets = events, incremental_sync
+}
+criterion_main!(hot_paths);
