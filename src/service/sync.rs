@@ -675,17 +675,19 @@ fn state_section(
         .map(|e| e.pdu.sender.to_string())
         .chain(std::iter::once(user.to_string()))
         .collect();
+    let wanted: Vec<u64> = map
+        .iter()
+        .filter(|&(key, event)| {
+            !in_timeline.contains(event)
+                && before
+                    .as_ref()
+                    .is_none_or(|before| before.get(key) != Some(event))
+        })
+        .map(|(_, event)| *event)
+        .collect();
     let mut out = Vec::new();
-    for (key, event) in map.iter() {
-        if in_timeline.contains(event) {
-            continue;
-        }
-        if let Some(before) = &before
-            && before.get(key) == Some(event)
-        {
-            continue;
-        }
-        let Some(e) = s.rooms.timeline.stored(*event)? else {
+    for e in s.rooms.timeline.stored_many(&wanted)? {
+        let Some(e) = e else {
             continue;
         };
         if !req.filter.state.allows(&e) {
