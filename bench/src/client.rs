@@ -185,13 +185,7 @@ impl Client {
     }
 
     pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
-        let res = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .send()
-            .await?;
-        json_or_error(res, path).await
+        Ok(self.get_timed(path).await?.1)
     }
 
     /// A GET and the moment its whole answer had arrived (before it is parsed): what a

@@ -207,12 +207,6 @@ impl SharedAnswers {
     }
 }
 
-fn serialise(value: &JsonValue) -> Result<Answer> {
-    serde_json::to_vec(value)
-        .map(Bytes::from)
-        .map_err(|e| Error::internal(format!("cannot serialise the sync answer: {e}")))
-}
-
 fn build_answer(
     s: &Services,
     user: &UserId,
@@ -221,7 +215,9 @@ fn build_answer(
     now: u64,
 ) -> Result<(Answer, bool)> {
     let (response, has_content) = build(s, user, device, req, now)?;
-    Ok((serialise(&response)?, has_content))
+    let bytes = serde_json::to_vec(&response)
+        .map_err(|e| Error::internal(format!("cannot serialise the sync answer: {e}")))?;
+    Ok((Bytes::from(bytes), has_content))
 }
 
 /// The answer of a woken long-poll: built once for all identical requests at `now`.

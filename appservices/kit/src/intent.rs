@@ -271,6 +271,26 @@ impl Intent {
         self.send(room, "m.room.message", &content, None).await
     }
 
+    /// The content of a state event of a room.
+    pub async fn state(
+        &self,
+        room: &RoomId,
+        event_type: &str,
+        state_key: &str,
+    ) -> anyhow::Result<JsonValue> {
+        self.request(
+            reqwest::Method::GET,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/state/{}/{}",
+                enc(room.as_str()),
+                enc(event_type),
+                enc(state_key)
+            ),
+            None,
+        )
+        .await
+    }
+
     pub async fn send_state(
         &self,
         room: &RoomId,

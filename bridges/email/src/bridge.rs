@@ -1189,18 +1189,7 @@ impl EmailHandler {
 
 /// Whether the bot may invite in a room (it brings the ghosts of people outside in).
 async fn bot_can_invite(kit: &Kit, room: &RoomId) -> bool {
-    let Ok(pl) = kit
-        .bot
-        .request(
-            reqwest::Method::GET,
-            &format!(
-                "/_matrix/client/v3/rooms/{}/state/m.room.power_levels/",
-                crate::enc(room.as_str())
-            ),
-            None,
-        )
-        .await
-    else {
+    let Ok(pl) = kit.bot.state(room, "m.room.power_levels", "").await else {
         return false;
     };
     let level = |v: &JsonValue| v.as_i64().or_else(|| v.as_str()?.parse().ok());
@@ -1212,14 +1201,7 @@ async fn bot_can_invite(kit: &Kit, room: &RoomId) -> bool {
 
 async fn event_room_name(kit: &Kit, room: &RoomId) -> String {
     kit.bot
-        .request(
-            reqwest::Method::GET,
-            &format!(
-                "/_matrix/client/v3/rooms/{}/state/m.room.name/",
-                crate::enc(room.as_str())
-            ),
-            None,
-        )
+        .state(room, "m.room.name", "")
         .await
         .ok()
         .and_then(|v| v["name"].as_str().map(str::to_owned))

@@ -36,18 +36,6 @@ use self::{
 
 pub const ID: &str = "email";
 
-pub(crate) fn enc(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 fn regex_escape(s: &str) -> String {
     let mut out = String::new();
     for c in s.chars() {
