@@ -1,6 +1,6 @@
 //! Criterion benches of the homeserver's hot paths, on a real database in a temporary
 //! directory: building, hashing and signing an event; authorising it against the
-//! room's state; canonical JSON; assembling an incremental sync.
+//! room's state; canonical JSON; assembling an initial and an incremental sync.
 //!
 //! `cargo bench --bench hot_paths` measures; the test suite runs each once
 //! (`cargo test --benches`) so that they keep working.
@@ -145,6 +145,34 @@ fn events(c: &mut Criterion) {
     });
 }
 
+fn sync_request(since: Option<(u64, u64)>, timeline_limit: usize) -> SyncRequest {
+    SyncRequest {
+        identity: String::new(),
+        since: since.map(|(pos, _)| pos),
+        to_device_acked: since.map(|(_, to_device)| to_device),
+        full_state: false,
+        timeout: Duration::ZERO,
+        filter: SyncFilter {
+            timeline_limit,
+            ..SyncFilter::default()
+        },
+        set_presence: None,
+    }
+}
+
+fn initial_sync(c: &mut Criterion) {
+    let w = world();
+    c.bench_function("sync: initial, 50 rooms of 20 messages", |b| {
+        b.iter(|| {
+            let answer =
+                w.rt.block_on(sync(&w.s, &w.bob, &w.bob_device, sync_request(None, 20)))
+                    .unwrap();
+            assert!(answer.len() > 100_000);
+            answer
+        })
+    });
+}
+
 fn incremental_sync(c: &mut Criterion) {
     let w = world();
     let since = w.s.db.stream.visible();
@@ -158,15 +186,7 @@ fn incremental_sync(c: &mut Criterion) {
                     &w.s,
                     &w.bob,
                     &w.bob_device,
-                    SyncRequest {
-                        identity: String::new(),
-                        since: Some(token.pos),
-                        to_device_acked: Some(token.to_device),
-                        full_state: false,
-                        timeout: Duration::ZERO,
-                        filter: SyncFilter::default(),
-                        set_presence: None,
-                    },
+                    sync_request(Some((token.pos, token.to_device)), 10),
                 ))
                 .unwrap();
             assert!(answer.len() > 100);
@@ -178,6 +198,6 @@ fn incremental_sync(c: &mut Criterion) {
 criterion_group! {
     name = hot_paths;
     config = Criterion::default().sample_size(30).measurement_time(Duration::from_secs(3));
-    targets = events, incremental_sync
+    targets = events, initial_sync, incremental_sync
 }
 criterion_main!(hot_paths);

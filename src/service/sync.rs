@@ -3,7 +3,7 @@
 //! wait on the notifier and wake the moment a commit concerns the user.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -12,13 +12,15 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 
 use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
+use serde::Serialize;
 use serde_json::{Value as JsonValue, json};
 
 use super::{
     Services,
+    e2ee::DeviceListChanges,
     ephemeral::{Ephemeral, receipt_content},
     rooms::{
-        pdu::StoredEvent,
+        pdu::{ClientEvent, StoredEvent},
         read::{EventFilter, make_token},
         state::EMPTY_GROUP,
         visibility::SeenMemo,
@@ -142,12 +144,74 @@ fn type_allowed(filter: &EventFilter, kind: &str) -> bool {
 }
 
 /// A client event in the sync format (no `room_id`).
-fn sync_format(s: &Services, e: &StoredEvent, device: &str) -> Result<JsonValue> {
-    let mut v = s.rooms.timeline.to_client(e, Some(device))?;
-    if let Some(o) = v.as_object_mut() {
-        o.remove("room_id");
+fn sync_format(s: &Services, e: &StoredEvent, device: &str) -> Result<ClientEvent> {
+    Ok(s.rooms
+        .timeline
+        .client_event(e, Some(device))?
+        .without_room_id())
+}
+
+/// The answer's shape. Events are written straight from their stored form; only the
+/// small parts (summaries, counts, receipts) are built as JSON trees.
+#[derive(Serialize)]
+struct Response {
+    next_batch: String,
+    rooms: Rooms,
+    account_data: Events<JsonValue>,
+    presence: Events<JsonValue>,
+    to_device: Events<Box<serde_json::value::RawValue>>,
+    device_lists: DeviceListChanges,
+    device_one_time_keys_count: BTreeMap<ruma::OneTimeKeyAlgorithm, u64>,
+    device_unused_fallback_key_types: Vec<String>,
+}
+
+#[derive(Default, Serialize)]
+struct Rooms {
+    join: BTreeMap<OwnedRoomId, JoinedRoom>,
+    invite: BTreeMap<OwnedRoomId, JsonValue>,
+    knock: BTreeMap<OwnedRoomId, JsonValue>,
+    leave: BTreeMap<OwnedRoomId, LeftRoom>,
+}
+
+impl Rooms {
+    fn is_empty(&self) -> bool {
+        self.join.is_empty()
+            && self.invite.is_empty()
+            && self.knock.is_empty()
+            && self.leave.is_empty()
     }
-    Ok(v)
+}
+
+#[derive(Serialize)]
+struct Events<T> {
+    events: Vec<T>,
+}
+
+#[derive(Serialize)]
+struct Timeline {
+    events: Vec<ClientEvent>,
+    limited: bool,
+    prev_batch: String,
+}
+
+#[derive(Serialize)]
+struct JoinedRoom {
+    timeline: Timeline,
+    state: Events<ClientEvent>,
+    ephemeral: Events<JsonValue>,
+    account_data: Events<JsonValue>,
+    unread_notifications: JsonValue,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unread_thread_notifications: Option<JsonValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    summary: Option<JsonValue>,
+}
+
+#[derive(Serialize)]
+struct LeftRoom {
+    timeline: Timeline,
+    state: Events<ClientEvent>,
+    account_data: Events<JsonValue>,
 }
 
 fn stripped(e: &StoredEvent) -> JsonValue {
@@ -215,7 +279,9 @@ fn build_answer(
     now: u64,
 ) -> Result<(Answer, bool)> {
     let (response, has_content) = build(s, user, device, req, now)?;
-    let bytes = serde_json::to_vec(&response)
+    // The answer of 50 rooms is some hundreds of kilobytes: start with room for it.
+    let mut bytes = Vec::with_capacity(64 * 1024);
+    serde_json::to_writer(&mut bytes, &response)
         .map_err(|e| Error::internal(format!("cannot serialise the sync answer: {e}")))?;
     Ok((Bytes::from(bytes), has_content))
 }
@@ -428,11 +494,8 @@ fn build(
     device: &str,
     req: &SyncRequest,
     now: u64,
-) -> Result<(JsonValue, bool)> {
-    let mut join = serde_json::Map::new();
-    let mut invite = serde_json::Map::new();
-    let mut knock = serde_json::Map::new();
-    let mut leave = serde_json::Map::new();
+) -> Result<(Response, bool)> {
+    let mut rooms = Rooms::default();
     let all_account_data = account_data_to_send(s, user, req.since, now)?;
     let tl = &s.rooms.timeline;
 
@@ -468,7 +531,7 @@ fn build(
                     &member,
                     room_account_data,
                 )? {
-                    join.insert(room_id.to_string(), room);
+                    rooms.join.insert(room_id, room);
                 }
             }
             "invite" | "knock" if changed_since => {
@@ -495,15 +558,11 @@ fn build(
                 }
                 events.push(stripped(&member));
                 if membership == "invite" {
-                    invite.insert(
-                        room_id.to_string(),
-                        json!({ "invite_state": { "events": events } }),
-                    );
+                    let room = json!({ "invite_state": { "events": events } });
+                    rooms.invite.insert(room_id, room);
                 } else {
-                    knock.insert(
-                        room_id.to_string(),
-                        json!({ "knock_state": { "events": events } }),
-                    );
+                    let room = json!({ "knock_state": { "events": events } });
+                    rooms.knock.insert(room_id, room);
                 }
             }
             "leave" | "ban"
@@ -511,7 +570,7 @@ fn build(
                     || (req.since.is_none() && req.filter.include_leave) =>
             {
                 let room = left_room(s, user, device, req, room_short, &member)?;
-                leave.insert(room_id.to_string(), room);
+                rooms.leave.insert(room_id, room);
             }
             _ => {}
         }
@@ -559,24 +618,25 @@ fn build(
     let otk_counts = s.e2ee.one_time_key_counts(user, device_id)?;
     let fallback_types = s.e2ee.unused_fallback_key_types(user, device_id)?;
 
-    let has_content = !(join.is_empty()
-        && invite.is_empty()
-        && knock.is_empty()
-        && leave.is_empty()
+    let has_content = !(rooms.is_empty()
         && account_data.is_empty()
         && presence.is_empty()
         && to_device.events.is_empty()
         && device_lists.is_empty());
-    let response = json!({
-        "next_batch": SyncToken::format(now, to_device.through),
-        "rooms": { "join": join, "invite": invite, "knock": knock, "leave": leave },
-        "account_data": { "events": account_data },
-        "presence": { "events": presence },
-        "to_device": { "events": to_device.events },
-        "device_lists": { "changed": device_lists.changed, "left": device_lists.left },
-        "device_one_time_keys_count": otk_counts,
-        "device_unused_fallback_key_types": fallback_types,
-    });
+    let response = Response {
+        next_batch: SyncToken::format(now, to_device.through),
+        rooms,
+        account_data: Events {
+            events: account_data,
+        },
+        presence: Events { events: presence },
+        to_device: Events {
+            events: to_device.events,
+        },
+        device_lists,
+        device_one_time_keys_count: otk_counts,
+        device_unused_fallback_key_types: fallback_types,
+    };
     Ok((response, has_content))
 }
 
@@ -658,7 +718,7 @@ fn state_section(
     group: u64,
     from_group: Option<u64>,
     timeline: &[StoredEvent],
-) -> Result<Vec<JsonValue>> {
+) -> Result<Vec<ClientEvent>> {
     let map = s.rooms.timeline.state.load(group)?;
     let before = match from_group {
         Some(g) => Some(s.rooms.timeline.state.load(g)?),
@@ -710,7 +770,7 @@ fn joined_room(
     room_short: u64,
     member: &StoredEvent,
     room_account_data: Option<&Vec<(String, JsonValue)>>,
-) -> Result<Option<JsonValue>> {
+) -> Result<Option<JoinedRoom>> {
     let tl = &s.rooms.timeline;
     let room_id = member.room_id.clone();
     let since = req.since;
@@ -807,31 +867,40 @@ fn joined_room(
         req.filter.thread_counts,
         joined_at(s, member)?,
     )?;
-    let mut room = json!({
-        "timeline": { "events": events, "limited": limited, "prev_batch": prev_batch },
-        "state": { "events": state },
-        "ephemeral": { "events": ephemeral },
-        "account_data": { "events": account_data },
-        "unread_notifications": unread,
-    });
-    if let Some(threads) = unread_threads
-        && threads.as_object().is_some_and(|t| !t.is_empty())
-    {
-        room["unread_thread_notifications"] = threads;
-    }
     let membership_changed = timeline
         .iter()
         .any(|e| e.pdu.kind == ruma::events::TimelineEventType::RoomMember);
-    if full || membership_changed || limited {
-        room["summary"] = summary(s, user, room_short)?;
-    }
-    Ok(Some(room))
+    let summary = if full || membership_changed || limited {
+        Some(summary(s, user, room_short)?)
+    } else {
+        None
+    };
+    Ok(Some(JoinedRoom {
+        timeline: Timeline {
+            events,
+            limited,
+            prev_batch,
+        },
+        state: Events { events: state },
+        ephemeral: Events { events: ephemeral },
+        account_data: Events {
+            events: account_data,
+        },
+        unread_notifications: unread,
+        unread_thread_notifications: unread_threads
+            .filter(|t| t.as_object().is_some_and(|t| !t.is_empty())),
+        summary,
+    }))
 }
 
 /// Heroes and member counts, for clients to name rooms without a name.
 fn summary(s: &Services, user: &UserId, room_short: u64) -> Result<JsonValue> {
-    let joined = super::rooms::timeline::members_with(&s.db, room_short, "join")?;
-    let invited = super::rooms::timeline::members_with(&s.db, room_short, "invite")?;
+    let (joined, invited): (Vec<_>, Vec<_>) =
+        super::rooms::timeline::memberships_in(&s.db, room_short, &["join", "invite"])?
+            .into_iter()
+            .partition(|(_, m)| m == "join");
+    let joined: Vec<OwnedUserId> = joined.into_iter().map(|(u, _)| u).collect();
+    let invited: Vec<OwnedUserId> = invited.into_iter().map(|(u, _)| u).collect();
     let mut heroes: Vec<&OwnedUserId> = joined
         .iter()
         .chain(invited.iter())
@@ -964,7 +1033,7 @@ fn left_room(
     req: &SyncRequest,
     room_short: u64,
     member: &StoredEvent,
-) -> Result<JsonValue> {
+) -> Result<LeftRoom> {
     let after = req.since.unwrap_or(0);
     let (timeline, limited) = timeline_window(
         s,
@@ -988,9 +1057,13 @@ fn left_room(
         .first()
         .map(|f| make_token(f.meta.pos - 1))
         .unwrap_or_else(|| make_token(member.meta.pos));
-    Ok(json!({
-        "timeline": { "events": events, "limited": limited, "prev_batch": prev_batch },
-        "state": { "events": state },
-        "account_data": { "events": [] },
-    }))
+    Ok(LeftRoom {
+        timeline: Timeline {
+            events,
+            limited,
+            prev_batch,
+        },
+        state: Events { events: state },
+        account_data: Events { events: Vec::new() },
+    })
 }

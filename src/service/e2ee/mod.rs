@@ -38,7 +38,7 @@ pub struct E2ee {
 }
 
 /// Who a user must (re)query keys for, and whose devices they no longer need to track.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct DeviceListChanges {
     pub changed: BTreeSet<OwnedUserId>,
     pub left: BTreeSet<OwnedUserId>,

@@ -43,6 +43,15 @@ pub struct PushAction {
     pub actions: Vec<Action>,
 }
 
+/// The part of a stored [`PushAction`] that counting needs; the actions themselves
+/// are skipped unparsed.
+#[derive(Deserialize)]
+struct CountedAction {
+    highlight: bool,
+    #[serde(default)]
+    thread: Option<String>,
+}
+
 /// A pusher as stored: the client's definition and the device that set it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PusherRecord {
@@ -303,7 +312,7 @@ impl Push {
             if pos > until {
                 break;
             }
-            let action: PushAction = serde_json::from_slice(&v)?;
+            let action: CountedAction = serde_json::from_slice(&v)?;
             let bucket = match (&action.thread, thread_reads) {
                 (Some(thread), Some(read_of)) => {
                     let read = *thread_read_cache

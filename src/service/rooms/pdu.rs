@@ -144,58 +144,98 @@ pub struct StoredEvent {
     pub room_id: OwnedRoomId,
 }
 
-impl StoredEvent {
-    /// The client-server format of the event ("ClientEvent").
-    pub fn to_client(
-        &self,
-        viewer_device: Option<&str>,
-        prev_content: Option<JsonValue>,
-        redacted_because: Option<JsonValue>,
-    ) -> JsonValue {
-        let pdu = &self.pdu;
-        let mut obj = serde_json::Map::new();
-        obj.insert("type".into(), JsonValue::String(pdu.kind.to_string()));
-        obj.insert("content".into(), pdu.content_json());
-        obj.insert(
-            "event_id".into(),
-            JsonValue::String(pdu.event_id.to_string()),
-        );
-        obj.insert("sender".into(), JsonValue::String(pdu.sender.to_string()));
-        obj.insert(
-            "origin_server_ts".into(),
-            serde_json::to_value(pdu.origin_server_ts).unwrap_or_default(),
-        );
-        obj.insert(
-            "room_id".into(),
-            JsonValue::String(self.room_id.to_string()),
-        );
+/// An event in the client-server format ("ClientEvent"), ready to serialise: the
+/// content is written as stored, never parsed into a tree and written again.
+#[derive(Clone, Debug)]
+pub struct ClientEvent {
+    event: StoredEvent,
+    with_room_id: bool,
+    age: u64,
+    transaction_id: Option<String>,
+    prev_content: Option<Arc<Pdu>>,
+    redacted_because: Option<Box<ClientEvent>>,
+}
+
+impl ClientEvent {
+    /// The sync format leaves `room_id` out: the room is the key the event sits under.
+    pub fn without_room_id(mut self) -> Self {
+        self.with_room_id = false;
+        self
+    }
+
+    pub fn to_value(&self) -> JsonValue {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+}
+
+impl Serialize for ClientEvent {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+
+        #[derive(Serialize)]
+        struct Unsigned<'a> {
+            age: u64,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            transaction_id: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            prev_content: Option<&'a RawValue>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            redacted_because: Option<&'a ClientEvent>,
+        }
+
+        let pdu = &self.event.pdu;
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("type", &pdu.kind)?;
+        map.serialize_entry("content", &pdu.content)?;
+        map.serialize_entry("event_id", &pdu.event_id)?;
+        map.serialize_entry("sender", &pdu.sender)?;
+        map.serialize_entry("origin_server_ts", &pdu.origin_server_ts)?;
+        if self.with_room_id {
+            map.serialize_entry("room_id", &self.event.room_id)?;
+        }
         if let Some(sk) = &pdu.state_key {
-            obj.insert("state_key".into(), JsonValue::String(sk.clone()));
+            map.serialize_entry("state_key", sk)?;
         }
         if pdu.kind == TimelineEventType::RoomRedaction
             && let Some(r) = pdu.redacted_event()
         {
-            obj.insert("redacts".into(), JsonValue::String(r.to_string()));
+            map.serialize_entry("redacts", &r)?;
         }
-        let mut unsigned = serde_json::Map::new();
-        let now = MilliSecondsSinceUnixEpoch::now().get();
-        unsigned.insert(
-            "age".into(),
-            JsonValue::from(u64::from(now).saturating_sub(u64::from(pdu.origin_server_ts.get()))),
-        );
-        if let (Some((device, txn)), Some(viewer)) = (&self.meta.txn, viewer_device)
-            && device == viewer
-        {
-            unsigned.insert("transaction_id".into(), JsonValue::String(txn.clone()));
+        map.serialize_entry(
+            "unsigned",
+            &Unsigned {
+                age: self.age,
+                transaction_id: self.transaction_id.as_deref(),
+                prev_content: self.prev_content.as_deref().map(|p| &*p.content),
+                redacted_because: self.redacted_because.as_deref(),
+            },
+        )?;
+        map.end()
+    }
+}
+
+impl StoredEvent {
+    /// The client-server format of the event, as seen from `viewer_device` (which
+    /// sees the transaction id it sent the event with).
+    pub fn to_client(
+        &self,
+        viewer_device: Option<&str>,
+        prev_content: Option<Arc<Pdu>>,
+        redacted_because: Option<ClientEvent>,
+    ) -> ClientEvent {
+        let now = u64::from(MilliSecondsSinceUnixEpoch::now().get());
+        let transaction_id = match (&self.meta.txn, viewer_device) {
+            (Some((device, txn)), Some(viewer)) if device == viewer => Some(txn.clone()),
+            _ => None,
+        };
+        ClientEvent {
+            event: self.clone(),
+            with_room_id: true,
+            age: now.saturating_sub(u64::from(self.pdu.origin_server_ts.get())),
+            transaction_id,
+            prev_content,
+            redacted_because: redacted_because.map(Box::new),
         }
-        if let Some(prev) = prev_content {
-            unsigned.insert("prev_content".into(), prev);
-        }
-        if let Some(because) = redacted_because {
-            unsigned.insert("redacted_because".into(), because);
-        }
-        obj.insert("unsigned".into(), JsonValue::Object(unsigned));
-        JsonValue::Object(obj)
     }
 }
 

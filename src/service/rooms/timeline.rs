@@ -19,7 +19,7 @@ use serde_json::Value as JsonValue;
 use tokio::sync::OwnedMutexGuard;
 
 use super::{
-    pdu::{EventMeta, Pdu, StoredEvent, to_json_checked},
+    pdu::{ClientEvent, EventMeta, Pdu, StoredEvent, to_json_checked},
     power::PowerLevels,
     state::{EMPTY_GROUP, StateService},
 };
@@ -138,7 +138,7 @@ struct PduCache {
 }
 
 /// PDUs in each generation of the cache.
-const PDU_CACHE_GENERATION: usize = 1024;
+const PDU_CACHE_GENERATION: usize = 2048;
 
 impl PduCache {
     fn get(&mut self, short: u64) -> Option<Arc<Pdu>> {
@@ -461,13 +461,23 @@ impl Timeline {
 
     /// The client form of an event, with `prev_content` and `redacted_because` filled in.
     pub fn to_client(&self, event: &StoredEvent, viewer_device: Option<&str>) -> Result<JsonValue> {
+        Ok(self.client_event(event, viewer_device)?.to_value())
+    }
+
+    /// The client form of an event, with what its `unsigned` needs: the content of the
+    /// state event it replaced, the redaction that redacted it.
+    pub fn client_event(
+        &self,
+        event: &StoredEvent,
+        viewer_device: Option<&str>,
+    ) -> Result<ClientEvent> {
         let prev_content = match event.meta.replaces {
-            Some(prev) => self.pdu_by_short(prev)?.map(|p| p.content_json()),
+            Some(prev) => self.pdu_by_short(prev)?,
             None => None,
         };
         let redacted_because = match &event.meta.redacted_by {
             Some(id) => match self.stored_by_id(&EventId::parse(id)?)? {
-                Some(r) => Some(self.to_client(&r, None)?),
+                Some(r) => Some(self.client_event(&r, None)?),
                 None => None,
             },
             None => None,
