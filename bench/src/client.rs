@@ -263,13 +263,15 @@ impl Client {
         self.get(&sync_path(since, timeout_ms, filter)).await
     }
 
-    /// A `/sync` and the moment its answer had arrived.
+    /// A `/sync` and the moment its answer had arrived (before the generator parsed
+    /// it: the time is the server's, not this client's JSON parser's).
     pub async fn sync_timed(
         &self,
         since: Option<&str>,
         timeout_ms: u64,
+        filter: Option<&str>,
     ) -> anyhow::Result<(Instant, Value)> {
-        self.get_timed(&sync_path(since, timeout_ms, None)).await
+        self.get_timed(&sync_path(since, timeout_ms, filter)).await
     }
 }
 

@@ -406,8 +406,8 @@ async fn initial_sync(
     for _ in 0..repeat {
         let fresh = reader.login_again().await?;
         let t = Instant::now();
-        let body = fresh.sync(None, 0, Some(&filter)).await?;
-        samples.push(ms(t.elapsed()));
+        let (done, body) = fresh.sync_timed(None, 0, Some(&filter)).await?;
+        samples.push(ms(done - t));
         let joined = body["rooms"]["join"].as_object().context("rooms.join")?;
         ensure!(
             joined.len() >= rooms,
@@ -457,8 +457,8 @@ async fn incremental_and_wakeup(
             .send_text(room, &format!("inc{i}-{since}"), "one more")
             .await?;
         let t = Instant::now();
-        let body = reader.sync(Some(&since), 0, None).await?;
-        incremental.push(ms(t.elapsed()));
+        let (done, body) = reader.sync_timed(Some(&since), 0, None).await?;
+        incremental.push(ms(done - t));
         ensure!(
             body["rooms"]["join"][room]["timeline"]["events"]
                 .as_array()
@@ -487,7 +487,7 @@ async fn incremental_and_wakeup(
                 let mut since = since;
                 let mut syncs = 0;
                 loop {
-                    let (done, body) = reader.sync_timed(Some(&since), 30_000).await?;
+                    let (done, body) = reader.sync_timed(Some(&since), 30_000, None).await?;
                     syncs += 1;
                     since = body["next_batch"]
                         .as_str()
@@ -558,7 +558,7 @@ async fn scale_longpolls(
         );
         tasks.push(tokio::spawn(async move {
             started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let (done, body) = reader.sync_timed(Some(&since), 60_000).await?;
+            let (done, body) = reader.sync_timed(Some(&since), 60_000, None).await?;
             ensure!(
                 body["rooms"]["join"][&room]["timeline"]["events"]
                     .as_array()
