@@ -401,11 +401,12 @@ fn room_has_news(
     now: u64,
     account_data: &AccountDataByRoom,
 ) -> Result<bool> {
+    // The newest event up to `now`: one forward seek, keys run newest first.
     if s.rooms
         .timeline
-        .timeline_positions(room_short, since, false, 1)?
+        .timeline_positions(room_short, now.saturating_add(1), true, 1)?
         .first()
-        .is_some_and(|(pos, _)| *pos <= now)
+        .is_some_and(|(pos, _)| *pos > since)
     {
         return Ok(true);
     }

@@ -49,6 +49,19 @@ pub fn str_prefix(parts: &[&str]) -> Vec<u8> {
     k
 }
 
+/// The key of a room's timeline entry: the room, then the position inverted, so that
+/// a room's newest events come first. Reading the latest events of a room (every
+/// sync, every backward page) is then a forward scan, which RocksDB's memtables
+/// (where recent events live) answer far faster than a backward one.
+pub fn timeline_key(room_short: u64, pos: u64) -> Vec<u8> {
+    u64_key(&[room_short, !pos])
+}
+
+/// The stream position in a key made by [`timeline_key`].
+pub fn timeline_key_pos(key: &[u8]) -> u64 {
+    !decode_u64(key.get(8..).unwrap_or_default())
+}
+
 /// Concatenation of big-endian u64s.
 pub fn u64_key(parts: &[u64]) -> Vec<u8> {
     let mut k = Vec::with_capacity(parts.len() * 8);

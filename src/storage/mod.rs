@@ -28,13 +28,13 @@ pub use self::{
 };
 use crate::error::{Error, Result};
 
-/// Every column family, with what it holds. Keys are big-endian so that prefix scans
-/// walk in order; `SEP` (0xff, never in UTF-8) separates string parts.
 /// Memory all memtables together may hold before the largest is flushed to disk. With
 /// dozens of column families, per-family write buffers alone would let them grow to
 /// hundreds of MiB.
 const MEMTABLE_BUDGET: usize = 16 * 1024 * 1024;
 
+/// Every column family, with what it holds. Keys are big-endian so that prefix scans
+/// walk in order; `SEP` (0xff, never in UTF-8) separates string parts.
 pub const COLUMN_FAMILIES: &[(&str, &str)] = &[
     (
         "meta",
@@ -68,7 +68,7 @@ pub const COLUMN_FAMILIES: &[(&str, &str)] = &[
     ),
     (
         "timeline",
-        "room short id + stream position → event short id",
+        "room short id + inverted stream position (newest first) → event short id",
     ),
     (
         "stream",
@@ -187,11 +187,39 @@ pub const COLUMN_FAMILIES: &[(&str, &str)] = &[
 
 /// The schema this build reads and writes. Opening an older database runs the
 /// migrations from its version up; a newer one is refused.
-pub const SCHEMA_VERSION: u64 = 1;
+pub const SCHEMA_VERSION: u64 = 2;
 
 /// Forward migrations, indexed by the version they migrate *from*.
 type Migration = fn(&Db) -> Result<()>;
-const MIGRATIONS: &[Migration] = &[];
+const MIGRATIONS: &[Migration] = &[timeline_newest_first];
+
+/// 1 → 2: timeline keys carry the inverted position ([`timeline_key`]). Stream
+/// positions stay below 2^63, inverted ones above: an entry already rewritten is
+/// recognised, so a migration cut short by a crash simply runs again.
+fn timeline_newest_first(db: &Db) -> Result<()> {
+    const CHUNK: usize = 10_000;
+    let mut batch = Batch::default();
+    let mut pending = 0;
+    for item in db.db.iterator_cf(db.cf("timeline"), IteratorMode::Start) {
+        let (k, v) = item?;
+        if k.len() != 16 || u64_at(&k, 1) >= 1 << 63 {
+            continue;
+        }
+        batch.delete(db, "timeline", &k);
+        batch.put(
+            db,
+            "timeline",
+            &timeline_key(u64_at(&k, 0), u64_at(&k, 1)),
+            &v,
+        );
+        pending += 1;
+        if pending == CHUNK {
+            db.commit(std::mem::take(&mut batch))?;
+            pending = 0;
+        }
+    }
+    db.commit(batch)
+}
 
 #[derive(Default)]
 struct WalSync {
@@ -568,6 +596,48 @@ mod tests {
             .map(|r| r.unwrap().1.to_vec())
             .collect();
         assert_eq!(got, vec![b"1".to_vec(), b"2".to_vec()]);
+    }
+
+    #[test]
+    fn timelines_of_schema_1_are_rewritten_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Db::open(dir.path(), 8).unwrap();
+            let mut b = Batch::default();
+            // Two rooms in the old layout: room short id, then the plain position.
+            for (room, pos, event) in [(5u64, 10u64, 100u64), (5, 12, 101), (6, 11, 102)] {
+                b.put(
+                    &db,
+                    "timeline",
+                    &u64_key(&[room, pos]),
+                    &event.to_be_bytes(),
+                );
+            }
+            b.put(&db, "meta", b"schema_version", &1u64.to_be_bytes());
+            db.commit(b).unwrap();
+        }
+        let db = Db::open(dir.path(), 8).unwrap();
+        let version = db.get("meta", b"schema_version").unwrap().unwrap();
+        assert_eq!(decode_u64(&version), SCHEMA_VERSION);
+        let room5: Vec<(u64, u64)> = db
+            .scan_prefix("timeline", &5u64.to_be_bytes())
+            .map(|r| {
+                let (k, v) = r.unwrap();
+                (timeline_key_pos(&k), decode_u64(&v))
+            })
+            .collect();
+        assert_eq!(room5, vec![(12, 101), (10, 100)], "newest first");
+        let all = db.scan_prefix("timeline", &[]).count();
+        assert_eq!(all, 3, "old keys are gone, none was lost");
+        // Running the migration again (a crash before the version was saved) changes
+        // nothing.
+        timeline_newest_first(&db).unwrap();
+        let again: Vec<_> = db
+            .scan_prefix("timeline", &[])
+            .map(|r| r.unwrap().0)
+            .collect();
+        assert_eq!(again.len(), 3);
+        assert!(again.iter().all(|k| u64_at(k, 1) >= 1 << 63));
     }
 
     #[test]

@@ -30,7 +30,10 @@ use crate::{
         notifier::Notifier,
         push::{Push, RoomContext},
     },
-    storage::{Batch, Db, IdKind, StreamTicket, decode_u64, str_key, u64_at, u64_key},
+    storage::{
+        Batch, Db, IdKind, StreamTicket, decode_u64, str_key, timeline_key, timeline_key_pos,
+        u64_at, u64_key,
+    },
 };
 
 /// What the server keeps per room.
@@ -551,26 +554,20 @@ impl Timeline {
     ) -> Result<Vec<(u64, u64)>> {
         let prefix = room_short.to_be_bytes();
         let mut out = Vec::with_capacity(limit.min(1024));
-        if backward {
+        // Keys run newest first (see `timeline_key`): backward is a forward scan.
+        let (start, forward) = if backward {
             if from == 0 {
                 return Ok(out);
             }
-            let start = u64_key(&[room_short, from - 1]);
-            for item in self.db.scan_from("timeline", &prefix, &start, false) {
-                let (k, v) = item?;
-                out.push((u64_at(&k, 1), decode_u64(&v)));
-                if out.len() >= limit {
-                    break;
-                }
-            }
+            (timeline_key(room_short, from - 1), true)
         } else {
-            let start = u64_key(&[room_short, from.saturating_add(1)]);
-            for item in self.db.scan_from("timeline", &prefix, &start, true) {
-                let (k, v) = item?;
-                out.push((u64_at(&k, 1), decode_u64(&v)));
-                if out.len() >= limit {
-                    break;
-                }
+            (timeline_key(room_short, from.saturating_add(1)), false)
+        };
+        for item in self.db.scan_from("timeline", &prefix, &start, forward) {
+            let (k, v) = item?;
+            out.push((timeline_key_pos(&k), decode_u64(&v)));
+            if out.len() >= limit {
+                break;
             }
         }
         Ok(out)
@@ -1052,7 +1049,7 @@ impl<'a> Draft<'a> {
         self.batch.put(
             db,
             "timeline",
-            &u64_key(&[self.room_short, pos]),
+            &timeline_key(self.room_short, pos),
             &short.to_be_bytes(),
         );
         self.batch
