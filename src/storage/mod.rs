@@ -9,6 +9,7 @@ mod keys;
 mod stream;
 
 use std::{
+    collections::HashMap,
     path::Path,
     sync::{
         Arc,
@@ -233,9 +234,42 @@ struct WalState {
     syncing: bool,
 }
 
+/// Short ids of users, rooms and state keys, both ways. A mapping never changes once
+/// given, and syncs look the same few up for every room; events, far more numerous and
+/// each read seldom, are left to RocksDB's block cache.
+#[derive(Default)]
+struct IdCache {
+    short: HashMap<Vec<u8>, u64>,
+    long: HashMap<u64, String>,
+}
+
+/// Mappings each direction of the [`IdCache`] holds before it starts over.
+const ID_CACHE_ENTRIES: usize = 8192;
+
+impl IdCache {
+    fn remember(&mut self, key: &[u8], short: u64) {
+        let (Some(kind), Some(long)) = (key.first(), key.get(1..)) else {
+            return;
+        };
+        if *kind == IdKind::Event as u8 {
+            return;
+        }
+        if self.short.len() >= ID_CACHE_ENTRIES {
+            self.short.clear();
+        }
+        if self.long.len() >= ID_CACHE_ENTRIES {
+            self.long.clear();
+        }
+        let long = String::from_utf8_lossy(long).into_owned();
+        self.short.insert(key.to_vec(), short);
+        self.long.insert(short, long);
+    }
+}
+
 pub struct Db {
     db: DB,
     wal: WalSync,
+    ids: Mutex<IdCache>,
     short_lock: Mutex<()>,
     next_short: AtomicU64,
     pub stream: StreamAllocator,
@@ -300,6 +334,7 @@ impl Db {
         let this = Self {
             db,
             wal: WalSync::default(),
+            ids: Mutex::new(IdCache::default()),
             short_lock: Mutex::new(()),
             next_short: AtomicU64::new(1),
             stream: StreamAllocator::new(0),
@@ -472,9 +507,16 @@ impl Db {
 
     /// The short id of a long identifier of the given kind, if it has one.
     pub fn short_id(&self, kind: IdKind, long: &str) -> Result<Option<u64>> {
-        Ok(self
-            .get("shortids", &kind.key(long))?
-            .map(|v| decode_u64(&v)))
+        let key = kind.key(long);
+        if let Some(short) = self.ids.lock().short.get(&key) {
+            return Ok(Some(*short));
+        }
+        let Some(v) = self.get("shortids", &key)? else {
+            return Ok(None);
+        };
+        let short = decode_u64(&v);
+        self.ids.lock().remember(&key, short);
+        Ok(Some(short))
     }
 
     /// The short id of a long identifier, allocating one when new. A new mapping is
@@ -493,14 +535,22 @@ impl Db {
         b.put_cf(self.cf("shortids"), &key, id.to_be_bytes());
         b.put_cf(self.cf("longids"), id.to_be_bytes(), &key);
         self.db.write(&b)?;
+        self.ids.lock().remember(&key, id);
         Ok(id)
     }
 
     /// The long identifier behind a short id.
     pub fn long_id(&self, short: u64) -> Result<Option<String>> {
-        Ok(self
-            .get("longids", &short.to_be_bytes())?
-            .map(|v| String::from_utf8_lossy(&v[1..]).into_owned()))
+        if let Some(long) = self.ids.lock().long.get(&short) {
+            return Ok(Some(long.clone()));
+        }
+        let Some(key) = self.get("longids", &short.to_be_bytes())? else {
+            return Ok(None);
+        };
+        self.ids.lock().remember(&key, short);
+        Ok(Some(
+            String::from_utf8_lossy(key.get(1..).unwrap_or_default()).into_owned(),
+        ))
     }
 
     /// A fresh number from the short-id sequence, for things that have no long name
