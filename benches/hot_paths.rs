@@ -148,6 +148,7 @@ fn events(c: &mut Criterion) {
 fn sync_request(since: Option<(u64, u64)>, timeline_limit: usize) -> SyncRequest {
     SyncRequest {
         identity: String::new(),
+        client_session: String::new(),
         since: since.map(|(pos, _)| pos),
         to_device_acked: since.map(|(_, to_device)| to_device),
         full_state: false,

@@ -1090,3 +1090,67 @@ async fn transaction_ids_are_scoped_to_room_and_endpoint() {
         .await;
     assert_eq!(echo["unsigned"]["transaction_id"], "abc");
 }
+
+/// Transaction ids belong to one client session: logging in again with the same device
+/// id starts a new scope (the same id sends a new event), and only the session that
+/// sent an event sees its transaction id in the local echo (Complement's
+/// TestTxnIdempotencyScopedToClientSession and TestTxnScopeOnLocalEcho).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_ids_are_scoped_to_the_client_session() {
+    let server = TestServer::start().await;
+    let first = server.user("alice").await;
+    let room = first.create_room(json!({})).await;
+    let a = first
+        .send_text(&room, "same-id", "from the first login")
+        .await;
+
+    let mut second = server.client();
+    let (status, body) = second
+        .post(
+            "/_matrix/client/v3/login",
+            json!({
+                "type": "m.login.password",
+                "identifier": { "type": "m.id.user", "user": "alice" },
+                "password": "correct horse battery",
+                "device_id": first.device_id,
+            }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["device_id"], first.device_id.as_str(), "same device");
+    second.token = Some(body["access_token"].as_str().unwrap().to_owned());
+    second.user_id = first.user_id.clone();
+    second.device_id = first.device_id.clone();
+
+    let b = second
+        .send_text(&room, "same-id", "from the second login")
+        .await;
+    assert_ne!(b, a, "a new login is a new scope: the id sends a new event");
+    assert_eq!(
+        second.send_text(&room, "same-id", "retry").await,
+        b,
+        "within the session the id still makes retries idempotent"
+    );
+
+    // The local echo: the sending session sees its transaction id, the other does not.
+    let event = |id: &str| format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room), enc(id));
+    let seen = second.ok(Method::GET, &event(&b), None).await;
+    assert_eq!(seen["unsigned"]["transaction_id"], "same-id");
+    let other = second.ok(Method::GET, &event(&a), None).await;
+    assert!(
+        other["unsigned"].get("transaction_id").is_none(),
+        "another session's transaction id is not shown: {other}"
+    );
+    let (_, sync) = second.get("/_matrix/client/v3/sync").await;
+    let timeline = sync["rooms"]["join"][&room]["timeline"]["events"]
+        .as_array()
+        .unwrap();
+    let txn_of = |id: &str| {
+        timeline
+            .iter()
+            .find(|e| e["event_id"] == id)
+            .map(|e| e["unsigned"]["transaction_id"].clone())
+    };
+    assert_eq!(txn_of(&b), Some(json!("same-id")));
+    assert_eq!(txn_of(&a), Some(serde_json::Value::Null));
+}

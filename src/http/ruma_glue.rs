@@ -31,6 +31,8 @@ pub struct Ruma<T> {
     pub request: T,
     pub user: Option<OwnedUserId>,
     pub device: Option<OwnedDeviceId>,
+    /// The client session of the access token (the scope of transaction ids).
+    pub client_session: Option<String>,
     pub ip: Option<std::net::IpAddr>,
     /// The appservice whose `as_token` authenticated the request.
     pub appservice: Option<Arc<Appservice>>,
@@ -51,6 +53,12 @@ impl<T> Ruma<T> {
     }
     pub fn device(&self) -> &ruma::DeviceId {
         self.device
+            .as_deref()
+            .expect("endpoint requires authentication")
+    }
+    /// The client session: sees the transaction ids it sent events with.
+    pub fn client_session(&self) -> &str {
+        self.client_session
             .as_deref()
             .expect("endpoint requires authentication")
     }
@@ -162,23 +170,27 @@ where
         let auth = TypeId::of::<T::Authentication>();
         let token = access_token(&parts);
         let mut appservice = None;
-        let (user, device) = if auth == TypeId::of::<AccessToken>()
+        let (user, device, client_session) = if auth == TypeId::of::<AccessToken>()
             || auth == TypeId::of::<AccessTokenOptional>()
         {
             match token {
                 Some(token) => match services.users.authenticate(&token)? {
-                    Some(s) => (Some(s.user_id), Some(s.device_id)),
+                    Some(s) => (Some(s.user_id), Some(s.device_id), Some(s.client_session)),
                     None => match services.appservices.by_as_token(&token) {
                         Some(a) => {
                             let user = appservice_identity(services, &parts, &a)?;
                             appservice = Some(a);
-                            (Some(user), Some(OwnedDeviceId::from(APPSERVICE_DEVICE)))
+                            (
+                                Some(user),
+                                Some(OwnedDeviceId::from(APPSERVICE_DEVICE)),
+                                Some(APPSERVICE_DEVICE.to_owned()),
+                            )
                         }
                         None => return Err(Error::unknown_token(false)),
                     },
                 },
                 None if auth == TypeId::of::<AccessToken>() => return Err(Error::missing_token()),
-                None => (None, None),
+                None => (None, None, None),
             }
         } else if auth == TypeId::of::<AppserviceToken>()
             || auth == TypeId::of::<AppserviceTokenOptional>()
@@ -188,17 +200,17 @@ where
                     Some(a) => {
                         let user = a.sender.clone();
                         appservice = Some(a);
-                        (Some(user), None)
+                        (Some(user), None, None)
                     }
                     None => return Err(Error::unknown_token(false)),
                 },
                 None if auth == TypeId::of::<AppserviceToken>() => {
                     return Err(Error::missing_token());
                 }
-                None => (None, None),
+                None => (None, None, None),
             }
         } else {
-            (None, None)
+            (None, None, None)
         };
         let massaged_ts = appservice
             .as_ref()
@@ -240,6 +252,7 @@ where
             request,
             user,
             device,
+            client_session,
             ip,
             appservice,
             massaged_ts,

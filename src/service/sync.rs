@@ -77,6 +77,8 @@ pub struct SyncRequest {
     /// Everything of the request that shapes the answer, as text (`since`, the filter
     /// or its id, `full_state`, …): identical long-polls woken together share one answer.
     pub identity: String,
+    /// The client session syncing: it sees the transaction ids it sent events with.
+    pub client_session: String,
     pub since: Option<u64>,
     /// To-device messages at or below this position were delivered: delete them.
     pub to_device_acked: Option<u64>,
@@ -143,11 +145,11 @@ fn type_allowed(filter: &EventFilter, kind: &str) -> bool {
         && filter.types.as_ref().is_none_or(|t| t.iter().any(matches))
 }
 
-/// A client event in the sync format (no `room_id`).
-fn sync_format(s: &Services, e: &StoredEvent, device: &str) -> Result<ClientEvent> {
+/// A client event in the sync format (no `room_id`), as `req`'s client session sees it.
+fn sync_format(s: &Services, e: &StoredEvent, req: &SyncRequest) -> Result<ClientEvent> {
     Ok(s.rooms
         .timeline
-        .client_event(e, Some(device))?
+        .client_event(e, Some(&req.client_session))?
         .without_room_id())
 }
 
@@ -239,6 +241,7 @@ pub struct SharedAnswers {
 struct AnswerKey {
     user: OwnedUserId,
     device: String,
+    client_session: String,
     identity: String,
     now: u64,
 }
@@ -297,6 +300,7 @@ async fn shared_answer(
     let cell = s.sync_answers.slot(AnswerKey {
         user: user.to_owned(),
         device: device.to_owned(),
+        client_session: req.client_session.clone(),
         identity: req.identity.clone(),
         now,
     });
@@ -522,16 +526,9 @@ fn build(
         match membership.as_str() {
             "join" => {
                 let room_account_data = all_account_data.get(&Some(room_id.to_string()));
-                if let Some(room) = joined_room(
-                    s,
-                    user,
-                    device,
-                    req,
-                    now,
-                    room_short,
-                    &member,
-                    room_account_data,
-                )? {
+                if let Some(room) =
+                    joined_room(s, user, req, now, room_short, &member, room_account_data)?
+                {
                     rooms.join.insert(room_id, room);
                 }
             }
@@ -570,7 +567,7 @@ fn build(
                 if (req.since.is_some() && changed_since)
                     || (req.since.is_none() && req.filter.include_leave) =>
             {
-                let room = left_room(s, user, device, req, room_short, &member)?;
+                let room = left_room(s, user, req, room_short, &member)?;
                 rooms.leave.insert(room_id, room);
             }
             _ => {}
@@ -714,7 +711,6 @@ fn group_at(s: &Services, room_short: u64, pos: u64) -> Result<u64> {
 fn state_section(
     s: &Services,
     user: &UserId,
-    device: &str,
     req: &SyncRequest,
     group: u64,
     from_group: Option<u64>,
@@ -756,7 +752,7 @@ fn state_section(
         {
             continue;
         }
-        out.push(sync_format(s, &e, device)?);
+        out.push(sync_format(s, &e, req)?);
     }
     Ok(out)
 }
@@ -765,7 +761,6 @@ fn state_section(
 fn joined_room(
     s: &Services,
     user: &UserId,
-    device: &str,
     req: &SyncRequest,
     now: u64,
     room_short: u64,
@@ -836,18 +831,10 @@ fn joined_room(
             .unwrap_or(EMPTY_GROUP),
     };
     let state = if full {
-        state_section(s, user, device, req, start_group, None, &timeline)?
+        state_section(s, user, req, start_group, None, &timeline)?
     } else if limited {
         let since_group = group_at(s, room_short, after)?;
-        state_section(
-            s,
-            user,
-            device,
-            req,
-            start_group,
-            Some(since_group),
-            &timeline,
-        )?
+        state_section(s, user, req, start_group, Some(since_group), &timeline)?
     } else {
         Vec::new()
     };
@@ -857,7 +844,7 @@ fn joined_room(
     };
     let mut events = Vec::with_capacity(timeline.len());
     for e in &timeline {
-        events.push(sync_format(s, e, device)?);
+        events.push(sync_format(s, e, req)?);
     }
 
     let (unread, unread_threads) = unread_counts(
@@ -1030,7 +1017,6 @@ fn unread_counts(
 fn left_room(
     s: &Services,
     user: &UserId,
-    device: &str,
     req: &SyncRequest,
     room_short: u64,
     member: &StoredEvent,
@@ -1049,10 +1035,10 @@ fn left_room(
         .first()
         .map(|e| e.meta.state_before)
         .unwrap_or(member.meta.state_after);
-    let state = state_section(s, user, device, req, start_group, None, &timeline)?;
+    let state = state_section(s, user, req, start_group, None, &timeline)?;
     let mut events = Vec::with_capacity(timeline.len());
     for e in &timeline {
-        events.push(sync_format(s, e, device)?);
+        events.push(sync_format(s, e, req)?);
     }
     let prev_batch = timeline
         .first()

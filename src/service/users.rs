@@ -94,6 +94,9 @@ struct LoginToken {
 pub struct Session {
     pub user_id: OwnedUserId,
     pub device_id: OwnedDeviceId,
+    /// The client session the access token stands for: the scope of transaction ids.
+    /// Logging in again with the same device id starts a new one.
+    pub client_session: String,
 }
 
 pub struct Users {
@@ -240,12 +243,16 @@ impl Users {
             return Ok(None);
         };
         let text = String::from_utf8_lossy(&v);
-        let (user, device) = text
-            .split_once('\u{1}')
-            .ok_or_else(|| Error::internal("corrupt token record"))?;
+        let mut parts = text.split('\u{1}');
+        let (Some(user), Some(device)) = (parts.next(), parts.next()) else {
+            return Err(Error::internal("corrupt token record"));
+        };
+        // Tokens issued before client sessions were recorded: the device is the scope.
+        let client_session = parts.next().unwrap_or(device).to_owned();
         let session = Session {
             user_id: UserId::parse(user)?,
             device_id: device.into(),
+            client_session,
         };
         self.tokens
             .write()
@@ -309,11 +316,12 @@ impl Users {
             &str_key(&[user.as_str(), device_id.as_str()]),
             &serde_json::to_vec(&record)?,
         );
+        let client_session = random_string(16);
         batch.put(
             &self.db,
             "access_tokens",
             token.as_bytes(),
-            format!("{user}\u{1}{device_id}").as_bytes(),
+            format!("{user}\u{1}{device_id}\u{1}{client_session}").as_bytes(),
         );
         self.db.commit(batch)?;
         Ok((device_id, token))

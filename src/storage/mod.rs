@@ -48,7 +48,10 @@ pub const COLUMN_FAMILIES: &[(&str, &str)] = &[
         "user id → account record (password hash, admin, deactivated, profile)",
     ),
     ("devices", "user id SEP device id → device record"),
-    ("access_tokens", "access token → user id SEP device id"),
+    (
+        "access_tokens",
+        "access token → user id \\u{1} device id \\u{1} client session id",
+    ),
     (
         "login_tokens",
         "short-lived m.login.token → user id and expiry",

@@ -230,10 +230,7 @@ pub async fn members(
         {
             continue;
         }
-        let json = s
-            .rooms
-            .timeline
-            .to_client(&e, Some(req.device().as_str()))?;
+        let json = s.rooms.timeline.to_client(&e, Some(req.client_session()))?;
         chunk.push(Raw::from_json(serde_json::value::to_raw_value(&json)?));
     }
     Ok(get_member_events::v3::Response::new(chunk))

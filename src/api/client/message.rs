@@ -47,7 +47,7 @@ pub async fn send(
     }
     let mut event = NewEvent::message(kind, content_of(&req.body)?);
     event.txn = Some(Txn {
-        device: req.device().to_string(),
+        client_session: req.client_session().to_owned(),
         id: req.txn_id.to_string(),
         endpoint: "send",
     });
@@ -67,7 +67,7 @@ pub async fn redact(
     let mut event = NewEvent::message(TimelineEventType::RoomRedaction, content);
     event.redacts = Some(req.event_id.clone());
     event.txn = Some(Txn {
-        device: req.device().to_string(),
+        client_session: req.client_session().to_owned(),
         id: req.txn_id.to_string(),
         endpoint: "redact",
     });
@@ -106,7 +106,7 @@ pub async fn messages(
     let page = s.rooms.messages(
         &req.room_id,
         req.user(),
-        Some(req.device().as_str()),
+        Some(req.client_session()),
         req.from.as_deref(),
         req.to.as_deref(),
         req.dir == Direction::Backward,
@@ -140,7 +140,7 @@ pub async fn context(
     let ctx = s.rooms.context(
         &req.room_id,
         req.user(),
-        req.device().as_str(),
+        req.client_session(),
         &req.event_id,
         limit,
         &filter,

@@ -197,7 +197,7 @@ pub async fn notifications(
             continue;
         };
         let read_pos = crate::service::sync::read_position(&s, user, room_short, ReadScope::Main)?;
-        let mut json = tl.to_client(&event, Some(req.device().as_str()))?;
+        let mut json = tl.to_client(&event, Some(req.client_session()))?;
         if let Some(o) = json.as_object_mut() {
             o.remove("room_id");
         }

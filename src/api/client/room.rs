@@ -87,7 +87,7 @@ pub async fn event(
     let json = s
         .rooms
         .timeline
-        .to_client(&event, Some(req.device().as_str()))?;
+        .to_client(&event, Some(req.client_session()))?;
     Ok(get_room_event::v3::Response::new(Raw::from_json(
         serde_json::value::to_raw_value(&json)?,
     )))

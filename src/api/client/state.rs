@@ -23,9 +23,7 @@ pub async fn all(
     let mut out = Vec::with_capacity(events.len());
     for e in events {
         out.push(Raw::from_json(serde_json::value::to_raw_value(
-            &s.rooms
-                .timeline
-                .to_client(&e, Some(req.device().as_str()))?,
+            &s.rooms.timeline.to_client(&e, Some(req.client_session()))?,
         )?));
     }
     Ok(get_state_events::v3::Response::new(out))
@@ -45,7 +43,7 @@ pub async fn one(
         get_state_event_for_key::v3::StateEventFormat::Event => s
             .rooms
             .timeline
-            .to_client(&event, Some(req.device().as_str()))?,
+            .to_client(&event, Some(req.client_session()))?,
         _ => event.pdu.content_json(),
     };
     Ok(get_state_event_for_key::v3::Response::new(

@@ -110,6 +110,7 @@ pub async fn sync_events(
     );
     let request = SyncRequest {
         identity,
+        client_session: req.client_session().to_owned(),
         since: since.map(|t| t.pos),
         to_device_acked: since.map(|t| t.to_device),
         full_state: req.full_state,

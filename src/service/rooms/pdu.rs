@@ -127,7 +127,8 @@ pub struct EventMeta {
     /// Short id of the state event this one replaced, for `unsigned.prev_content`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replaces: Option<u64>,
-    /// Device and transaction id it was sent with, for `unsigned.transaction_id`.
+    /// Client session and transaction id it was sent with, for `unsigned.transaction_id`
+    /// (events sent before client sessions were recorded carry the device id).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub txn: Option<(String, String)>,
     /// The redaction event that redacted this one.
@@ -215,17 +216,17 @@ impl Serialize for ClientEvent {
 }
 
 impl StoredEvent {
-    /// The client-server format of the event, as seen from `viewer_device` (which
-    /// sees the transaction id it sent the event with).
+    /// The client-server format of the event, as seen from the client session
+    /// `viewer` (which sees the transaction id it sent the event with).
     pub fn to_client(
         &self,
-        viewer_device: Option<&str>,
+        viewer: Option<&str>,
         prev_content: Option<Arc<Pdu>>,
         redacted_because: Option<ClientEvent>,
     ) -> ClientEvent {
         let now = u64::from(MilliSecondsSinceUnixEpoch::now().get());
-        let transaction_id = match (&self.meta.txn, viewer_device) {
-            (Some((device, txn)), Some(viewer)) if device == viewer => Some(txn.clone()),
+        let transaction_id = match (&self.meta.txn, viewer) {
+            (Some((session, txn)), Some(viewer)) if session == viewer => Some(txn.clone()),
             _ => None,
         };
         ClientEvent {

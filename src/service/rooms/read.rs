@@ -147,7 +147,7 @@ impl Rooms {
         &self,
         room_id: &RoomId,
         user: &UserId,
-        device: Option<&str>,
+        client_session: Option<&str>,
         from: Option<&str>,
         to: Option<&str>,
         backward: bool,
@@ -206,7 +206,7 @@ impl Rooms {
                     continue;
                 }
                 senders.insert(event.pdu.sender.clone());
-                chunk.push(self.timeline.to_client(&event, device)?);
+                chunk.push(self.timeline.to_client(&event, client_session)?);
                 if chunk.len() >= limit {
                     break;
                 }
@@ -223,7 +223,7 @@ impl Rooms {
                     self.timeline
                         .state_event_in_group(group, "m.room.member", sender.as_str())?
                 {
-                    state.push(self.timeline.to_client(&e, device)?);
+                    state.push(self.timeline.to_client(&e, client_session)?);
                 }
             }
         }
@@ -251,7 +251,7 @@ impl Rooms {
         &self,
         room_id: &RoomId,
         user: &UserId,
-        device: &str,
+        client_session: &str,
         event_id: &ruma::EventId,
         limit: usize,
         filter: &EventFilter,
@@ -326,19 +326,19 @@ impl Rooms {
             {
                 continue;
             }
-            state.push(self.timeline.to_client(&e, Some(device))?);
+            state.push(self.timeline.to_client(&e, Some(client_session))?);
         }
         Ok(Context {
             start: make_token(start_pos),
             end: make_token(end_pos),
-            event: self.timeline.to_client(&event, Some(device))?,
+            event: self.timeline.to_client(&event, Some(client_session))?,
             before: before
                 .iter()
-                .map(|e| self.timeline.to_client(e, Some(device)))
+                .map(|e| self.timeline.to_client(e, Some(client_session)))
                 .collect::<Result<_>>()?,
             after: after
                 .iter()
-                .map(|e| self.timeline.to_client(e, Some(device)))
+                .map(|e| self.timeline.to_client(e, Some(client_session)))
                 .collect::<Result<_>>()?,
             state,
         })

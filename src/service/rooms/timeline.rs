@@ -66,11 +66,12 @@ pub struct NewEvent {
     pub txn: Option<Txn>,
 }
 
-/// A client's transaction id. Its scope is the device, the endpoint and the room: the
-/// same id sent to another room, or to `/redact` rather than `/send`, is a new request.
+/// A client's transaction id. Its scope is the client session (one login: logging in
+/// again with the same device id starts another), the endpoint and the room: the same
+/// id sent to another room, or to `/redact` rather than `/send`, is a new request.
 #[derive(Clone, Debug)]
 pub struct Txn {
-    pub device: String,
+    pub client_session: String,
     pub id: String,
     /// `"send"` or `"redact"`.
     pub endpoint: &'static str,
@@ -80,7 +81,7 @@ impl Txn {
     fn key(&self, user: &UserId, room: &RoomId) -> Vec<u8> {
         str_key(&[
             user.as_str(),
-            &self.device,
+            &self.client_session,
             self.endpoint,
             room.as_str(),
             &self.id,
@@ -463,17 +464,15 @@ impl Timeline {
     }
 
     /// The client form of an event, with `prev_content` and `redacted_because` filled in.
-    pub fn to_client(&self, event: &StoredEvent, viewer_device: Option<&str>) -> Result<JsonValue> {
-        Ok(self.client_event(event, viewer_device)?.to_value())
+    /// The client form of an event as a JSON value, as the client session `viewer`
+    /// sees it.
+    pub fn to_client(&self, event: &StoredEvent, viewer: Option<&str>) -> Result<JsonValue> {
+        Ok(self.client_event(event, viewer)?.to_value())
     }
 
     /// The client form of an event, with what its `unsigned` needs: the content of the
     /// state event it replaced, the redaction that redacted it.
-    pub fn client_event(
-        &self,
-        event: &StoredEvent,
-        viewer_device: Option<&str>,
-    ) -> Result<ClientEvent> {
+    pub fn client_event(&self, event: &StoredEvent, viewer: Option<&str>) -> Result<ClientEvent> {
         let prev_content = match event.meta.replaces {
             Some(prev) => self.pdu_by_short(prev)?,
             None => None,
@@ -485,7 +484,7 @@ impl Timeline {
             },
             None => None,
         };
-        Ok(event.to_client(viewer_device, prev_content, redacted_because))
+        Ok(event.to_client(viewer, prev_content, redacted_because))
     }
 
     /// The current state event for `(type, state_key)`.
@@ -964,7 +963,9 @@ impl<'a> Draft<'a> {
             pos,
             state_before,
             state_after: state_before,
-            txn: txn.as_ref().map(|t| (t.device.clone(), t.id.clone())),
+            txn: txn
+                .as_ref()
+                .map(|t| (t.client_session.clone(), t.id.clone())),
             ..Default::default()
         };
         if let Some(sk) = &pdu.state_key {
