@@ -142,7 +142,7 @@ struct PduCache {
 }
 
 /// PDUs in each generation of the cache.
-const PDU_CACHE_GENERATION: usize = 2048;
+const PDU_CACHE_GENERATION: usize = 1536;
 
 impl PduCache {
     fn get(&mut self, short: u64) -> Option<Arc<Pdu>> {
