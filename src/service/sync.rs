@@ -282,7 +282,8 @@ fn build_answer(
     now: u64,
 ) -> Result<(Answer, bool)> {
     let (response, has_content) = build(s, user, device, req, now)?;
-    // The answer of 50 rooms is some hundreds of kilobytes: start with room for it.
+    // Answers run from a few hundred bytes to hundreds of kilobytes (an initial sync of
+    // 50 rooms): start at 64 KiB rather than growing from nothing.
     let mut bytes = Vec::with_capacity(64 * 1024);
     serde_json::to_writer(&mut bytes, &response)
         .map_err(|e| Error::internal(format!("cannot serialise the sync answer: {e}")))?;
