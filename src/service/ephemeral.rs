@@ -15,8 +15,8 @@ use serde_json::{Value as JsonValue, json};
 
 use super::{notifier::Notifier, users::now_ms};
 use crate::{
-    error::Result,
-    storage::{Batch, Db, IdKind, SEP, u64_at, u64_key},
+    error::{Error, Result},
+    storage::{Batch, Db, IdKind, NewestByRoom, SEP, u64_at, u64_key},
 };
 
 /// Longest typing notification a client may ask for.
@@ -73,6 +73,8 @@ pub struct Ephemeral {
     notifier: Arc<Notifier>,
     typing: Arc<Mutex<HashMap<OwnedRoomId, RoomTyping>>>,
     presence: Mutex<HashMap<OwnedUserId, Presence>>,
+    /// Each room's newest receipt position, for syncs to skip rooms without new ones.
+    newest_receipts: NewestByRoom,
 }
 
 impl Ephemeral {
@@ -82,6 +84,7 @@ impl Ephemeral {
             notifier,
             typing: Arc::default(),
             presence: Mutex::default(),
+            newest_receipts: NewestByRoom::default(),
         }
     }
 
@@ -246,6 +249,7 @@ impl Ephemeral {
         );
         self.db.commit(b)?;
         let pos = ticket.position;
+        self.newest_receipts.note(room_short, pos);
         drop(ticket);
         if receipt.is_private() {
             self.notifier.notify(&receipt.user, pos);
@@ -307,6 +311,24 @@ impl Ephemeral {
             .scan_prefix("receipts", &prefix)
             .map(|r| Ok(serde_json::from_slice(&r?.1)?))
             .collect()
+    }
+
+    /// Whether a receipt in the room changed after `since` (possibly one not visible
+    /// yet). No database read once the room is known.
+    pub fn has_receipts_after(&self, room_short: u64, since: u64) -> Result<bool> {
+        let newest = self.newest_receipts.newest(room_short, || {
+            let prefix = room_short.to_be_bytes();
+            let end = u64_key(&[room_short, u64::MAX]);
+            match self
+                .db
+                .scan_from("receipt_stream", &prefix, &end, false)
+                .next()
+            {
+                Some(item) => Ok::<_, Error>(Some(u64_at(&item?.0, 1))),
+                None => Ok(None),
+            }
+        })?;
+        Ok(newest.is_some_and(|pos| pos > since))
     }
 
     /// Receipts that changed in `(since, until]`.

@@ -25,7 +25,7 @@ use rust_rocksdb::{
 
 pub use self::{
     keys::*,
-    stream::{StreamAllocator, StreamTicket},
+    stream::{NewestByRoom, StreamAllocator, StreamTicket},
 };
 use crate::error::{Error, Result};
 

@@ -31,8 +31,8 @@ use crate::{
         push::{Push, RoomContext},
     },
     storage::{
-        Batch, Db, IdKind, StreamTicket, decode_u64, str_key, timeline_key, timeline_key_pos,
-        u64_at, u64_key,
+        Batch, Db, IdKind, NewestByRoom, StreamTicket, decode_u64, str_key, timeline_key,
+        timeline_key_pos, u64_at, u64_key,
     },
 };
 
@@ -129,6 +129,8 @@ pub struct Timeline {
     /// Parsed PDUs recently read (the state events every new event is authorised
     /// against, the events syncs return).
     pdus: Mutex<PduCache>,
+    /// Each room's newest event position, for syncs to skip quiet rooms.
+    newest: NewestByRoom,
 }
 
 /// A small cache of parsed PDUs by short id: two generations, the older dropped when
@@ -198,6 +200,7 @@ impl Timeline {
                 old: HashMap::new(),
                 generation: 0,
             }),
+            newest: NewestByRoom::default(),
         }
     }
 
@@ -570,6 +573,19 @@ impl Timeline {
             }
         }
         Ok(out)
+    }
+
+    /// Whether the room has an event after position `since` (possibly one not visible
+    /// yet: the caller looks and finds nothing). No database read once the room is known.
+    pub fn has_events_after(&self, room_short: u64, since: u64) -> Result<bool> {
+        let newest = self.newest.newest(room_short, || {
+            Ok::<_, Error>(
+                self.timeline_positions(room_short, u64::MAX, true, 1)?
+                    .first()
+                    .map(|(pos, _)| *pos),
+            )
+        })?;
+        Ok(newest.is_some_and(|pos| pos > since))
     }
 
     /// A previous request with the same transaction id, device, endpoint and room.
@@ -1250,6 +1266,10 @@ impl<'a> Draft<'a> {
         // Apply under the room lock, so the next event of the room builds on this one;
         // then let the next writer in.
         let seq = db.write(batch)?;
+        // Syncs learn of the room's news before the positions become visible.
+        if let Some(last) = self.tickets.iter().map(|t| t.position).max() {
+            self.tl.newest.note(self.room_short, last);
+        }
         if !self.redacted.is_empty() {
             self.tl.pdus.lock().forget(&self.redacted);
         }
