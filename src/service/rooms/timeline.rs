@@ -466,7 +466,6 @@ impl Timeline {
         }
     }
 
-    /// The client form of an event, with `prev_content` and `redacted_because` filled in.
     /// The client form of an event as a JSON value, as the client session `viewer`
     /// sees it.
     pub fn to_client(&self, event: &StoredEvent, viewer: Option<&str>) -> Result<JsonValue> {
@@ -588,7 +587,8 @@ impl Timeline {
         Ok(newest.is_some_and(|pos| pos > since))
     }
 
-    /// A previous request with the same transaction id, device, endpoint and room.
+    /// A previous request with the same transaction id, client session, endpoint and
+    /// room.
     pub fn txn_event(
         &self,
         user: &UserId,
