@@ -405,8 +405,9 @@ fn room_has_news(
     since: u64,
     account_data: &AccountDataByRoom,
 ) -> Result<bool> {
-    // Both answered from memory once the room is known. A write past `now` may make a
-    // quiet room look busy: it is then looked at and found to have nothing.
+    // Events and receipts are answered from memory once the room is known. A write
+    // past the sync's horizon may make a quiet room look busy: it is then looked at and
+    // found to have nothing.
     if s.rooms.timeline.has_events_after(room_short, since)? {
         return Ok(true);
     }

@@ -386,16 +386,22 @@ impl Timeline {
         let (Some(pdu), Some(meta)) = (self.pdu_by_short(short)?, self.meta(short)?) else {
             return Ok(None);
         };
+        Ok(Some(self.assemble(short, pdu, meta)?))
+    }
+
+    /// A stored event from its parts; the room id comes from the PDU, or (for create
+    /// events whose room id is their hash) from the room's short id.
+    fn assemble(&self, short: u64, pdu: Arc<Pdu>, meta: EventMeta) -> Result<StoredEvent> {
         let room_id = match &pdu.room_id {
             Some(r) => r.clone(),
             None => RoomId::parse(self.db.long_id(meta.room)?.unwrap_or_default())?,
         };
-        Ok(Some(StoredEvent {
+        Ok(StoredEvent {
             short,
             pdu,
             meta,
             room_id,
-        }))
+        })
     }
 
     /// Many events at once, in the order of `shorts`: the ones not cached are read
@@ -430,31 +436,14 @@ impl Timeline {
                 }
             }
         }
-        let mut rooms: HashMap<u64, OwnedRoomId> = HashMap::new();
         let mut out = Vec::with_capacity(shorts.len());
         for ((short, pdu), meta) in shorts.iter().zip(pdus).zip(metas) {
-            let (Some(pdu), Some(meta)) = (pdu, meta) else {
-                out.push(None);
-                continue;
-            };
-            let meta: EventMeta = serde_json::from_slice(&meta)?;
-            let room_id = match &pdu.room_id {
-                Some(r) => r.clone(),
-                None => match rooms.get(&meta.room) {
-                    Some(r) => r.clone(),
-                    None => {
-                        let r = RoomId::parse(self.db.long_id(meta.room)?.unwrap_or_default())?;
-                        rooms.insert(meta.room, r.clone());
-                        r
-                    }
-                },
-            };
-            out.push(Some(StoredEvent {
-                short: *short,
-                pdu,
-                meta,
-                room_id,
-            }));
+            out.push(match (pdu, meta) {
+                (Some(pdu), Some(meta)) => {
+                    Some(self.assemble(*short, pdu, serde_json::from_slice(&meta)?)?)
+                }
+                _ => None,
+            });
         }
         Ok(out)
     }
