@@ -1,6 +1,7 @@
 //! Criterion benches of the homeserver's hot paths, on a real database in a temporary
 //! directory: building, hashing and signing an event; authorising it against the
-//! room's state; canonical JSON; assembling an initial and an incremental sync.
+//! room's state; canonical JSON; creating a room; assembling an initial and an
+//! incremental sync.
 //!
 //! `cargo bench --bench hot_paths` measures; the test suite runs each once
 //! (`cargo test --benches`) so that they keep working.
@@ -161,6 +162,24 @@ fn sync_request(since: Option<(u64, u64)>, timeline_limit: usize) -> SyncRequest
     }
 }
 
+fn create_room(c: &mut Criterion) {
+    let w = world();
+    let mut n = 0;
+    c.bench_function("room: create (seven events, durable)", |b| {
+        b.iter(|| {
+            n += 1;
+            w.rt.block_on(w.s.rooms.create_room(
+                &w.alice,
+                CreateRoom {
+                    name: Some(format!("Bench room {n}")),
+                    ..Default::default()
+                },
+            ))
+            .unwrap()
+        })
+    });
+}
+
 fn initial_sync(c: &mut Criterion) {
     let w = world();
     c.bench_function("sync: initial, 50 rooms of 20 messages", |b| {
@@ -199,6 +218,6 @@ fn incremental_sync(c: &mut Criterion) {
 criterion_group! {
     name = hot_paths;
     config = Criterion::default().sample_size(30).measurement_time(Duration::from_secs(3));
-    targets = events, initial_sync, incremental_sync
+    targets = events, create_room, initial_sync, incremental_sync
 }
 criterion_main!(hot_paths);

@@ -5,6 +5,7 @@ pub mod alias;
 pub mod pdu;
 pub mod power;
 pub mod read;
+pub mod signing;
 pub mod state;
 pub mod timeline;
 pub mod upgrade;

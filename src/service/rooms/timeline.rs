@@ -11,7 +11,7 @@ use ruma::{
     canonical_json::{RedactedBecause, redact},
     events::{StateEventType, TimelineEventType},
     room_version_rules::RoomVersionRules,
-    signatures::{hash_and_sign_event, reference_hash},
+    signatures::reference_hash,
     state_res,
 };
 use serde::{Deserialize, Serialize};
@@ -21,6 +21,7 @@ use tokio::sync::OwnedMutexGuard;
 use super::{
     pdu::{ClientEvent, EventMeta, Pdu, StoredEvent, to_json_checked},
     power::PowerLevels,
+    signing::{self, Signing, hash_and_sign},
     state::{EMPTY_GROUP, StateService},
 };
 use crate::{
@@ -131,6 +132,8 @@ pub struct Timeline {
     pdus: Mutex<PduCache>,
     /// Each room's newest event position, for syncs to skip quiet rooms.
     newest: NewestByRoom,
+    /// The timestamp of the last create event built here, in milliseconds.
+    last_create: std::sync::atomic::AtomicU64,
 }
 
 /// A small cache of parsed PDUs by short id: two generations, the older dropped when
@@ -201,6 +204,7 @@ impl Timeline {
                 generation: 0,
             }),
             newest: NewestByRoom::default(),
+            last_create: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -256,13 +260,12 @@ impl Timeline {
             Error::unsupported_room_version(format!("room version {version} is not supported"))
         })?;
         // From room version 12 the room id is the create event's hash, so two identical
-        // create events in the same millisecond would name the same room: the later
-        // one moves its timestamp on until its id is free.
-        let start = MilliSecondsSinceUnixEpoch::now();
-        for attempt in 0..64u64 {
-            let ts = MilliSecondsSinceUnixEpoch(
-                start.0.saturating_add(ruma::UInt::from(attempt as u32)),
-            );
+        // create events (same creator, same content, same millisecond) would name the
+        // same room: each create event built here gets a later timestamp than the one
+        // before, and one whose id is taken all the same (the clock went back since a
+        // restart) tries the next.
+        for _ in 0..64 {
+            let ts = self.next_create_timestamp();
             let mut object = base_object(
                 &TimelineEventType::RoomCreate,
                 creator,
@@ -284,13 +287,9 @@ impl Timeline {
                 object.insert("room_id".into(), CanonicalJsonValue::String(id.to_string()));
                 Some(id)
             };
-            hash_and_sign_event(
-                self.globals.server_name().as_str(),
-                &self.globals.keypair,
-                &mut object,
-                &rules.redaction,
-            )
-            .map_err(|e| Error::internal(format!("cannot sign event: {e}")))?;
+            // A new room's first events come many at once: each is signed on
+            // another thread while the next is built.
+            let signing = hash_and_sign(&self.globals, &rules.redaction, &mut object, true)?;
             let hash = reference_hash(&object, &rules)
                 .map_err(|e| Error::internal(format!("cannot hash event: {e}")))?;
             let event_id: OwnedEventId = EventId::parse(format!("${hash}"))?;
@@ -322,12 +321,35 @@ impl Timeline {
                 state_group: EMPTY_GROUP,
             };
             let mut draft = Draft::new(self, guard, room_short, record, rules);
-            draft.store(object, json, Arc::new(pdu), None)?;
+            draft.sign_later = true;
+            draft.store(
+                Built {
+                    object,
+                    json,
+                    pdu: Arc::new(pdu),
+                    signing,
+                },
+                None,
+            )?;
             return Ok(draft);
         }
         Err(Error::room_in_use(
             "could not find a free room id; try again",
         ))
+    }
+
+    /// Now, or one millisecond after the last create event's timestamp if that is not
+    /// earlier.
+    fn next_create_timestamp(&self) -> MilliSecondsSinceUnixEpoch {
+        use std::sync::atomic::Ordering;
+        let now = u64::from(MilliSecondsSinceUnixEpoch::now().get());
+        let next = |last: u64| now.max(last + 1);
+        let previous = self
+            .last_create
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| Some(next(last)))
+            .unwrap_or_else(|last| last);
+        let ts = next(previous);
+        MilliSecondsSinceUnixEpoch(ruma::UInt::new_saturating(ts))
     }
 
     pub fn event_short(&self, event_id: &EventId) -> Result<Option<u64>> {
@@ -601,15 +623,17 @@ impl Timeline {
     }
 }
 
-/// An event built and signed, not yet authorised nor stored.
+/// An event built and signed (or being signed), not yet authorised nor stored.
 pub struct Built {
     object: CanonicalJsonObject,
     json: Vec<u8>,
     pub pdu: Arc<Pdu>,
+    signing: Signing,
 }
 
 impl Built {
-    /// The signed event in canonical JSON, as it will be stored.
+    /// The event in canonical JSON, as it will be stored; the signature is a
+    /// placeholder of the same length while it is being computed.
     pub fn json(&self) -> &[u8] {
         &self.json
     }
@@ -636,6 +660,10 @@ pub struct Draft<'a> {
     touched: bool,
     /// Stored events this draft redacts: their cached parsed form goes at the commit.
     redacted: Vec<u64>,
+    /// Sign this draft's events on another thread while it builds the next ones.
+    sign_later: bool,
+    /// Events whose signatures are still being computed; the commit waits for them.
+    signing: Vec<(u64, tokio::task::JoinHandle<ruma::signatures::Signature>)>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -723,6 +751,8 @@ impl<'a> Draft<'a> {
             pending_meta: HashMap::new(),
             affected: Vec::new(),
             touched: false,
+            sign_later: false,
+            signing: Vec::new(),
         }
     }
 
@@ -799,9 +829,10 @@ impl<'a> Draft<'a> {
     /// Build, sign and authorise an event and stage it; it is written by [`Self::commit`].
     pub fn append(&mut self, sender: &UserId, new: NewEvent) -> Result<Arc<Pdu>> {
         let txn = new.txn.clone();
-        let Built { object, json, pdu } = self.build(sender, new)?;
-        self.authorise(&pdu)?;
-        self.store(object, json, pdu.clone(), txn)?;
+        let built = self.build(sender, new)?;
+        self.authorise(&built.pdu)?;
+        let pdu = built.pdu.clone();
+        self.store(built, txn)?;
         Ok(pdu)
     }
 
@@ -872,21 +903,12 @@ impl<'a> Draft<'a> {
                 CanonicalJsonValue::String(target.to_string()),
             );
         }
-        // Refuse oversized events before spending a signature on them.
-        to_json_checked(&object)?;
-        let server = self.tl.globals.server_name().as_str().to_owned();
-        hash_and_sign_event(
-            &server,
-            &self.tl.globals.keypair,
-            &mut object,
+        let signing = hash_and_sign(
+            &self.tl.globals,
             &self.rules.redaction,
-        )
-        .map_err(|e| match e {
-            ruma::signatures::JsonError::PduTooLarge => {
-                Error::too_large("the event is larger than 65536 bytes")
-            }
-            other => Error::internal(format!("cannot sign event: {other}")),
-        })?;
+            &mut object,
+            self.sign_later,
+        )?;
         let hash = reference_hash(&object, &self.rules).map_err(|e| match e {
             ruma::signatures::JsonError::PduTooLarge => {
                 Error::too_large("the event is larger than 65536 bytes")
@@ -896,7 +918,12 @@ impl<'a> Draft<'a> {
         let event_id: OwnedEventId = EventId::parse(format!("${hash}"))?;
         let json = to_json_checked(&object)?;
         let pdu = Arc::new(Pdu::from_json(event_id, &json)?);
-        Ok(Built { object, json, pdu })
+        Ok(Built {
+            object,
+            json,
+            pdu,
+            signing,
+        })
     }
 
     /// Check a built event against the authorization rules and the room's state.
@@ -949,13 +976,13 @@ impl<'a> Draft<'a> {
     }
 
     /// Stage an authorised event: PDU, metadata, timeline and stream entries, state.
-    fn store(
-        &mut self,
-        object: CanonicalJsonObject,
-        json: Vec<u8>,
-        pdu: Arc<Pdu>,
-        txn: Option<Txn>,
-    ) -> Result<()> {
+    fn store(&mut self, built: Built, txn: Option<Txn>) -> Result<()> {
+        let Built {
+            object,
+            json,
+            pdu,
+            signing,
+        } = built;
         let db = &self.tl.db;
         let short = db.get_or_create_short_id(IdKind::Event, pdu.event_id.as_str())?;
         let ticket = db.stream.reserve();
@@ -1051,7 +1078,11 @@ impl<'a> Draft<'a> {
                 pdu.event_id.as_bytes(),
             );
         }
-        self.batch.put(db, "pdus", &short.to_be_bytes(), &json);
+        match signing {
+            Signing::Done => self.batch.put(db, "pdus", &short.to_be_bytes(), &json),
+            // Written by the commit, once signed.
+            Signing::Later(handle) => self.signing.push((short, handle)),
+        }
         self.batch.put(
             db,
             "timeline",
@@ -1115,6 +1146,11 @@ impl<'a> Draft<'a> {
         .map_err(|e| Error::internal(format!("cannot redact: {e}")))?;
         meta.redacted_by = Some(redaction_id.to_string());
         self.redacted.push(short);
+        if self.pending_json.contains_key(&short) {
+            // An event of this draft: if it is still being signed, the commit writes
+            // this redacted form with its signature.
+            self.pending_json.insert(short, redacted.clone());
+        }
         self.batch.put(
             db,
             "pdus",
@@ -1239,12 +1275,32 @@ impl<'a> Draft<'a> {
         Ok(())
     }
 
+    /// Put the signatures computed on other threads into their events, and stage the
+    /// events for writing.
+    async fn finish_signatures(&mut self) -> Result<()> {
+        for (short, handle) in std::mem::take(&mut self.signing) {
+            let signature = handle
+                .await
+                .map_err(|e| Error::internal(format!("signing task failed: {e}")))?;
+            let object = self
+                .pending_json
+                .get_mut(&short)
+                .ok_or_else(|| Error::internal("a pending event lost its JSON"))?;
+            signing::finish(&self.tl.globals, object, &signature)?;
+            let json = to_json_checked(object)?;
+            self.batch
+                .put(&self.tl.db, "pdus", &short.to_be_bytes(), &json);
+        }
+        Ok(())
+    }
+
     /// Write everything staged, atomically and durably, then make it visible.
     pub async fn commit(mut self) -> Result<RoomRecord> {
         if !self.touched {
             return Ok(self.record);
         }
         let db = self.tl.db.clone();
+        self.finish_signatures().await?;
         self.batch.put(
             &db,
             "rooms",
@@ -1255,6 +1311,14 @@ impl<'a> Draft<'a> {
         // Apply under the room lock, so the next event of the room builds on this one;
         // then let the next writer in.
         let seq = db.write(batch)?;
+        // Whoever is woken next reads these events: syncs, the push and appservice
+        // senders. Redacted ones are forgotten just below.
+        {
+            let mut cache = self.tl.pdus.lock();
+            for (short, pdu) in &self.pending_short {
+                cache.insert(*short, pdu.clone());
+            }
+        }
         // Syncs learn of the room's news before the positions become visible.
         if let Some(last) = self.tickets.iter().map(|t| t.position).max() {
             self.tl.newest.note(self.room_short, last);
