@@ -532,8 +532,19 @@ impl Db {
         if let Some(id) = self.short_id(kind, long)? {
             return Ok(id);
         }
+        self.new_short_id(kind.key(long))
+    }
+
+    /// A short id for a long identifier that cannot have one yet, without looking:
+    /// the id of an event this server has just hashed (its hash covers its place in
+    /// the room, so no stored event has it). An identical event built before and
+    /// never committed leaves its short id unused.
+    pub fn create_short_id(&self, kind: IdKind, long: &str) -> Result<u64> {
+        self.new_short_id(kind.key(long))
+    }
+
+    fn new_short_id(&self, key: Vec<u8>) -> Result<u64> {
         let id = self.next_short.fetch_add(1, Ordering::SeqCst);
-        let key = kind.key(long);
         let mut b = WriteBatch::default();
         b.put_cf(self.cf("shortids"), &key, id.to_be_bytes());
         b.put_cf(self.cf("longids"), id.to_be_bytes(), &key);
@@ -601,6 +612,11 @@ mod tests {
         assert_eq!(db.long_id(b).unwrap().as_deref(), Some("@b:x"));
         let c = db.get_or_create_short_id(IdKind::Event, "$c").unwrap();
         assert!(c > a && c > b, "new ids never reuse old ones");
+        let d = db.create_short_id(IdKind::Event, "$d").unwrap();
+        assert!(d > c);
+        assert_eq!(db.short_id(IdKind::Event, "$d").unwrap(), Some(d));
+        assert_eq!(db.long_id(d).unwrap().as_deref(), Some("$d"));
+        assert_eq!(db.get_or_create_short_id(IdKind::Event, "$d").unwrap(), d);
     }
 
     #[test]

@@ -310,9 +310,8 @@ impl Timeline {
             if self.room_short(&room_id)?.is_some() {
                 continue;
             }
-            let room_short = self
-                .db
-                .get_or_create_short_id(IdKind::Room, room_id.as_str())?;
+            // Free, as just seen under the room's lock.
+            let room_short = self.db.create_short_id(IdKind::Room, room_id.as_str())?;
             let record = RoomRecord {
                 room_id,
                 version,
@@ -984,7 +983,8 @@ impl<'a> Draft<'a> {
             signing,
         } = built;
         let db = &self.tl.db;
-        let short = db.get_or_create_short_id(IdKind::Event, pdu.event_id.as_str())?;
+        // Every event stored here was just built and hashed here.
+        let short = db.create_short_id(IdKind::Event, pdu.event_id.as_str())?;
         let ticket = db.stream.reserve();
         let pos = ticket.position;
         self.tickets.push(ticket);
