@@ -3,9 +3,9 @@
 //! An event's id (its reference hash), its content hash and the size limit do not
 //! depend on its signature, and the authorization rules never read it. So the bytes
 //! to sign are taken first, with a placeholder of the signature's exact length in the
-//! event, and the ed25519 signature itself — most of an event's build time — may be
-//! computed on a blocking thread while the draft goes on with its next events; the
-//! commit puts it in before anything is written.
+//! event, and the ed25519 signature itself — most of an event's build time — may wait
+//! for the commit: a draft of many events (a new room's) then signs them all at once,
+//! half on a blocking thread and half on its own, before anything is written.
 
 use std::{cell::RefCell, sync::Arc};
 
@@ -24,10 +24,11 @@ use crate::{
 /// Length in bytes of an ed25519 signature.
 const SIGNATURE_BYTES: usize = 64;
 
-/// The server's signature of an event: in place already, or still being computed.
+/// The server's signature of an event: in place already, or owed, with the bytes it
+/// must cover.
 pub enum Signing {
     Done,
-    Later(tokio::task::JoinHandle<Signature>),
+    Owed(Vec<u8>),
 }
 
 /// Stands in for the server's key: keeps what would be signed and answers a
@@ -44,11 +45,11 @@ impl KeyPair for Capture {
     }
 }
 
-/// Add the content hash and this server's signature to a new event. With `later`
-/// (and a runtime to run it on), the signature is computed on a blocking thread and
-/// `object` holds a placeholder of the same length until [`finish`] puts it in.
+/// Add the content hash and this server's signature to a new event. With `later`,
+/// `object` holds a placeholder of the signature's length and the signature is owed:
+/// [`sign_all`] computes it and [`finish`] puts it in.
 pub fn hash_and_sign(
-    globals: &Arc<Globals>,
+    globals: &Globals,
     redaction: &RedactionRules,
     object: &mut CanonicalJsonObject,
     later: bool,
@@ -67,15 +68,44 @@ pub fn hash_and_sign(
         },
     )?;
     let message = capture.message.into_inner();
-    if later && let Ok(runtime) = tokio::runtime::Handle::try_current() {
-        let globals = globals.clone();
-        return Ok(Signing::Later(
-            runtime.spawn_blocking(move || globals.keypair.sign(&message)),
-        ));
+    if later {
+        return Ok(Signing::Owed(message));
     }
     let signature = globals.keypair.sign(&message);
     finish(globals, object, &signature)?;
     Ok(Signing::Done)
+}
+
+/// The owed signatures of `messages`, each with its key: one blocking thread signs
+/// the later half while the caller signs the rest (two cores' worth for a new room's
+/// seven or more events, for one thread hand-over).
+pub async fn sign_all<K: Send + 'static>(
+    globals: &Arc<Globals>,
+    mut messages: Vec<(K, Vec<u8>)>,
+) -> Result<Vec<(K, Signature)>> {
+    let sign = |globals: &Globals, messages: Vec<(K, Vec<u8>)>| {
+        messages
+            .into_iter()
+            .map(|(k, m)| (k, globals.keypair.sign(&m)))
+            .collect::<Vec<_>>()
+    };
+    let runtime = tokio::runtime::Handle::try_current();
+    let (Ok(runtime), true) = (runtime, messages.len() >= 2) else {
+        return Ok(sign(globals, messages));
+    };
+    // The helper starts a little later: it takes the smaller half.
+    let theirs = messages.split_off(messages.len().div_ceil(2));
+    let helper = {
+        let globals = globals.clone();
+        runtime.spawn_blocking(move || sign(&globals, theirs))
+    };
+    let mut out = sign(globals, messages);
+    out.extend(
+        helper
+            .await
+            .map_err(|e| Error::internal(format!("signing task failed: {e}")))?,
+    );
+    Ok(out)
 }
 
 /// Put the server's signature in place of the placeholder.
@@ -150,42 +180,68 @@ mod tests {
         verify_event(&map, object, rules).expect("the signature verifies");
     }
 
-    #[tokio::test]
-    async fn a_signature_computed_later_is_the_one_computed_at_once() {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn owed_signatures_are_the_ones_computed_at_once() {
         let (_dir, globals) = globals();
         let rules = RoomVersionId::V11.rules().unwrap();
-        let mut now = event(globals.server_name().as_str());
-        let mut later = now.clone();
-        assert!(matches!(
-            hash_and_sign(&globals, &rules.redaction, &mut now, false).unwrap(),
-            Signing::Done
-        ));
-        let Signing::Later(handle) =
-            hash_and_sign(&globals, &rules.redaction, &mut later, true).unwrap()
-        else {
-            panic!("asked to sign later inside a runtime");
-        };
-        // The placeholder has the real signature's length: the size check before the
-        // commit sees the final size.
+        let mut now = Vec::new();
+        let mut later = Vec::new();
+        let mut messages = Vec::new();
+        for n in 0..5u32 {
+            let mut object = event(globals.server_name().as_str());
+            object.insert("depth".into(), CanonicalJsonValue::Integer(n.into()));
+            let mut signed = object.clone();
+            assert!(matches!(
+                hash_and_sign(&globals, &rules.redaction, &mut signed, false).unwrap(),
+                Signing::Done
+            ));
+            let Signing::Owed(message) =
+                hash_and_sign(&globals, &rules.redaction, &mut object, true).unwrap()
+            else {
+                panic!("asked to sign later");
+            };
+            // The placeholder has the real signature's length: the size check before
+            // the commit sees the final size.
+            assert_eq!(
+                serde_json::to_vec(&object).unwrap().len(),
+                serde_json::to_vec(&signed).unwrap().len()
+            );
+            assert_ne!(object, signed);
+            messages.push((n, message));
+            now.push(signed);
+            later.push(object);
+        }
+        let signatures = sign_all(&globals, messages).await.unwrap();
         assert_eq!(
-            serde_json::to_vec(&later).unwrap().len(),
-            serde_json::to_vec(&now).unwrap().len()
+            signatures.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+            vec![0, 1, 2, 3, 4],
+            "every owed signature comes back once, in order"
         );
-        assert_ne!(later, now);
-        finish(&globals, &mut later, &handle.await.unwrap()).unwrap();
-        assert_eq!(later, now);
-        verify(&globals, &now, &rules);
+        for (n, signature) in signatures {
+            let object = &mut later[n as usize];
+            finish(&globals, object, &signature).unwrap();
+            assert_eq!(*object, now[n as usize]);
+            verify(&globals, object, &rules);
+        }
     }
 
     #[test]
-    fn without_a_runtime_the_signature_is_computed_at_once() {
+    fn without_a_runtime_owed_signatures_are_signed_in_place() {
         let (_dir, globals) = globals();
         let rules = RoomVersionId::V12.rules().unwrap();
         let mut object = event(globals.server_name().as_str());
-        assert!(matches!(
-            hash_and_sign(&globals, &rules.redaction, &mut object, true).unwrap(),
-            Signing::Done
-        ));
+        let Signing::Owed(message) =
+            hash_and_sign(&globals, &rules.redaction, &mut object, true).unwrap()
+        else {
+            panic!("asked to sign later");
+        };
+        let signatures = futures::executor::block_on(sign_all(
+            &globals,
+            vec![((), message.clone()), ((), message)],
+        ))
+        .unwrap();
+        assert_eq!(signatures.len(), 2);
+        finish(&globals, &mut object, &signatures[0].1).unwrap();
         verify(&globals, &object, &rules);
     }
 }

@@ -287,8 +287,8 @@ impl Timeline {
                 object.insert("room_id".into(), CanonicalJsonValue::String(id.to_string()));
                 Some(id)
             };
-            // A new room's first events come many at once: each is signed on
-            // another thread while the next is built.
+            // A new room's first events come many at once: they are signed together
+            // at the commit, on two threads.
             let signing = hash_and_sign(&self.globals, &rules.redaction, &mut object, true)?;
             let hash = reference_hash(&object, &rules)
                 .map_err(|e| Error::internal(format!("cannot hash event: {e}")))?;
@@ -659,10 +659,10 @@ pub struct Draft<'a> {
     touched: bool,
     /// Stored events this draft redacts: their cached parsed form goes at the commit.
     redacted: Vec<u64>,
-    /// Sign this draft's events on another thread while it builds the next ones.
+    /// Sign this draft's events together at the commit.
     sign_later: bool,
-    /// Events whose signatures are still being computed; the commit waits for them.
-    signing: Vec<(u64, tokio::task::JoinHandle<ruma::signatures::Signature>)>,
+    /// Events whose signatures are owed, with the bytes each must cover.
+    owed: Vec<(u64, Vec<u8>)>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -751,7 +751,7 @@ impl<'a> Draft<'a> {
             affected: Vec::new(),
             touched: false,
             sign_later: false,
-            signing: Vec::new(),
+            owed: Vec::new(),
         }
     }
 
@@ -1081,7 +1081,7 @@ impl<'a> Draft<'a> {
         match signing {
             Signing::Done => self.batch.put(db, "pdus", &short.to_be_bytes(), &json),
             // Written by the commit, once signed.
-            Signing::Later(handle) => self.signing.push((short, handle)),
+            Signing::Owed(message) => self.owed.push((short, message)),
         }
         self.batch.put(
             db,
@@ -1275,13 +1275,11 @@ impl<'a> Draft<'a> {
         Ok(())
     }
 
-    /// Put the signatures computed on other threads into their events, and stage the
-    /// events for writing.
+    /// Compute the owed signatures, put them into their events, and stage the events
+    /// for writing.
     async fn finish_signatures(&mut self) -> Result<()> {
-        for (short, handle) in std::mem::take(&mut self.signing) {
-            let signature = handle
-                .await
-                .map_err(|e| Error::internal(format!("signing task failed: {e}")))?;
+        let owed = std::mem::take(&mut self.owed);
+        for (short, signature) in signing::sign_all(&self.tl.globals, owed).await? {
             let object = self
                 .pending_json
                 .get_mut(&short)
