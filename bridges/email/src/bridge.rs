@@ -1023,7 +1023,6 @@ impl EmailHandler {
                 let body = json!({
                     "name": subject,
                     "topic": format!("Email thread with {addr}"),
-                    "invite": [sender],
                     "power_level_content_override": { "users": { sender: 100 } },
                 });
                 let new_room = create_portal(kit, shared, &info, body, &[sender]).await?;
@@ -1032,6 +1031,8 @@ impl EmailHandler {
                     name: None,
                 };
                 ghost_in(kit, &new_room, &person).await?;
+                // Invited once the other side is in: the room is whole when it shows.
+                kit.bot.invite(&new_room, sender).await?;
                 let mut conv = Conversation {
                     room_id: new_room.to_string(),
                     thread_root: None,
