@@ -85,49 +85,6 @@ impl Drop for StreamTicket<'_> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn newest_by_room_loads_once_and_keeps_the_larger_position() {
-        let newest = super::NewestByRoom::default();
-        let mut loads = 0;
-        let mut load = |v: Option<u64>| {
-            loads += 1;
-            Ok::<_, ()>(v)
-        };
-        // A room with nothing is remembered as such: the database is read once.
-        assert_eq!(newest.newest(1, || load(None)), Ok(None));
-        assert_eq!(newest.newest(1, || load(Some(99))), Ok(None));
-        newest.note(1, 5);
-        assert_eq!(newest.newest(1, || load(None)), Ok(Some(5)));
-        // A write noted while the database was read is not lost to an older load.
-        newest.note(2, 40);
-        assert_eq!(newest.newest(2, || load(Some(30))), Ok(Some(40)));
-        assert_eq!(newest.newest(3, || load(Some(30))), Ok(Some(30)));
-        newest.note(3, 20);
-        assert_eq!(
-            newest.newest(3, || load(None)),
-            Ok(Some(30)),
-            "never goes back"
-        );
-        assert_eq!(loads, 2);
-    }
-
-    use super::*;
-
-    #[test]
-    fn visible_position_waits_for_earlier_writes() {
-        let s = StreamAllocator::new(10);
-        let a = s.reserve();
-        let b = s.reserve();
-        assert_eq!((a.position, b.position), (11, 12));
-        drop(b);
-        assert_eq!(s.visible(), 10, "12 committed but 11 is still in flight");
-        drop(a);
-        assert_eq!(s.visible(), 12);
-    }
-}
-
 /// The newest stream position written under each room (of one kind of entry: events,
 /// receipts), so that an incremental sync learns which rooms are quiet without an
 /// iterator per room. A room is read from the database once, then kept up to date by
@@ -163,5 +120,48 @@ impl NewestByRoom {
         self.note(room, loaded);
         let pos = self.rooms.lock().get(&room).copied().unwrap_or(0);
         Ok((pos > 0).then_some(pos))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn visible_position_waits_for_earlier_writes() {
+        let s = StreamAllocator::new(10);
+        let a = s.reserve();
+        let b = s.reserve();
+        assert_eq!((a.position, b.position), (11, 12));
+        drop(b);
+        assert_eq!(s.visible(), 10, "12 committed but 11 is still in flight");
+        drop(a);
+        assert_eq!(s.visible(), 12);
+    }
+
+    #[test]
+    fn newest_by_room_loads_once_and_keeps_the_larger_position() {
+        let newest = NewestByRoom::default();
+        let mut loads = 0;
+        let mut load = |v: Option<u64>| {
+            loads += 1;
+            Ok::<_, ()>(v)
+        };
+        // A room with nothing is remembered as such: the database is read once.
+        assert_eq!(newest.newest(1, || load(None)), Ok(None));
+        assert_eq!(newest.newest(1, || load(Some(99))), Ok(None));
+        newest.note(1, 5);
+        assert_eq!(newest.newest(1, || load(None)), Ok(Some(5)));
+        // A write noted while the database was read is not lost to an older load.
+        newest.note(2, 40);
+        assert_eq!(newest.newest(2, || load(Some(30))), Ok(Some(40)));
+        assert_eq!(newest.newest(3, || load(Some(30))), Ok(Some(30)));
+        newest.note(3, 20);
+        assert_eq!(
+            newest.newest(3, || load(None)),
+            Ok(Some(30)),
+            "never goes back"
+        );
+        assert_eq!(loads, 2);
     }
 }

@@ -12,7 +12,7 @@ use std::{cell::RefCell, sync::Arc};
 use ruma::{
     AnyKeyName, CanonicalJsonObject, CanonicalJsonValue, OwnedSigningKeyId, SigningKeyAlgorithm,
     SigningKeyId,
-    room_version_rules::RedactionRules,
+    room_version_rules::{RedactionRules, RoomVersionRules},
     signatures::{JsonError, KeyPair, Signature, hash_and_sign_event},
 };
 
@@ -61,12 +61,8 @@ pub fn hash_and_sign(
         ),
         message: RefCell::new(Vec::new()),
     };
-    hash_and_sign_event(globals.server_name().as_str(), &capture, object, redaction).map_err(
-        |e| match e {
-            JsonError::PduTooLarge => Error::too_large("the event is larger than 65536 bytes"),
-            other => Error::internal(format!("cannot sign event: {other}")),
-        },
-    )?;
+    hash_and_sign_event(globals.server_name().as_str(), &capture, object, redaction)
+        .map_err(|e| json_error("sign", e))?;
     let message = capture.message.into_inner();
     if later {
         return Ok(Signing::Owed(message));
@@ -74,6 +70,19 @@ pub fn hash_and_sign(
     let signature = globals.keypair.sign(&message);
     finish(globals, object, &signature)?;
     Ok(Signing::Done)
+}
+
+/// An event's reference hash, which its id is made of (signatures not covered).
+pub fn reference_hash(object: &CanonicalJsonObject, rules: &RoomVersionRules) -> Result<String> {
+    ruma::signatures::reference_hash(object, rules).map_err(|e| json_error("hash", e))
+}
+
+/// Oversized events are the client's doing; anything else is ours.
+fn json_error(what: &str, e: JsonError) -> Error {
+    match e {
+        JsonError::PduTooLarge => Error::too_large("the event is larger than 65536 bytes"),
+        other => Error::internal(format!("cannot {what} event: {other}")),
+    }
 }
 
 /// The owed signatures of `messages`, each with its key: one blocking thread signs
@@ -136,7 +145,6 @@ pub fn finish(
 mod tests {
     use ruma::{
         RoomVersionId,
-        room_version_rules::RoomVersionRules,
         signatures::{PublicKeyMap, PublicKeySet, verify_event},
     };
     use serde_json::json;

@@ -11,7 +11,6 @@ use ruma::{
     canonical_json::{RedactedBecause, redact},
     events::{StateEventType, TimelineEventType},
     room_version_rules::RoomVersionRules,
-    signatures::reference_hash,
     state_res,
 };
 use serde::{Deserialize, Serialize};
@@ -21,7 +20,7 @@ use tokio::sync::OwnedMutexGuard;
 use super::{
     pdu::{ClientEvent, EventMeta, Pdu, StoredEvent, to_json_checked},
     power::PowerLevels,
-    signing::{self, Signing, hash_and_sign},
+    signing::{self, Signing, hash_and_sign, reference_hash},
     state::{EMPTY_GROUP, StateService},
 };
 use crate::{
@@ -290,8 +289,7 @@ impl Timeline {
             // A new room's first events come many at once: they are signed together
             // at the commit, on two threads.
             let signing = hash_and_sign(&self.globals, &rules.redaction, &mut object, true)?;
-            let hash = reference_hash(&object, &rules)
-                .map_err(|e| Error::internal(format!("cannot hash event: {e}")))?;
+            let hash = reference_hash(&object, &rules)?;
             let event_id: OwnedEventId = EventId::parse(format!("${hash}"))?;
             let room_id = match room_id {
                 Some(id) => id,
@@ -908,12 +906,7 @@ impl<'a> Draft<'a> {
             &mut object,
             self.sign_later,
         )?;
-        let hash = reference_hash(&object, &self.rules).map_err(|e| match e {
-            ruma::signatures::JsonError::PduTooLarge => {
-                Error::too_large("the event is larger than 65536 bytes")
-            }
-            other => Error::internal(format!("cannot hash event: {other}")),
-        })?;
+        let hash = reference_hash(&object, &self.rules)?;
         let event_id: OwnedEventId = EventId::parse(format!("${hash}"))?;
         let json = to_json_checked(&object)?;
         let pdu = Arc::new(Pdu::from_json(event_id, &json)?);
