@@ -287,6 +287,9 @@ fn build_answer(
     let mut bytes = Vec::with_capacity(64 * 1024);
     serde_json::to_writer(&mut bytes, &response)
         .map_err(|e| Error::internal(format!("cannot serialise the sync answer: {e}")))?;
+    // A long-poll keeps its first, usually empty, answer for its whole wait: give the
+    // unused space back (in place), or a thousand waiters hold 64 MiB of nothing.
+    bytes.shrink_to_fit();
     Ok((Bytes::from(bytes), has_content))
 }
 
