@@ -191,6 +191,13 @@ impl Client {
     /// A GET and the moment its whole answer had arrived (before it is parsed): what a
     /// wake-up latency ends with, without the benchmark's own JSON parsing in it.
     pub async fn get_timed(&self, path: &str) -> anyhow::Result<(Instant, Value)> {
+        let (arrived, bytes) = self.get_raw_timed(path).await?;
+        Ok((arrived, parse(&bytes)))
+    }
+
+    /// A successful GET's moment of arrival and its unparsed answer, for callers that
+    /// must not spend time parsing while other answers are still arriving.
+    pub async fn get_raw_timed(&self, path: &str) -> anyhow::Result<(Instant, bytes::Bytes)> {
         let res = self
             .http
             .get(format!("{}{path}", self.base))
@@ -200,11 +207,10 @@ impl Client {
         let status = res.status();
         let bytes = res.bytes().await?;
         let arrived = Instant::now();
-        let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         if !status.is_success() {
-            bail!("{path}: HTTP {status}: {body}");
+            bail!("{path}: HTTP {status}: {}", parse(&bytes));
         }
-        Ok((arrived, body))
+        Ok((arrived, bytes))
     }
 
     pub async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
@@ -273,6 +279,21 @@ impl Client {
     ) -> anyhow::Result<(Instant, Value)> {
         self.get_timed(&sync_path(since, timeout_ms, filter)).await
     }
+
+    /// A timed `/sync` whose answer is left unparsed (see `get_raw_timed`).
+    pub async fn sync_raw_timed(
+        &self,
+        since: Option<&str>,
+        timeout_ms: u64,
+    ) -> anyhow::Result<(Instant, bytes::Bytes)> {
+        self.get_raw_timed(&sync_path(since, timeout_ms, None))
+            .await
+    }
+}
+
+/// An answer as JSON; `null` when it is not JSON.
+pub fn parse(bytes: &[u8]) -> Value {
+    serde_json::from_slice(bytes).unwrap_or(Value::Null)
 }
 
 fn sync_path(since: Option<&str>, timeout_ms: u64, filter: Option<&str>) -> String {

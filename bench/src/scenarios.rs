@@ -13,7 +13,7 @@ use futures::future::join_all;
 use serde_json::json;
 
 use crate::{
-    client::{Client, Registration, enc, http_client, register, wait_ready},
+    client::{Client, Registration, enc, http_client, parse, register, wait_ready},
     report::{Better, Report, percentile},
 };
 
@@ -53,6 +53,19 @@ pub struct RunArgs {
     /// Write the results here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Run only these scenarios (startup and memory are always measured); the sync
+    /// scenarios set up their reader first, whichever of them is asked for.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Scenario>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scenario {
+    Send,
+    Create,
+    InitialSync,
+    IncrementalSync,
+    Longpolls,
 }
 
 struct Server {
@@ -191,41 +204,58 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         );
     }
 
-    send(
-        &mut report,
-        &users[..10],
-        if args.quick { 200 } else { 2000 },
-        repeat,
-    )
-    .await?;
-    create(
-        &mut report,
-        &users[0],
-        if args.quick { 20 } else { 100 },
-        repeat,
-    )
-    .await?;
-    let (rooms, msgs) = if args.quick { (10, 5) } else { (50, 20) };
-    let (reader, since, a_room) =
-        initial_sync(&mut report, &users[10], &users[11], rooms, msgs, repeat).await?;
-    incremental_and_wakeup(
-        &mut report,
-        &reader,
-        &users[11],
-        &a_room,
-        since,
-        if args.quick { 5 } else { 30 },
-    )
-    .await?;
-    scale_longpolls(
-        &mut report,
-        &reader,
-        &users[11],
-        &a_room,
-        if args.quick { 50 } else { args.longpolls },
-        &server,
-    )
-    .await?;
+    let wanted = |s: Scenario| args.only.is_empty() || args.only.contains(&s);
+    if wanted(Scenario::Send) {
+        send(
+            &mut report,
+            &users[..10],
+            if args.quick { 200 } else { 2000 },
+            repeat,
+        )
+        .await?;
+    }
+    if wanted(Scenario::Create) {
+        create(
+            &mut report,
+            &users[0],
+            if args.quick { 20 } else { 100 },
+            repeat,
+        )
+        .await?;
+    }
+    let sync_scenarios = [
+        Scenario::InitialSync,
+        Scenario::IncrementalSync,
+        Scenario::Longpolls,
+    ];
+    if sync_scenarios.into_iter().any(wanted) {
+        let (rooms, msgs) = if args.quick { (10, 5) } else { (50, 20) };
+        let (reader, since, a_room) =
+            initial_sync(&mut report, &users[10], &users[11], rooms, msgs, repeat).await?;
+        if wanted(Scenario::IncrementalSync) {
+            incremental_and_wakeup(
+                &mut report,
+                &reader,
+                &users[11],
+                &a_room,
+                since,
+                if args.quick { 5 } else { 30 },
+            )
+            .await?;
+        }
+        if wanted(Scenario::Longpolls) {
+            scale_longpolls(
+                &mut report,
+                &reader,
+                &users[11],
+                &a_room,
+                if args.quick { 50 } else { args.longpolls },
+                repeat,
+                &server,
+            )
+            .await?;
+        }
+    }
     // The standard load ends here; the big room is extra (and restarts the server).
     let after_load = server.rss_mib();
     let mut after_big = None;
@@ -532,15 +562,59 @@ async fn incremental_and_wakeup(
     Ok(())
 }
 
-/// Many long-polls held at once, then one message wakes them all.
+/// Many long-polls held at once, then one message wakes them all; repeated, each time
+/// from a fresh position.
 async fn scale_longpolls(
     report: &mut Report,
     reader: &Client,
     sender: &Client,
     room: &str,
     count: usize,
+    repeat: usize,
     server: &Server,
 ) -> anyhow::Result<()> {
+    let (mut held, mut p50, mut p99) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..repeat {
+        let (rss, wake) = wake_longpolls(reader, sender, room, count, server).await?;
+        held.extend(rss);
+        p50.push(percentile(&wake, 50.0));
+        p99.push(percentile(&wake, 99.0));
+    }
+    if !held.is_empty() {
+        report.add(
+            "longpoll_rss",
+            &format!("RSS with {count} long-polls held"),
+            "MiB",
+            Better::Lower,
+            &held,
+        );
+    }
+    report.add(
+        "longpoll_wake_p50",
+        &format!("{count} long-polls: wake-up p50"),
+        "ms",
+        Better::Lower,
+        &p50,
+    );
+    report.add(
+        "longpoll_wake_p99",
+        &format!("{count} long-polls: wake-up p99"),
+        "ms",
+        Better::Lower,
+        &p99,
+    );
+    Ok(())
+}
+
+/// One round of the scale scenario: the memory while `count` long-polls are held, and
+/// each one's wake-up after the message's send returned.
+async fn wake_longpolls(
+    reader: &Client,
+    sender: &Client,
+    room: &str,
+    count: usize,
+    server: &Server,
+) -> anyhow::Result<(Option<f64>, Vec<f64>)> {
     let since = reader
         .sync(None, 0, Some(r#"{"room":{"timeline":{"limit":1}}}"#))
         .await?["next_batch"]
@@ -550,22 +624,10 @@ async fn scale_longpolls(
     let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::with_capacity(count);
     for _ in 0..count {
-        let (reader, since, room, started) = (
-            reader.clone(),
-            since.clone(),
-            room.to_owned(),
-            started.clone(),
-        );
+        let (reader, since, started) = (reader.clone(), since.clone(), started.clone());
         tasks.push(tokio::spawn(async move {
             started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let (done, body) = reader.sync_timed(Some(&since), 60_000, None).await?;
-            ensure!(
-                body["rooms"]["join"][&room]["timeline"]["events"]
-                    .as_array()
-                    .is_some_and(|e| !e.is_empty()),
-                "a long-poll woke without the message"
-            );
-            anyhow::Ok(done)
+            reader.sync_raw_timed(Some(&since), 60_000).await
         }));
     }
     while started.load(std::sync::atomic::Ordering::SeqCst) < count {
@@ -573,39 +635,28 @@ async fn scale_longpolls(
     }
     // Give the requests time to reach the server and park.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let held = server.rss_mib();
+    let held = server.rss_mib().map(|(rss, _)| rss);
     sender
         .send_text(room, &format!("scale-{since}"), "everyone wake up")
         .await?;
     let sent = Instant::now();
-    let mut wake = Vec::with_capacity(count);
+    // Each answer is checked once all have arrived: parsing one while others are still
+    // on their way would hold those up and count the benchmark's own work.
+    let mut answers = Vec::with_capacity(count);
     for t in join_all(tasks).await {
-        wake.push(ms(t??.saturating_duration_since(sent)));
+        answers.push(t??);
     }
-    if let Some((rss, _)) = held {
-        report.add(
-            "longpoll_rss",
-            &format!("RSS with {count} long-polls held"),
-            "MiB",
-            Better::Lower,
-            &[rss],
+    let mut wake = Vec::with_capacity(count);
+    for (done, bytes) in answers {
+        ensure!(
+            parse(&bytes)["rooms"]["join"][room]["timeline"]["events"]
+                .as_array()
+                .is_some_and(|e| !e.is_empty()),
+            "a long-poll woke without the message"
         );
+        wake.push(ms(done.saturating_duration_since(sent)));
     }
-    report.add(
-        "longpoll_wake_p50",
-        &format!("{count} long-polls: wake-up p50"),
-        "ms",
-        Better::Lower,
-        &[percentile(&wake, 50.0)],
-    );
-    report.add(
-        "longpoll_wake_p99",
-        &format!("{count} long-polls: wake-up p99"),
-        "ms",
-        Better::Lower,
-        &[percentile(&wake, 99.0)],
-    );
-    Ok(())
+    Ok((held, wake))
 }
 
 /// Startup again, now that the database holds the big room: the server is stopped and
