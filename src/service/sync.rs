@@ -314,6 +314,11 @@ async fn shared_answer(
     Ok(answer.clone())
 }
 
+/// The answer as things stand, for a long-poll whose wait ended without a wake-up.
+fn answer_now(s: &Services, user: &UserId, device: &str, req: &SyncRequest) -> Result<Answer> {
+    Ok(build_answer(s, user, device, req, s.db.stream.visible())?.0)
+}
+
 pub async fn sync(s: &Services, user: &UserId, device: &str, req: SyncRequest) -> Result<Answer> {
     let mut user_rx = s.notifier.subscribe(user);
     let mut visible_rx = s.db.stream.subscribe();
@@ -345,6 +350,9 @@ pub async fn sync(s: &Services, user: &UserId, device: &str, req: SyncRequest) -
         if req.since.is_none() || has_content || req.full_state || timeout.is_zero() {
             return Ok(answer);
         }
+        // An empty answer is cheaper to build again at the deadline than to keep through
+        // a long wait (and to free in the middle of a wake-up).
+        drop(answer);
         // Something for this user may have been announced but not be readable yet,
         // because a write with an earlier position is still committing: wait for it to
         // become visible and look again, rather than for a further announcement.
@@ -352,25 +360,24 @@ pub async fn sync(s: &Services, user: &UserId, device: &str, req: SyncRequest) -
         if announced > now {
             let wait = visible_rx.wait_for(|v| *v >= announced);
             if tokio::time::timeout_at(deadline, wait).await.is_err() {
-                return Ok(build_answer(s, user, device, &req, s.db.stream.visible())?.0);
+                return answer_now(s, user, device, &req);
             }
             woken = true;
             continue;
         }
         // Nothing yet: wait for a commit that concerns this user.
-        tokio::select! {
-            changed = user_rx.changed() => {
-                if changed.is_err() {
-                    return Ok(answer);
-                }
-            }
-            _ = tokio::time::sleep_until(deadline) => return Ok(answer),
+        let timed_out = tokio::select! {
+            changed = user_rx.changed() => changed.is_err(),
+            _ = tokio::time::sleep_until(deadline) => true,
+        };
+        if timed_out {
+            return answer_now(s, user, device, &req);
         }
         // The change may sit behind a write still in flight; wait until it is visible.
         let wanted = *user_rx.borrow_and_update();
         let wait = visible_rx.wait_for(|v| *v >= wanted);
         if tokio::time::timeout_at(deadline, wait).await.is_err() {
-            return Ok(build_answer(s, user, device, &req, s.db.stream.visible())?.0);
+            return answer_now(s, user, device, &req);
         }
         woken = true;
     }
