@@ -191,13 +191,6 @@ impl Client {
     /// A GET and the moment its whole answer had arrived (before it is parsed): what a
     /// wake-up latency ends with, without the benchmark's own JSON parsing in it.
     pub async fn get_timed(&self, path: &str) -> anyhow::Result<(Instant, Value)> {
-        let (arrived, bytes) = self.get_raw_timed(path).await?;
-        Ok((arrived, parse(&bytes)))
-    }
-
-    /// A successful GET's moment of arrival and its unparsed answer, for callers that
-    /// must not spend time parsing while other answers are still arriving.
-    pub async fn get_raw_timed(&self, path: &str) -> anyhow::Result<(Instant, bytes::Bytes)> {
         let res = self
             .http
             .get(format!("{}{path}", self.base))
@@ -207,10 +200,11 @@ impl Client {
         let status = res.status();
         let bytes = res.bytes().await?;
         let arrived = Instant::now();
+        let body = parse(&bytes);
         if !status.is_success() {
-            bail!("{path}: HTTP {status}: {}", parse(&bytes));
+            bail!("{path}: HTTP {status}: {body}");
         }
-        Ok((arrived, bytes))
+        Ok((arrived, body))
     }
 
     pub async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
@@ -279,16 +273,6 @@ impl Client {
     ) -> anyhow::Result<(Instant, Value)> {
         self.get_timed(&sync_path(since, timeout_ms, filter)).await
     }
-
-    /// A timed `/sync` whose answer is left unparsed (see `get_raw_timed`).
-    pub async fn sync_raw_timed(
-        &self,
-        since: Option<&str>,
-        timeout_ms: u64,
-    ) -> anyhow::Result<(Instant, bytes::Bytes)> {
-        self.get_raw_timed(&sync_path(since, timeout_ms, None))
-            .await
-    }
 }
 
 /// An answer as JSON; `null` when it is not JSON.
@@ -296,7 +280,7 @@ pub fn parse(bytes: &[u8]) -> Value {
     serde_json::from_slice(bytes).unwrap_or(Value::Null)
 }
 
-fn sync_path(since: Option<&str>, timeout_ms: u64, filter: Option<&str>) -> String {
+pub fn sync_path(since: Option<&str>, timeout_ms: u64, filter: Option<&str>) -> String {
     let mut path = format!("/_matrix/client/v3/sync?timeout={timeout_ms}");
     if let Some(s) = since {
         path.push_str(&format!("&since={}", enc(s)));

@@ -5,6 +5,7 @@
 //! two of those side by side with ratios.
 
 mod client;
+mod rawhttp;
 mod report;
 mod scenarios;
 

@@ -13,7 +13,8 @@ use futures::future::join_all;
 use serde_json::json;
 
 use crate::{
-    client::{Client, Registration, enc, http_client, parse, register, wait_ready},
+    client::{Client, Registration, enc, http_client, parse, register, sync_path, wait_ready},
+    rawhttp,
     report::{Better, Report, percentile},
 };
 
@@ -624,10 +625,14 @@ async fn wake_longpolls(
     let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::with_capacity(count);
     for _ in 0..count {
-        let (reader, since, started) = (reader.clone(), since.clone(), started.clone());
+        let (base, token, started) = (reader.base.clone(), reader.token.clone(), started.clone());
+        let path = sync_path(Some(&since), 60_000, None);
         tasks.push(tokio::spawn(async move {
+            let connection = rawhttp::Connection::open(&base).await;
             started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            reader.sync_raw_timed(Some(&since), 60_000).await
+            let mut connection = connection?;
+            let (done, body) = connection.get(&path, &token).await?;
+            anyhow::Ok((done, body, connection))
         }));
     }
     while started.load(std::sync::atomic::Ordering::SeqCst) < count {
@@ -647,7 +652,7 @@ async fn wake_longpolls(
         answers.push(t??);
     }
     let mut wake = Vec::with_capacity(count);
-    for (done, bytes) in answers {
+    for (done, bytes, _connection) in answers {
         ensure!(
             parse(&bytes)["rooms"]["join"][room]["timeline"]["events"]
                 .as_array()
