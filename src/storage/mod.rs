@@ -225,15 +225,33 @@ fn timeline_newest_first(db: &Db) -> Result<()> {
     db.commit(batch)
 }
 
-#[derive(Default)]
+/// Group commit of the write-ahead log. One caller at a time (the leader) syncs the
+/// log, round after round while anyone still waits for a later write; the others wait,
+/// blocking threads on the condition variable, async tasks on the watch channel, which
+/// counts finished rounds, so that waiting takes no thread.
 struct WalSync {
     state: Mutex<WalState>,
     done: parking_lot::Condvar,
+    rounds: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for WalSync {
+    fn default() -> Self {
+        WalSync {
+            state: Mutex::default(),
+            done: parking_lot::Condvar::new(),
+            rounds: tokio::sync::watch::channel(0).0,
+        }
+    }
 }
 
 #[derive(Default)]
 struct WalState {
+    /// Every write up to this sequence number is durable.
     synced: u64,
+    /// The highest sequence number someone waits for.
+    wanted: u64,
+    /// A leader is syncing.
     syncing: bool,
 }
 
@@ -420,6 +438,10 @@ impl Db {
     /// Apply a batch atomically and return its sequence number. It is readable at once
     /// but not yet durable: call [`Db::sync_to`] before telling anyone it is saved.
     pub fn write(&self, batch: Batch) -> Result<u64> {
+        if batch.inner.is_empty() {
+            // Nothing to apply: everything the caller wrote before is already covered.
+            return Ok(self.db.latest_sequence_number());
+        }
         let mut opts = WriteOptions::default();
         opts.set_sync(false);
         self.db.write_opt(&batch.inner, &opts)?;
@@ -431,30 +453,84 @@ impl Db {
         self.sync_to(self.db.latest_sequence_number())
     }
 
-    /// Make every write up to sequence `seq` durable. Group commit: while one caller
-    /// syncs the write-ahead log, the others wait and are covered by the same or the
-    /// next sync, so many concurrent writers share each fsync.
+    /// Make every write up to sequence `seq` durable, blocking the thread. Group commit:
+    /// while one caller syncs the write-ahead log, the others wait and are covered by the
+    /// same or the next sync, so many concurrent writers share each fsync.
     pub fn sync_to(&self, seq: u64) -> Result<()> {
         let mut state = self.wal.state.lock();
         loop {
             if state.synced >= seq {
                 return Ok(());
             }
+            state.wanted = state.wanted.max(seq);
             if state.syncing {
                 self.wal.done.wait(&mut state);
                 continue;
             }
             state.syncing = true;
-            let target = self.db.latest_sequence_number();
             drop(state);
-            let result = self.db.flush_wal(true);
+            self.lead_syncs()?;
             state = self.wal.state.lock();
-            state.syncing = false;
+        }
+    }
+
+    /// [`Db::sync_to`] for async callers: a task that finds a sync under way waits for
+    /// it without holding a thread; only a task that must lead takes a blocking thread.
+    pub async fn sync_to_async(self: &Arc<Self>, seq: u64) -> Result<()> {
+        let mut rounds = self.wal.rounds.subscribe();
+        loop {
+            let lead = {
+                let mut state = self.wal.state.lock();
+                if state.synced >= seq {
+                    return Ok(());
+                }
+                state.wanted = state.wanted.max(seq);
+                !std::mem::replace(&mut state.syncing, true)
+            };
+            if lead {
+                let db = self.clone();
+                match tokio::task::spawn_blocking(move || db.lead_syncs()).await {
+                    Ok(led) => led?,
+                    Err(e) => {
+                        // The leader never ran or did not finish: let the next one lead.
+                        self.wal.state.lock().syncing = false;
+                        self.wal.done.notify_all();
+                        self.wal.rounds.send_modify(|r| *r += 1);
+                        return Err(Error::internal(format!("log sync task failed: {e}")));
+                    }
+                }
+                continue;
+            }
+            // A round finished: covered now, or lead the next one.
+            rounds
+                .changed()
+                .await
+                .map_err(|_| Error::internal("the log sync rounds stopped"))?;
+        }
+    }
+
+    /// Sync the log as the leader, again while some waiter wants a write the last round
+    /// did not cover, then step down. A failed round ends the leadership with its error;
+    /// whoever still waits leads the next attempt and meets the error itself if it lasts.
+    fn lead_syncs(&self) -> Result<()> {
+        loop {
+            let target = self.db.latest_sequence_number();
+            let result = self.db.flush_wal(true);
+            let mut state = self.wal.state.lock();
             if result.is_ok() {
                 state.synced = state.synced.max(target);
             }
+            let more = result.is_ok() && state.wanted > state.synced;
+            if !more {
+                state.syncing = false;
+            }
+            drop(state);
             self.wal.done.notify_all();
+            self.wal.rounds.send_modify(|r| *r += 1);
             result?;
+            if !more {
+                return Ok(());
+            }
         }
     }
 
@@ -617,6 +693,48 @@ mod tests {
         assert_eq!(db.short_id(IdKind::Event, "$d").unwrap(), Some(d));
         assert_eq!(db.long_id(d).unwrap().as_deref(), Some("$d"));
         assert_eq!(db.get_or_create_short_id(IdKind::Event, "$d").unwrap(), d);
+    }
+
+    /// Async and blocking writers share the log syncs; each returns only once its own
+    /// write is covered, and the leadership is given back at the end.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn group_commit_covers_every_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), 8).unwrap();
+        let mut tasks = Vec::new();
+        for i in 0u32..64 {
+            let db = db.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut b = Batch::default();
+                b.put(&db, "meta", format!("k{i}").as_bytes(), b"v");
+                let seq = db.write(b).unwrap();
+                if i % 4 == 0 {
+                    let db2 = db.clone();
+                    tokio::task::spawn_blocking(move || db2.sync_to(seq))
+                        .await
+                        .unwrap()
+                        .unwrap();
+                } else {
+                    db.sync_to_async(seq).await.unwrap();
+                }
+                assert!(
+                    db.wal.state.lock().synced >= seq,
+                    "returned before its sync"
+                );
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let state = db.wal.state.lock();
+        assert!(!state.syncing);
+        assert!(state.synced >= state.wanted);
+        assert!(*db.wal.rounds.borrow() >= 1);
+        drop(state);
+        // An empty batch writes nothing and is covered at once.
+        let seq = db.write(Batch::default()).unwrap();
+        assert_eq!(seq, db.db.latest_sequence_number());
+        db.sync_to_async(seq).await.unwrap();
     }
 
     #[test]

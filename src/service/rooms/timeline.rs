@@ -1332,9 +1332,7 @@ impl<'a> Draft<'a> {
         self.stage_push(joined).await?;
         let push_batch = std::mem::take(&mut self.batch);
         let seq = db.write(push_batch)?.max(seq);
-        tokio::task::spawn_blocking(move || db.sync_to(seq))
-            .await
-            .map_err(|e| Error::internal(format!("commit task failed: {e}")))??;
+        db.sync_to_async(seq).await?;
         // Dropping the tickets publishes the new stream position; then wake the
         // long-polls of everyone concerned.
         let last = self.tickets.iter().map(|t| t.position).max().unwrap_or(0);
