@@ -24,9 +24,7 @@ impl Connection {
             .context("the scale scenario speaks plain http:// only")?
             .trim_end_matches('/')
             .to_owned();
-        let stream = TcpStream::connect(&host)
-            .await
-            .with_context(|| format!("cannot connect to {host}"))?;
+        let stream = TcpStream::connect(&host).await?;
         stream.set_nodelay(true)?;
         Ok(Connection { stream, host })
     }
@@ -47,7 +45,7 @@ impl Connection {
                 break i + 4;
             }
             if self.read_more(&mut buf).await? == 0 {
-                bail!("the connection closed before the answer's head");
+                return Err(Closed("before the answer's head").into());
             }
         };
         let head = std::str::from_utf8(&buf[..head_end]).context("answer head not UTF-8")?;
@@ -66,7 +64,7 @@ impl Connection {
             let len: usize = len.parse().context("bad Content-Length")?;
             while buf.len() < head_end + len {
                 if self.read_more(&mut buf).await? == 0 {
-                    bail!("the connection closed inside the answer's body");
+                    return Err(Closed("inside the answer's body").into());
                 }
             }
             buf[head_end..head_end + len].to_vec()
@@ -97,7 +95,7 @@ impl Connection {
                     break at + i;
                 }
                 if self.read_more(&mut buf).await? == 0 {
-                    bail!("the connection closed inside a chunk header");
+                    return Err(Closed("inside a chunk header").into());
                 }
             };
             let size_text = std::str::from_utf8(&buf[at..line_end])?;
@@ -106,7 +104,7 @@ impl Connection {
             let data = line_end + 2;
             while buf.len() < data + size + 2 {
                 if self.read_more(&mut buf).await? == 0 {
-                    bail!("the connection closed inside a chunk");
+                    return Err(Closed("inside a chunk").into());
                 }
             }
             if size == 0 {
@@ -116,6 +114,24 @@ impl Connection {
             at = data + size + 2;
         }
     }
+}
+
+/// The server closed the connection before the whole answer was there.
+#[derive(Debug)]
+struct Closed(&'static str);
+
+impl std::fmt::Display for Closed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the connection closed {}", self.0)
+    }
+}
+
+impl std::error::Error for Closed {}
+
+/// Whether an error is the connection's (refused, reset, closed early) rather than an
+/// answer's: worth another try on a new connection.
+pub fn is_connection_error(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<std::io::Error>().is_some() || e.downcast_ref::<Closed>().is_some()
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -177,6 +193,18 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_connection_closed_early_is_a_connection_error() {
+        let base = serve_once(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{").await;
+        let err = Connection::open(&base)
+            .await
+            .unwrap()
+            .get("/x", "t")
+            .await
+            .unwrap_err();
+        assert!(is_connection_error(&err), "{err}");
+    }
+
+    #[tokio::test]
     async fn an_error_answer_is_an_error() {
         let base = serve_once(
             b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 25\r\n\r\n{\"errcode\":\"M_FORBIDDEN\"}",
@@ -189,5 +217,6 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("401"), "{err}");
+        assert!(!is_connection_error(&err));
     }
 }

@@ -575,8 +575,19 @@ async fn scale_longpolls(
     server: &Server,
 ) -> anyhow::Result<()> {
     let (mut held, mut p50, mut p99) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..repeat {
-        let (rss, wake) = wake_longpolls(reader, sender, room, count, server).await?;
+    // Each round starts where the last one's answers ended, as a client would go on. A
+    // fresh initial sync is no good here: Synapse answers a repeated one from its
+    // response cache for two minutes, with a position before the last round's message.
+    let mut since = reader
+        .sync(None, 0, Some(r#"{"room":{"timeline":{"limit":1}}}"#))
+        .await?["next_batch"]
+        .as_str()
+        .context("next_batch")?
+        .to_owned();
+    for round in 0..repeat {
+        let (rss, wake, next) =
+            wake_longpolls(reader, sender, room, count, &since, round, server).await?;
+        since = next;
         held.extend(rss);
         p50.push(percentile(&wake, 50.0));
         p99.push(percentile(&wake, 99.0));
@@ -614,25 +625,46 @@ async fn wake_longpolls(
     sender: &Client,
     room: &str,
     count: usize,
+    since: &str,
+    round: usize,
     server: &Server,
-) -> anyhow::Result<(Option<f64>, Vec<f64>)> {
-    let since = reader
-        .sync(None, 0, Some(r#"{"room":{"timeline":{"limit":1}}}"#))
-        .await?["next_batch"]
-        .as_str()
-        .context("next_batch")?
-        .to_owned();
+) -> anyhow::Result<(Option<f64>, Vec<f64>, String)> {
     let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // Connections are opened a few dozen at a time: a thousand at once overflow a small
+    // listen backlog (Synapse's), and the server then resets some of them.
+    let connecting = Arc::new(tokio::sync::Semaphore::new(32));
     let mut tasks = Vec::with_capacity(count);
     for _ in 0..count {
-        let (base, token, started) = (reader.base.clone(), reader.token.clone(), started.clone());
-        let path = sync_path(Some(&since), 60_000, None);
+        let (base, token) = (reader.base.clone(), reader.token.clone());
+        let (started, connecting) = (started.clone(), connecting.clone());
+        let path = sync_path(Some(since), 60_000, None);
         tasks.push(tokio::spawn(async move {
-            let connection = rawhttp::Connection::open(&base).await;
-            started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let mut connection = connection?;
-            let (done, body) = connection.get(&path, &token).await?;
-            anyhow::Ok((done, body, connection))
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let opened = {
+                    let _permit = connecting.acquire().await?;
+                    rawhttp::Connection::open(&base).await
+                };
+                if attempt == 1 {
+                    started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                let answer = match opened {
+                    Ok(mut c) => c
+                        .get(&path, &token)
+                        .await
+                        .map(|(done, body)| (done, body, c)),
+                    Err(e) => Err(e),
+                };
+                match answer {
+                    // A client would try again on a new connection; an answer that
+                    // arrives late that way counts as late.
+                    Err(e) if attempt < 3 && rawhttp::is_connection_error(&e) => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    answer => return answer,
+                }
+            }
         }));
     }
     while started.load(std::sync::atomic::Ordering::SeqCst) < count {
@@ -641,8 +673,9 @@ async fn wake_longpolls(
     // Give the requests time to reach the server and park.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let held = server.rss_mib().map(|(rss, _)| rss);
+    let text = format!("everyone wake up ({round})");
     sender
-        .send_text(room, &format!("scale-{since}"), "everyone wake up")
+        .send_text(room, &format!("scale-{since}"), &text)
         .await?;
     let sent = Instant::now();
     // Each answer is checked once all have arrived: parsing one while others are still
@@ -652,16 +685,22 @@ async fn wake_longpolls(
         answers.push(t??);
     }
     let mut wake = Vec::with_capacity(count);
+    let mut next = String::new();
     for (done, bytes, _connection) in answers {
+        let body = parse(&bytes);
         ensure!(
-            parse(&bytes)["rooms"]["join"][room]["timeline"]["events"]
+            body["rooms"]["join"][room]["timeline"]["events"]
                 .as_array()
-                .is_some_and(|e| !e.is_empty()),
-            "a long-poll woke without the message"
+                .is_some_and(|e| e.iter().any(|e| e["content"]["body"] == text)),
+            "a long-poll woke without this round's message"
         );
+        next = body["next_batch"]
+            .as_str()
+            .context("next_batch")?
+            .to_owned();
         wake.push(ms(done.saturating_duration_since(sent)));
     }
-    Ok((held, wake))
+    Ok((held, wake, next))
 }
 
 /// Startup again, now that the database holds the big room: the server is stopped and
