@@ -165,40 +165,31 @@ mod tests {
         format!("http://{addr}")
     }
 
+    /// One GET against a server that answers `answer`.
+    async fn get_once(answer: &'static [u8]) -> anyhow::Result<Vec<u8>> {
+        let base = serve_once(answer).await;
+        let (_, body) = Connection::open(&base).await?.get("/x", "t").await?;
+        Ok(body)
+    }
+
     #[tokio::test]
     async fn reads_a_content_length_answer() {
-        let base = serve_once(b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\n{\"a\":12345}").await;
-        let (_, body) = Connection::open(&base)
-            .await
-            .unwrap()
-            .get("/x", "t")
-            .await
-            .unwrap();
-        assert_eq!(body, b"{\"a\":12345}");
+        let body = get_once(b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\n{\"a\":12345}").await;
+        assert_eq!(body.unwrap(), b"{\"a\":12345}");
     }
 
     #[tokio::test]
     async fn reads_a_chunked_answer() {
-        let base = serve_once(
+        let body = get_once(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{\"a\"\r\n6;x=y\r\n:12345\r\n1\r\n}\r\n0\r\n\r\n",
         )
         .await;
-        let (_, body) = Connection::open(&base)
-            .await
-            .unwrap()
-            .get("/x", "t")
-            .await
-            .unwrap();
-        assert_eq!(body, b"{\"a\":12345}");
+        assert_eq!(body.unwrap(), b"{\"a\":12345}");
     }
 
     #[tokio::test]
     async fn a_connection_closed_early_is_a_connection_error() {
-        let base = serve_once(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{").await;
-        let err = Connection::open(&base)
-            .await
-            .unwrap()
-            .get("/x", "t")
+        let err = get_once(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{")
             .await
             .unwrap_err();
         assert!(is_connection_error(&err), "{err}");
@@ -206,16 +197,11 @@ mod tests {
 
     #[tokio::test]
     async fn an_error_answer_is_an_error() {
-        let base = serve_once(
+        let err = get_once(
             b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 25\r\n\r\n{\"errcode\":\"M_FORBIDDEN\"}",
         )
-        .await;
-        let err = Connection::open(&base)
-            .await
-            .unwrap()
-            .get("/x", "t")
-            .await
-            .unwrap_err();
+        .await
+        .unwrap_err();
         assert!(err.to_string().contains("401"), "{err}");
         assert!(!is_connection_error(&err));
     }

@@ -494,8 +494,7 @@ impl Db {
                     Err(e) => {
                         // The leader never ran or did not finish: let the next one lead.
                         self.wal.state.lock().syncing = false;
-                        self.wal.done.notify_all();
-                        self.wal.rounds.send_modify(|r| *r += 1);
+                        self.end_sync_round();
                         return Err(Error::internal(format!("log sync task failed: {e}")));
                     }
                 }
@@ -507,6 +506,12 @@ impl Db {
                 .await
                 .map_err(|_| Error::internal("the log sync rounds stopped"))?;
         }
+    }
+
+    /// Wake every waiter, blocking or async, to look at the state after a sync round.
+    fn end_sync_round(&self) {
+        self.wal.done.notify_all();
+        self.wal.rounds.send_modify(|r| *r += 1);
     }
 
     /// Sync the log as the leader, again while some waiter wants a write the last round
@@ -525,8 +530,7 @@ impl Db {
                 state.syncing = false;
             }
             drop(state);
-            self.wal.done.notify_all();
-            self.wal.rounds.send_modify(|r| *r += 1);
+            self.end_sync_round();
             result?;
             if !more {
                 return Ok(());
