@@ -2,6 +2,7 @@
 //!
 //! Layers, never upwards: [`http`] → [`api`] → [`service`] → [`storage`].
 
+pub mod allocator;
 pub mod api;
 pub mod bundled;
 pub mod config;
@@ -42,6 +43,7 @@ pub async fn run(
             appservices_stopped,
         )));
     }
+    let trimmer = tokio::spawn(allocator::trim_after_bursts());
     // Answer clients at once; the bundled appservices open their stores meanwhile.
     let server = tokio::spawn(http::serve(services.clone(), listener, shutdown));
     let bundled = match bundled::start(&services, prepared).await {
@@ -61,31 +63,10 @@ pub async fn run(
         let _ = task.await;
     }
     bundled.stop().await;
+    trimmer.abort();
     served?;
     services.db.flush()?;
     Ok(())
-}
-
-/// Keep the allocator from holding on to memory it no longer needs. Password hashing
-/// (argon2) allocates 19 MiB per hash; with glibc's default, freed blocks that large
-/// stay in per-thread arenas and the resident size climbs by tens of MiB per thread.
-/// A fixed mmap threshold returns them to the system at once, and fewer arenas keep
-/// fragmentation down on small machines.
-pub fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        // glibc's mallopt(3) parameters (malloc.h).
-        const M_MMAP_THRESHOLD: std::ffi::c_int = -3;
-        const M_ARENA_MAX: std::ffi::c_int = -8;
-        unsafe extern "C" {
-            fn mallopt(param: std::ffi::c_int, value: std::ffi::c_int) -> std::ffi::c_int;
-        }
-        // SAFETY: mallopt only changes allocator parameters; called before other threads start.
-        unsafe {
-            mallopt(M_MMAP_THRESHOLD, 256 * 1024);
-            mallopt(M_ARENA_MAX, 2);
-        }
-    }
 }
 
 /// Shared by the binary and tests: build services without serving.

@@ -127,7 +127,7 @@ fn init_logging(config: &Config) {
 }
 
 fn main() -> std::process::ExitCode {
-    salon::tune_allocator();
+    salon::allocator::tune();
     let cli = Cli::parse();
     let config = match load_config(cli.config.as_deref()) {
         Ok(c) => c,
