@@ -130,6 +130,9 @@ fn launch(cmd: &str) -> anyhow::Result<Child> {
         .with_context(|| format!("cannot run {cmd}"))
 }
 
+/// How long the server is left alone before its memory after a load is read.
+const SETTLE: Duration = Duration::from_secs(2);
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -258,10 +261,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     // The standard load ends here; the big room is extra (and restarts the server).
+    // Memory after a load is read once the server has had a moment to settle: the
+    // last answers have just been written, their connections are still closing.
+    tokio::time::sleep(SETTLE).await;
     let after_load = server.rss_mib();
     let mut after_big = None;
     if let Some(n) = args.big_room {
         let big_room = messages_scale(&mut report, &users[..10], n).await?;
+        tokio::time::sleep(SETTLE).await;
         after_big = server.rss_mib().map(|(rss, _)| (n, rss));
         if let Some(cmd) = &args.launch {
             startup_loaded(&mut report, &mut server, cmd, &args.url, repeat, n).await?;
@@ -764,30 +771,37 @@ async fn messages_scale(
         for t in join_all(tasks).await {
             t??;
         }
-        // Page back 20 pages of 50 from the end, then 20 from the middle of the room.
+        // Page back through the newer half of the room, 100 events a page; in the big
+        // room, the 20 pages from the end and the 20 before the middle are timed. The
+        // small room has only 5 such pages: its walk is repeated until it has as many
+        // samples, so that both medians are read off about the same number of pages.
         let mut samples = Vec::new();
-        let mut from: Option<String> = None;
-        let mut seen = 0;
-        while seen < size / 2 {
-            let mut path = format!(
-                "/_matrix/client/v3/rooms/{}/messages?dir=b&limit=100",
-                enc(&room)
-            );
-            if let Some(f) = &from {
-                path.push_str(&format!("&from={}", enc(f)));
-            }
-            let t = Instant::now();
-            let page = clients[0].get(&path).await?;
-            let d = ms(t.elapsed());
-            let n = page["chunk"].as_array().map(Vec::len).unwrap_or(0);
-            ensure!(n > 0, "pagination ended early at {seen} of {size}");
-            if seen >= size / 2 - 20 * 100 || seen < 20 * 100 {
-                samples.push(d);
-            }
-            seen += n;
-            from = page["end"].as_str().map(str::to_owned);
-            if from.is_none() {
-                break;
+        let timed_pages = (size / 2).div_ceil(100).min(40);
+        let walks = 40usize.div_ceil(timed_pages.max(1));
+        for _ in 0..walks {
+            let mut from: Option<String> = None;
+            let mut seen = 0;
+            while seen < size / 2 {
+                let mut path = format!(
+                    "/_matrix/client/v3/rooms/{}/messages?dir=b&limit=100",
+                    enc(&room)
+                );
+                if let Some(f) = &from {
+                    path.push_str(&format!("&from={}", enc(f)));
+                }
+                // Timed until the whole answer has arrived, as the syncs are.
+                let t = Instant::now();
+                let (done, page) = clients[0].get_timed(&path).await?;
+                let n = page["chunk"].as_array().map(Vec::len).unwrap_or(0);
+                ensure!(n > 0, "pagination ended early at {seen} of {size}");
+                if seen >= (size / 2).saturating_sub(20 * 100) || seen < 20 * 100 {
+                    samples.push(ms(done - t));
+                }
+                seen += n;
+                from = page["end"].as_str().map(str::to_owned);
+                if from.is_none() {
+                    break;
+                }
             }
         }
         let label = format!("/messages page of 100 in a {size}-event room");
