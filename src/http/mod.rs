@@ -4,7 +4,9 @@ mod ruma_glue;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use axum::{Router, extract::DefaultBodyLimit, response::IntoResponse, routing::get};
+use axum::{
+    Router, extract::DefaultBodyLimit, response::IntoResponse, routing::get, serve::ListenerExt,
+};
 use tower_http::{
     catch_panic::CatchPanicLayer,
     cors::{Any, CorsLayer},
@@ -211,6 +213,11 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = router(services).into_make_service_with_connect_info::<SocketAddr>();
+    // Answers leave as soon as they are written: Nagle's algorithm would hold a small
+    // one back until the peer had acknowledged what went before.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
