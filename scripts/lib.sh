@@ -16,16 +16,22 @@ apt_install() {
     fi
 }
 
+# libclang itself: LLVM's libclang-cpp, which some machines have without it, will not
+# do for bindgen.
+have_libclang() {
+    local f
+    for f in /usr/lib/llvm-*/lib/libclang.so* /usr/lib/llvm-*/lib/libclang-[0-9]*.so* \
+        /usr/lib/*-linux-gnu/libclang.so* /usr/lib/*-linux-gnu/libclang-[0-9]*.so*; do
+        [ -e "$f" ] && return 0
+    done
+    return 1
+}
+
 # The RocksDB binding generates its bindings with bindgen, which loads libclang;
 # it also needs a C++ compiler.
 ensure_build_deps() {
     local missing=()
-    # libclang itself: LLVM's libclang-cpp, which some machines have without it, will
-    # not do.
-    if ! ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/llvm-*/lib/libclang-[0-9]*.so* \
-        /usr/lib/*-linux-gnu/libclang.so* /usr/lib/*-linux-gnu/libclang-[0-9]*.so* >/dev/null 2>&1; then
-        missing+=(libclang-dev)
-    fi
+    have_libclang || missing+=(libclang-dev)
     command -v c++ >/dev/null 2>&1 || missing+=(g++)
     command -v make >/dev/null 2>&1 || missing+=(make)
     if [ ${#missing[@]} -gt 0 ]; then
