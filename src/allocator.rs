@@ -34,13 +34,13 @@ const TRIM_AFTER_FREEING: usize = 4 * 1024 * 1024;
 
 /// Decides when to trim from the bytes in use, looked at now and then.
 #[derive(Debug, Default)]
-pub struct TrimPolicy {
+struct TrimPolicy {
     peak: usize,
 }
 
 impl TrimPolicy {
     /// Whether to trim now that `in_use` bytes are allocated.
-    pub fn should_trim(&mut self, in_use: usize) -> bool {
+    fn should_trim(&mut self, in_use: usize) -> bool {
         self.peak = self.peak.max(in_use);
         if self.peak - in_use >= TRIM_AFTER_FREEING {
             self.peak = in_use;
