@@ -17,6 +17,7 @@ use salon::{
         rooms::{
             CreateRoom,
             pdu::{Pdu, to_json_checked},
+            read::EventFilter,
             timeline::NewEvent,
         },
         sync::{SyncFilter, SyncRequest, parse_since, sync},
@@ -215,9 +216,66 @@ fn incremental_sync(c: &mut Criterion) {
     });
 }
 
+/// Pages of 100 events read backwards through a room of `size` messages, from the
+/// newest to the oldest and round again: in a big room every page is read from the
+/// table files, as a client scrolling far back reads it, not from the caches.
+fn history(c: &mut Criterion) {
+    // A real measurement pages through 100,000 events; the test suite's single pass
+    // only checks that the bench works.
+    let measuring = std::env::args().any(|a| a == "--bench");
+    let big = if measuring { 100_000 } else { 2_000 };
+    let w = world();
+    for size in [1_000, big] {
+        let room =
+            w.rt.block_on(w.s.rooms.create_room(&w.alice, CreateRoom::default()))
+                .unwrap();
+        // Ten senders at once, as a busy room fills: their commits are grouped.
+        w.rt.block_on(async {
+            let senders = (0..10).map(|t| {
+                let (s, room, alice) = (w.s.clone(), room.clone(), w.alice.clone());
+                tokio::spawn(async move {
+                    for m in 0..size / 10 {
+                        s.rooms
+                            .send(&room, &alice, message(&format!("message {m} from {t}")))
+                            .await
+                            .unwrap();
+                    }
+                })
+            });
+            for t in senders {
+                t.await.unwrap();
+            }
+        });
+        let filter = EventFilter::default();
+        let mut from: Option<String> = None;
+        let label = format!("history: a page of 100 in a room of {size} messages");
+        c.bench_function(&label, |b| {
+            b.iter(|| {
+                let page =
+                    w.s.rooms
+                        .messages(
+                            &room,
+                            &w.alice,
+                            None,
+                            from.as_deref(),
+                            None,
+                            true,
+                            100,
+                            &filter,
+                        )
+                        .unwrap();
+                from = page.end.clone();
+                let answer = serde_json::to_vec(&page.chunk).unwrap();
+                assert!(!page.chunk.is_empty() || from.is_none());
+                answer
+            })
+        });
+    }
+}
+
 criterion_group! {
     name = hot_paths;
     config = Criterion::default().sample_size(30).measurement_time(Duration::from_secs(3));
-    targets = events, create_room, initial_sync, incremental_sync
+    targets = events, create_room, initial_sync, incremental_sync, history
 }
 criterion_main!(hot_paths);

@@ -20,7 +20,7 @@ use std::{
 use parking_lot::Mutex;
 use rust_rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options,
-    WriteBatch, WriteOptions,
+    ReadOptions, WriteBatch, WriteOptions,
 };
 
 pub use self::{
@@ -300,6 +300,19 @@ pub struct Batch {
     inner: WriteBatch,
 }
 
+/// The first key after every key that starts with `prefix`; none when the prefix is
+/// all 0xff bytes.
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
 impl Default for Batch {
     fn default() -> Self {
         Self {
@@ -577,6 +590,43 @@ impl Db {
             })
     }
 
+    /// Like [`Db::scan_from`], without copying each entry: `visit` sees the key and the
+    /// value in place and says whether to go on. RocksDB is told where the prefix
+    /// ends, so it does not read table blocks beyond it.
+    pub fn visit_from(
+        &self,
+        cf: &str,
+        prefix: &[u8],
+        from: &[u8],
+        forward: bool,
+        mut visit: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<()> {
+        let mut opts = ReadOptions::default();
+        if !prefix.is_empty() {
+            opts.set_iterate_lower_bound(prefix);
+            if let Some(end) = prefix_end(prefix) {
+                opts.set_iterate_upper_bound(end);
+            }
+        }
+        let mut it = self.db.raw_iterator_cf_opt(self.cf(cf), opts);
+        if forward {
+            it.seek(from);
+        } else {
+            it.seek_for_prev(from);
+        }
+        while let Some((k, v)) = it.item() {
+            if !k.starts_with(prefix) || !visit(k, v) {
+                break;
+            }
+            if forward {
+                it.next();
+            } else {
+                it.prev();
+            }
+        }
+        Ok(it.status()?)
+    }
+
     fn last_key_u64(&self, cf: &str) -> Result<Option<u64>> {
         let mut it = self.db.iterator_cf(self.cf(cf), IteratorMode::End);
         match it.next() {
@@ -739,6 +789,49 @@ mod tests {
         let seq = db.write(Batch::default()).unwrap();
         assert_eq!(seq, db.db.latest_sequence_number());
         db.sync_to_async(seq).await.unwrap();
+    }
+
+    #[test]
+    fn prefix_end_is_the_first_key_past_the_prefix() {
+        assert_eq!(prefix_end(&[1, 2]), Some(vec![1, 3]));
+        assert_eq!(prefix_end(&[1, 0xff]), Some(vec![2]));
+        assert_eq!(prefix_end(&[0xff, 0xff]), None);
+    }
+
+    /// Visits stay inside the prefix both ways, start at `from` (or the nearest key on
+    /// the way), and stop when told.
+    #[test]
+    fn visits_walk_one_prefix_from_a_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), 8).unwrap();
+        let mut b = Batch::default();
+        for (p, n) in [(1u64, 1u64), (1, 2), (1, 4), (2, 1), (2, 3), (0, 9)] {
+            b.put(&db, "timeline", &u64_key(&[p, n]), &n.to_be_bytes());
+        }
+        db.commit(b).unwrap();
+        let prefix = 1u64.to_be_bytes();
+        let walk = |from: u64, forward: bool, stop: usize| {
+            let mut seen = Vec::new();
+            db.visit_from(
+                "timeline",
+                &prefix,
+                &u64_key(&[1, from]),
+                forward,
+                |k, v| {
+                    assert_eq!(&k[8..], v);
+                    seen.push(decode_u64(v));
+                    seen.len() < stop
+                },
+            )
+            .unwrap();
+            seen
+        };
+        assert_eq!(walk(2, true, 10), vec![2, 4]);
+        assert_eq!(walk(3, true, 10), vec![4]);
+        assert_eq!(walk(3, false, 10), vec![2, 1]);
+        assert_eq!(walk(9, false, 10), vec![4, 2, 1]);
+        assert_eq!(walk(0, true, 2), vec![1, 2]);
+        assert_eq!(walk(0, false, 10), Vec::<u64>::new());
     }
 
     #[test]

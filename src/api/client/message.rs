@@ -116,16 +116,8 @@ pub async fn messages(
     let mut res = get_message_events::v3::Response::new();
     res.start = page.start;
     res.end = page.end;
-    res.chunk = page
-        .chunk
-        .iter()
-        .map(|e| Ok(Raw::from_json(serde_json::value::to_raw_value(e)?)))
-        .collect::<Result<_>>()?;
-    res.state = page
-        .state
-        .iter()
-        .map(|e| Ok(Raw::from_json(serde_json::value::to_raw_value(e)?)))
-        .collect::<Result<_>>()?;
+    res.chunk = page.chunk.into_iter().map(Raw::from_json).collect();
+    res.state = page.state.into_iter().map(Raw::from_json).collect();
     Ok(res)
 }
 

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 
 use ruma::{OwnedUserId, RoomId, UserId};
-use serde_json::Value as JsonValue;
+use serde_json::{Value as JsonValue, value::RawValue};
 
 use super::{Rooms, pdu::StoredEvent, visibility::SeenMemo};
 use crate::error::{Error, Result};
@@ -81,8 +81,8 @@ impl EventFilter {
 pub struct MessagesPage {
     pub start: String,
     pub end: Option<String>,
-    pub chunk: Vec<JsonValue>,
-    pub state: Vec<JsonValue>,
+    pub chunk: Vec<Box<RawValue>>,
+    pub state: Vec<Box<RawValue>>,
 }
 
 impl Rooms {
@@ -170,26 +170,31 @@ impl Rooms {
         let mut end = None;
         let mut exhausted = false;
         let mut seen = SeenMemo::default();
+        // Each round reads as many events as the page still lacks, twice as many after
+        // a round the filter thinned out: an unfiltered page reads no event it does not
+        // return.
+        let mut want = limit;
         while chunk.len() < limit && !exhausted {
             let batch = if backward {
                 self.timeline.timeline_positions(
                     room_short,
                     cursor.saturating_add(1),
                     true,
-                    limit * 2,
+                    want,
                 )?
             } else {
                 self.timeline
-                    .timeline_positions(room_short, cursor, false, limit * 2)?
+                    .timeline_positions(room_short, cursor, false, want)?
             };
-            if batch.len() < limit * 2 {
+            if batch.len() < want {
                 exhausted = true;
             }
             if batch.is_empty() {
                 break;
             }
             let shorts: Vec<u64> = batch.iter().map(|(_, short)| *short).collect();
-            let events = self.timeline.stored_many(&shorts)?;
+            let events = self.timeline.stored_history(&shorts)?;
+            let before = chunk.len();
             for ((pos, _), event) in batch.into_iter().zip(events) {
                 if let Some(to) = to
                     && ((backward && pos <= to) || (!backward && pos > to))
@@ -206,11 +211,17 @@ impl Rooms {
                     continue;
                 }
                 senders.insert(event.pdu.sender.clone());
-                chunk.push(self.timeline.to_client(&event, client_session)?);
+                chunk.push(self.timeline.to_client_raw(&event, client_session)?);
                 if chunk.len() >= limit {
                     break;
                 }
             }
+            let missing = limit - chunk.len();
+            want = if chunk.len() - before < shorts.len() {
+                (missing * 2).min(1000)
+            } else {
+                missing
+            };
         }
         if exhausted && chunk.len() < limit {
             end = None;
@@ -223,7 +234,7 @@ impl Rooms {
                     self.timeline
                         .state_event_in_group(group, "m.room.member", sender.as_str())?
                 {
-                    state.push(self.timeline.to_client(&e, client_session)?);
+                    state.push(self.timeline.to_client_raw(&e, client_session)?);
                 }
             }
         }

@@ -424,8 +424,21 @@ impl Timeline {
     }
 
     /// Many events at once, in the order of `shorts`: the ones not cached are read
-    /// with one batched lookup per column family rather than three reads each.
+    /// with one batched lookup per column family rather than three reads each, and
+    /// kept in the cache.
     pub fn stored_many(&self, shorts: &[u64]) -> Result<Vec<Option<StoredEvent>>> {
+        self.read_many(shorts, true)
+    }
+
+    /// Like [`Timeline::stored_many`], for reads that pass once through old history (a
+    /// client scrolling back): the cache answers what it holds but is not filled, so
+    /// such a walk neither pushes out the state and recent events every send and sync
+    /// reads nor pays for evicting them.
+    pub fn stored_history(&self, shorts: &[u64]) -> Result<Vec<Option<StoredEvent>>> {
+        self.read_many(shorts, false)
+    }
+
+    fn read_many(&self, shorts: &[u64], fill_cache: bool) -> Result<Vec<Option<StoredEvent>>> {
         let keys: Vec<[u8; 8]> = shorts.iter().map(|s| s.to_be_bytes()).collect();
         let metas = self.db.get_many("event_meta", &keys)?;
         let mut pdus: Vec<Option<Arc<Pdu>>> = {
@@ -443,15 +456,20 @@ impl Timeline {
                 let (Some(json), Some(id)) = (json, id) else {
                     continue;
                 };
-                let id = String::from_utf8_lossy(id.get(1..).unwrap_or_default()).into_owned();
-                let pdu = Arc::new(Pdu::from_json(EventId::parse(&id)?, &json)?);
-                loaded.push((shorts[i], pdu.clone()));
+                let id = std::str::from_utf8(id.get(1..).unwrap_or_default())
+                    .map_err(|_| Error::internal("stored event id is not UTF-8"))?;
+                let pdu = Arc::new(Pdu::from_json(EventId::parse(id)?, &json)?);
+                if fill_cache {
+                    loaded.push((shorts[i], pdu.clone()));
+                }
                 pdus[i] = Some(pdu);
             }
-            let mut cache = self.pdus.lock();
-            if cache.generation == generation {
-                for (short, pdu) in loaded {
-                    cache.insert(short, pdu);
+            if fill_cache {
+                let mut cache = self.pdus.lock();
+                if cache.generation == generation {
+                    for (short, pdu) in loaded {
+                        cache.insert(short, pdu);
+                    }
                 }
             }
         }
@@ -478,6 +496,18 @@ impl Timeline {
     /// sees it.
     pub fn to_client(&self, event: &StoredEvent, viewer: Option<&str>) -> Result<JsonValue> {
         Ok(self.client_event(event, viewer)?.to_value())
+    }
+
+    /// The client form written straight to JSON text, with no tree in between: for
+    /// answers that only pass events on.
+    pub fn to_client_raw(
+        &self,
+        event: &StoredEvent,
+        viewer: Option<&str>,
+    ) -> Result<Box<serde_json::value::RawValue>> {
+        Ok(serde_json::value::to_raw_value(
+            &self.client_event(event, viewer)?,
+        )?)
     }
 
     /// The client form of an event, with what its `unsigned` needs: the content of the
@@ -572,13 +602,14 @@ impl Timeline {
         } else {
             (timeline_key(room_short, from.saturating_add(1)), false)
         };
-        for item in self.db.scan_from("timeline", &prefix, &start, forward) {
-            let (k, v) = item?;
-            out.push((timeline_key_pos(&k), decode_u64(&v)));
-            if out.len() >= limit {
-                break;
-            }
+        if limit == 0 {
+            return Ok(out);
         }
+        self.db
+            .visit_from("timeline", &prefix, &start, forward, |k, v| {
+                out.push((timeline_key_pos(k), decode_u64(v)));
+                out.len() < limit
+            })?;
         Ok(out)
     }
 
