@@ -419,14 +419,28 @@ impl Db {
     /// Several keys of one column family at once (RocksDB batches the table lookups);
     /// the values come back in the order of `keys`.
     pub fn get_many(&self, cf: &str, keys: &[[u8; 8]]) -> Result<Vec<Option<Vec<u8>>>> {
+        self.get_many_map(cf, keys, |_, v| Ok(v.to_vec()))
+    }
+
+    /// Like [`Db::get_many`], handing each value (with the index of its key) to
+    /// `decode` where RocksDB holds it instead of copying it out first. Values are
+    /// decoded in key order, not in the order of `keys`.
+    pub fn get_many_map<T>(
+        &self,
+        cf: &str,
+        keys: &[[u8; 8]],
+        mut decode: impl FnMut(usize, &[u8]) -> Result<T>,
+    ) -> Result<Vec<Option<T>>> {
         let mut sorted: Vec<(usize, &[u8; 8])> = keys.iter().enumerate().collect();
         sorted.sort_by_key(|(_, k)| **k);
         let values =
             self.db
                 .batched_multi_get_cf(self.cf(cf), sorted.iter().map(|(_, k)| &k[..]), true);
-        let mut out = vec![None; keys.len()];
+        let mut out: Vec<Option<T>> = std::iter::repeat_with(|| None).take(keys.len()).collect();
         for ((i, _), v) in sorted.into_iter().zip(values) {
-            out[i] = v?.map(|v| v.to_vec());
+            if let Some(v) = v? {
+                out[i] = Some(decode(i, &v)?);
+            }
         }
         Ok(out)
     }
@@ -848,6 +862,20 @@ mod tests {
         b.put(&db, "pdus", &9u64.to_be_bytes(), b"v9");
         db.commit(b).unwrap();
         let keys: Vec<[u8; 8]> = [7u64, 2, 9, 1, 3].iter().map(|n| n.to_be_bytes()).collect();
+        // Decoding in place is told which key each value belongs to.
+        let decoded = db
+            .get_many_map("pdus", &keys, |i, v| Ok((i, v.to_vec())))
+            .unwrap();
+        for (i, d) in decoded.iter().enumerate() {
+            if let Some((at, v)) = d {
+                assert_eq!(*at, i);
+                assert_eq!(
+                    v[1..],
+                    *format!("{}", u64::from_be_bytes(keys[i])).as_bytes()
+                );
+            }
+        }
+        assert_eq!(decoded.iter().filter(|d| d.is_some()).count(), 4);
         let got = db.get_many("pdus", &keys).unwrap();
         let got: Vec<Option<&[u8]>> = got.iter().map(|v| v.as_deref()).collect();
         assert_eq!(

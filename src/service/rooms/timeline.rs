@@ -440,7 +440,9 @@ impl Timeline {
 
     fn read_many(&self, shorts: &[u64], fill_cache: bool) -> Result<Vec<Option<StoredEvent>>> {
         let keys: Vec<[u8; 8]> = shorts.iter().map(|s| s.to_be_bytes()).collect();
-        let metas = self.db.get_many("event_meta", &keys)?;
+        let metas = self.db.get_many_map("event_meta", &keys, |_, v| {
+            Ok(serde_json::from_slice::<EventMeta>(v)?)
+        })?;
         let mut pdus: Vec<Option<Arc<Pdu>>> = {
             let mut cache = self.pdus.lock();
             shorts.iter().map(|s| cache.get(*s)).collect()
@@ -449,16 +451,23 @@ impl Timeline {
         if !missing.is_empty() {
             let generation = self.pdus.lock().generation;
             let keys: Vec<[u8; 8]> = missing.iter().map(|i| keys[*i]).collect();
-            let jsons = self.db.get_many("pdus", &keys)?;
-            let ids = self.db.get_many("longids", &keys)?;
-            let mut loaded = Vec::new();
-            for ((i, json), id) in missing.into_iter().zip(jsons).zip(ids) {
-                let (Some(json), Some(id)) = (json, id) else {
-                    continue;
-                };
+            let mut ids = self.db.get_many_map("longids", &keys, |_, id| {
                 let id = std::str::from_utf8(id.get(1..).unwrap_or_default())
                     .map_err(|_| Error::internal("stored event id is not UTF-8"))?;
-                let pdu = Arc::new(Pdu::from_json(EventId::parse(id)?, &json)?);
+                Ok(EventId::parse(id)?)
+            })?;
+            let parsed = self.db.get_many_map("pdus", &keys, |i, json| {
+                Ok(match ids[i].take() {
+                    Some(id) => Some(Pdu::from_json(id, json)?),
+                    None => None,
+                })
+            })?;
+            let mut loaded = Vec::new();
+            for (i, pdu) in missing.into_iter().zip(parsed) {
+                let Some(Some(pdu)) = pdu else {
+                    continue;
+                };
+                let pdu = Arc::new(pdu);
                 if fill_cache {
                     loaded.push((shorts[i], pdu.clone()));
                 }
@@ -476,9 +485,7 @@ impl Timeline {
         let mut out = Vec::with_capacity(shorts.len());
         for ((short, pdu), meta) in shorts.iter().zip(pdus).zip(metas) {
             out.push(match (pdu, meta) {
-                (Some(pdu), Some(meta)) => {
-                    Some(self.assemble(*short, pdu, serde_json::from_slice(&meta)?)?)
-                }
+                (Some(pdu), Some(meta)) => Some(self.assemble(*short, pdu, meta)?),
                 _ => None,
             });
         }
