@@ -1,7 +1,7 @@
 //! Criterion benches of the homeserver's hot paths, on a real database in a temporary
 //! directory: building, hashing and signing an event; authorising it against the
 //! room's state; canonical JSON; creating a room; assembling an initial and an
-//! incremental sync.
+//! incremental sync; a page of history in a small and in a big room.
 //!
 //! `cargo bench --bench hot_paths` measures; the test suite runs each once
 //! (`cargo test --benches`) so that they keep working.
