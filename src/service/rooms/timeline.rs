@@ -160,7 +160,10 @@ impl PduCache {
 
     fn insert(&mut self, short: u64, pdu: Arc<Pdu>) {
         if self.young.len() >= PDU_CACHE_GENERATION {
-            self.old = std::mem::take(&mut self.young);
+            // The young generation becomes the old one; the new young one reuses the
+            // old one's table instead of growing a fresh one insert by insert.
+            std::mem::swap(&mut self.old, &mut self.young);
+            self.young.clear();
         }
         self.young.insert(short, pdu);
     }
@@ -1448,4 +1451,56 @@ pub fn memberships_in(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pdu(n: u64) -> Arc<Pdu> {
+        let json = format!(
+            r#"{{"room_id":"!r:x","sender":"@a:x","origin_server_ts":{n},"type":"m.room.message","content":{{}},"depth":1}}"#
+        );
+        Arc::new(
+            Pdu::from_json(EventId::parse(format!("$e{n}")).unwrap(), json.as_bytes()).unwrap(),
+        )
+    }
+
+    /// What was used in the last two generations stays; what was not is dropped when
+    /// the younger generation fills; a hit in the old generation moves it to the young.
+    #[test]
+    fn the_pdu_cache_keeps_what_is_used() {
+        let mut cache = PduCache {
+            young: HashMap::new(),
+            old: HashMap::new(),
+            generation: 0,
+        };
+        let size = PDU_CACHE_GENERATION as u64;
+        for n in 0..size {
+            cache.insert(n, pdu(n));
+        }
+        // A second generation: the first becomes the old one.
+        for n in size..2 * size {
+            cache.insert(n, pdu(n));
+        }
+        assert!(cache.get(0).is_some(), "still in the old generation");
+        for n in 2 * size..3 * size {
+            cache.insert(n, pdu(n));
+        }
+        assert!(
+            cache.get(1).is_none(),
+            "two generations on, unused, dropped"
+        );
+        assert!(
+            cache.get(0).is_some(),
+            "used, so moved on with the young ones"
+        );
+        assert_eq!(
+            cache.get(2 * size).unwrap().event_id.as_str(),
+            format!("$e{}", 2 * size)
+        );
+        cache.forget(&[2 * size]);
+        assert!(cache.get(2 * size).is_none());
+        assert_eq!(cache.generation, 1);
+    }
 }
