@@ -300,19 +300,6 @@ pub struct Batch {
     inner: WriteBatch,
 }
 
-/// The first key after every key that starts with `prefix`; none when the prefix is
-/// all 0xff bytes.
-fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < u8::MAX {
-            end.push(last + 1);
-            return Some(end);
-        }
-    }
-    None
-}
-
 impl Default for Batch {
     fn default() -> Self {
         Self {
@@ -733,6 +720,19 @@ impl Batch {
     pub fn delete(&mut self, db: &Db, cf: &str, key: &[u8]) {
         self.inner.delete_cf(db.cf(cf), key);
     }
+}
+
+/// The first key after every key that starts with `prefix`; none when the prefix is
+/// all 0xff bytes.
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
 }
 
 #[cfg(test)]

@@ -446,13 +446,15 @@ impl Timeline {
         let metas = self.db.get_many_map("event_meta", &keys, |_, v| {
             Ok(serde_json::from_slice::<EventMeta>(v)?)
         })?;
-        let mut pdus: Vec<Option<Arc<Pdu>>> = {
+        // The generation is read with the lookups: a redaction committed after them
+        // keeps what is read next out of the cache.
+        let (mut pdus, generation): (Vec<Option<Arc<Pdu>>>, u64) = {
             let mut cache = self.pdus.lock();
-            shorts.iter().map(|s| cache.get(*s)).collect()
+            let found = shorts.iter().map(|s| cache.get(*s)).collect();
+            (found, cache.generation)
         };
         let missing: Vec<usize> = (0..shorts.len()).filter(|i| pdus[*i].is_none()).collect();
         if !missing.is_empty() {
-            let generation = self.pdus.lock().generation;
             let keys: Vec<[u8; 8]> = missing.iter().map(|i| keys[*i]).collect();
             let mut ids = self.db.get_many_map("longids", &keys, |_, id| {
                 let id = std::str::from_utf8(id.get(1..).unwrap_or_default())
