@@ -103,9 +103,9 @@ async fn every_event_is_a_signed_and_hashed_pdu() {
         .pdu(&EventId::parse(&msg).unwrap())
         .unwrap()
         .unwrap();
-    assert_eq!(pdu.prev_events.len(), 1);
-    assert!(state_ids.contains(&pdu.prev_events[0].to_string()));
-    assert_eq!(pdu.auth_events.len(), 2);
+    assert_eq!(pdu.prev_events().len(), 1);
+    assert!(state_ids.contains(&pdu.prev_events()[0].to_string()));
+    assert_eq!(pdu.auth_events().len(), 2);
     let create = state
         .as_array()
         .unwrap()

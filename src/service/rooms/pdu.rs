@@ -1,10 +1,10 @@
 //! The persistent data unit: an event as the room graph holds it, and its client form.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use ruma::{
-    CanonicalJsonObject, EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId,
-    OwnedUserId, RoomId, UInt, UserId, events::TimelineEventType,
+    CanonicalJsonObject, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId,
+    RoomId, UInt, UserId, events::TimelineEventType,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value as JsonValue, value::RawValue};
@@ -12,43 +12,63 @@ use serde_json::{Value as JsonValue, value::RawValue};
 use crate::error::{Error, Result};
 
 /// A PDU as stored: the signed canonical JSON, plus the parsed fields the rules need.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug)]
 pub struct Pdu {
-    #[serde(skip_deserializing, default = "placeholder_event_id")]
     pub event_id: OwnedEventId,
     /// Absent only on the create event of room versions whose room id is its hash.
-    #[serde(default)]
     pub room_id: Option<OwnedRoomId>,
     pub sender: OwnedUserId,
     pub origin_server_ts: MilliSecondsSinceUnixEpoch,
-    #[serde(rename = "type")]
     pub kind: TimelineEventType,
     pub content: Box<RawValue>,
-    #[serde(default)]
     pub state_key: Option<String>,
-    #[serde(default)]
-    pub prev_events: Vec<OwnedEventId>,
-    #[serde(default)]
-    pub auth_events: Vec<OwnedEventId>,
+    prev_events: Edges,
+    auth_events: Edges,
     pub depth: UInt,
-    #[serde(default)]
     pub redacts: Option<OwnedEventId>,
-    #[serde(skip)]
     pub rejected: bool,
 }
 
-fn placeholder_event_id() -> OwnedEventId {
-    EventId::parse("$placeholder")
-        .expect("valid placeholder")
-        .to_owned()
+/// The fields of [`Pdu`] that its JSON holds (the event id is not part of it in modern
+/// room versions), read straight into it without a stand-in id.
+#[derive(Deserialize)]
+struct StoredFields {
+    #[serde(default)]
+    room_id: Option<OwnedRoomId>,
+    sender: OwnedUserId,
+    origin_server_ts: MilliSecondsSinceUnixEpoch,
+    #[serde(rename = "type")]
+    kind: TimelineEventType,
+    content: Box<RawValue>,
+    #[serde(default)]
+    state_key: Option<String>,
+    #[serde(default)]
+    prev_events: Edges,
+    #[serde(default)]
+    auth_events: Edges,
+    depth: UInt,
+    #[serde(default)]
+    redacts: Option<OwnedEventId>,
 }
 
 impl Pdu {
     /// Parse a stored PDU; `event_id` is not part of the JSON in modern room versions.
     pub fn from_json(event_id: OwnedEventId, json: &[u8]) -> Result<Self> {
-        let mut pdu: Pdu = serde_json::from_slice(json)?;
-        pdu.event_id = event_id;
-        Ok(pdu)
+        let f: StoredFields = serde_json::from_slice(json)?;
+        Ok(Self {
+            event_id,
+            room_id: f.room_id,
+            sender: f.sender,
+            origin_server_ts: f.origin_server_ts,
+            kind: f.kind,
+            content: f.content,
+            state_key: f.state_key,
+            prev_events: f.prev_events,
+            auth_events: f.auth_events,
+            depth: f.depth,
+            redacts: f.redacts,
+            rejected: false,
+        })
     }
 
     pub fn content_json(&self) -> JsonValue {
@@ -72,6 +92,54 @@ impl Pdu {
 
     pub fn is_state(&self) -> bool {
         self.state_key.is_some()
+    }
+
+    /// The events this one follows in the room graph.
+    pub fn prev_events(&self) -> &[OwnedEventId] {
+        self.prev_events.ids()
+    }
+
+    /// The events that authorise this one.
+    pub fn auth_events(&self) -> &[OwnedEventId] {
+        self.auth_events.ids()
+    }
+}
+
+/// A PDU's list of event ids (`prev_events`, `auth_events`), kept as the JSON text it
+/// was stored as and parsed the first time it is asked for. Most reads of a stored
+/// event (history pages, sync timelines) never look at the room graph; parsing the
+/// lists cost them an allocation and a validation per id.
+#[derive(Clone, Debug)]
+struct Edges {
+    raw: Box<RawValue>,
+    ids: OnceLock<Vec<OwnedEventId>>,
+}
+
+impl Edges {
+    fn ids(&self) -> &[OwnedEventId] {
+        // The list was checked to be a JSON array of event ids when the event was
+        // accepted, so a parse failure here would mean a damaged store: such an event
+        // has no graph edges rather than bringing the read down.
+        self.ids
+            .get_or_init(|| serde_json::from_str(self.raw.get()).unwrap_or_default())
+    }
+}
+
+impl Default for Edges {
+    fn default() -> Self {
+        Self {
+            raw: RawValue::from_string("[]".to_owned()).expect("an empty JSON array"),
+            ids: OnceLock::from(Vec::new()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Edges {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Self {
+            raw: Box::<RawValue>::deserialize(d)?,
+            ids: OnceLock::new(),
+        })
     }
 }
 
@@ -100,10 +168,10 @@ impl ruma::state_res::Event for Pdu {
         self.state_key.as_deref()
     }
     fn prev_events(&self) -> Box<dyn DoubleEndedIterator<Item = &Self::Id> + '_> {
-        Box::new(self.prev_events.iter())
+        Box::new(self.prev_events.ids().iter())
     }
     fn auth_events(&self) -> Box<dyn DoubleEndedIterator<Item = &Self::Id> + '_> {
-        Box::new(self.auth_events.iter())
+        Box::new(self.auth_events.ids().iter())
     }
     fn redacts(&self) -> Option<&Self::Id> {
         self.redacts.as_ref()
@@ -253,4 +321,30 @@ pub fn to_json_checked(object: &CanonicalJsonObject) -> Result<Vec<u8>> {
         )));
     }
     Ok(json)
+}
+
+#[cfg(test)]
+mod tests {
+    use ruma::state_res::Event;
+
+    use super::*;
+
+    #[test]
+    fn a_stored_pdu_reads_its_graph_edges_when_asked() {
+        let json = br#"{"auth_events":["$create","$power"],"content":{"body":"hi"},"depth":3,"hashes":{"sha256":"x"},"origin_server_ts":7,"prev_events":["$prev"],"room_id":"!r:example.org","sender":"@a:example.org","signatures":{},"type":"m.room.message"}"#;
+        let id = ruma::EventId::parse("$this").unwrap();
+        let pdu = Pdu::from_json(id.clone(), json).unwrap();
+        assert_eq!(pdu.event_id, id);
+        assert_eq!(pdu.content.get(), r#"{"body":"hi"}"#);
+        assert_eq!(pdu.prev_events(), ["$prev"]);
+        let auth: Vec<&str> = Event::auth_events(&pdu).map(|e| e.as_str()).collect();
+        assert_eq!(auth, ["$create", "$power"]);
+        // A clone parsed before or after keeps the same lists.
+        assert_eq!(pdu.clone().auth_events().len(), 2);
+
+        // Lists left out (the create event has no predecessors) are empty.
+        let create = br#"{"content":{},"depth":1,"origin_server_ts":1,"room_id":"!r:example.org","sender":"@a:example.org","state_key":"","type":"m.room.create"}"#;
+        let pdu = Pdu::from_json(id, create).unwrap();
+        assert!(pdu.prev_events().is_empty() && pdu.auth_events().is_empty());
+    }
 }

@@ -165,7 +165,7 @@ impl Rooms {
         };
         let start = make_token(cursor);
         let to = to.map(parse_token).transpose()?;
-        let mut chunk = Vec::new();
+        let mut chunk = Vec::with_capacity(limit);
         let mut senders: BTreeSet<OwnedUserId> = BTreeSet::new();
         let mut end = None;
         let mut exhausted = false;
