@@ -136,8 +136,14 @@ impl Default for Edges {
 
 impl<'de> Deserialize<'de> for Edges {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = Box::<RawValue>::deserialize(d)?;
+        // Anything but a list is refused here, as it was when the lists were parsed
+        // with the rest of the event.
+        if !raw.get().starts_with('[') {
+            return Err(serde::de::Error::custom("expected a list of event ids"));
+        }
         Ok(Self {
-            raw: Box::<RawValue>::deserialize(d)?,
+            raw,
             ids: OnceLock::new(),
         })
     }
@@ -339,8 +345,10 @@ mod tests {
         assert_eq!(pdu.prev_events(), ["$prev"]);
         let auth: Vec<&str> = Event::auth_events(&pdu).map(|e| e.as_str()).collect();
         assert_eq!(auth, ["$create", "$power"]);
-        // A clone parsed before or after keeps the same lists.
         assert_eq!(pdu.clone().auth_events().len(), 2);
+        // Anything but a list is refused with the rest of the event.
+        let bad = br#"{"auth_events":5,"content":{},"depth":3,"origin_server_ts":7,"prev_events":[],"room_id":"!r:example.org","sender":"@a:example.org","type":"m.room.message"}"#;
+        assert!(Pdu::from_json(id.clone(), bad).is_err());
 
         // Lists left out (the create event has no predecessors) are empty.
         let create = br#"{"content":{},"depth":1,"origin_server_ts":1,"room_id":"!r:example.org","sender":"@a:example.org","state_key":"","type":"m.room.create"}"#;
