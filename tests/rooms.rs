@@ -834,6 +834,31 @@ async fn redaction_strips_content_by_the_room_version() {
         mine.as_str(),
         "room v11+ keeps redacts in the content"
     );
+    // History pages show the redacted event and the redaction as the event endpoint
+    // does: the redacted one is read from its redacted PDU from now on.
+    let page = alice
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/rooms/{r}/messages?dir=b&limit=5"),
+            None,
+        )
+        .await;
+    let chunk = page["chunk"].as_array().unwrap();
+    for (id, single) in [(mine.as_str(), &e), (redaction_id, &redaction)] {
+        let mut paged = chunk
+            .iter()
+            .find(|c| c["event_id"] == id)
+            .unwrap_or_else(|| panic!("{id} is not in {page}"))
+            .clone();
+        let mut single = single.clone();
+        for v in [&mut paged, &mut single] {
+            v["unsigned"].as_object_mut().unwrap().remove("age");
+            if let Some(because) = v["unsigned"].get_mut("redacted_because") {
+                because["unsigned"].as_object_mut().unwrap().remove("age");
+            }
+        }
+        assert_eq!(paged, single);
+    }
     // A moderator may redact anyone's events.
     alice
         .ok(

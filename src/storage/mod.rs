@@ -19,8 +19,8 @@ use std::{
 
 use parking_lot::Mutex;
 use rust_rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options,
-    ReadOptions, WriteBatch, WriteOptions,
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBPinnableSlice, Direction, IteratorMode,
+    Options, ReadOptions, WriteBatch, WriteOptions,
 };
 
 pub use self::{
@@ -28,6 +28,17 @@ pub use self::{
     stream::{NewestByRoom, StreamAllocator, StreamTicket},
 };
 use crate::error::{Error, Result};
+
+/// A value read from the database and held in place, not copied out.
+pub struct Pinned<'a>(DBPinnableSlice<'a>);
+
+impl std::ops::Deref for Pinned<'_> {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
 
 /// Memory all memtables together may hold before the largest is flushed to disk. With
 /// dozens of column families, per-family write buffers alone would let them grow to
@@ -66,6 +77,10 @@ pub const COLUMN_FAMILIES: &[(&str, &str)] = &[
     ),
     ("filters", "user id SEP filter id → filter definition"),
     ("pdus", "event short id → PDU as canonical JSON"),
+    (
+        "client_parts",
+        "event short id → what a history page shows of it (id, type, sender, content, …)",
+    ),
     (
         "event_meta",
         "event short id → room, stream position, state groups, transaction id",
@@ -410,24 +425,33 @@ impl Db {
     }
 
     /// Like [`Db::get_many`], handing each value (with the index of its key) to
-    /// `decode` where RocksDB holds it instead of copying it out first. Values are
-    /// decoded in key order, not in the order of `keys`.
+    /// `decode` where RocksDB holds it instead of copying it out first.
     pub fn get_many_map<T>(
         &self,
         cf: &str,
         keys: &[[u8; 8]],
         mut decode: impl FnMut(usize, &[u8]) -> Result<T>,
     ) -> Result<Vec<Option<T>>> {
+        self.get_many_pinned(cf, keys)?
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| v.map(|v| decode(i, &v)).transpose())
+            .collect()
+    }
+
+    /// Like [`Db::get_many`], the values left where RocksDB holds them (pinned) for as
+    /// long as the caller keeps them: for reads that only look into the values and
+    /// should not pay for a copy of each.
+    pub fn get_many_pinned(&self, cf: &str, keys: &[[u8; 8]]) -> Result<Vec<Option<Pinned<'_>>>> {
         let mut sorted: Vec<(usize, &[u8; 8])> = keys.iter().enumerate().collect();
         sorted.sort_by_key(|(_, k)| **k);
         let values =
             self.db
                 .batched_multi_get_cf(self.cf(cf), sorted.iter().map(|(_, k)| &k[..]), true);
-        let mut out: Vec<Option<T>> = std::iter::repeat_with(|| None).take(keys.len()).collect();
+        let mut out: Vec<Option<Pinned<'_>>> =
+            std::iter::repeat_with(|| None).take(keys.len()).collect();
         for ((i, _), v) in sorted.into_iter().zip(values) {
-            if let Some(v) = v? {
-                out[i] = Some(decode(i, &v)?);
-            }
+            out[i] = v?.map(Pinned);
         }
         Ok(out)
     }

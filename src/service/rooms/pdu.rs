@@ -1,6 +1,9 @@
 //! The persistent data unit: an event as the room graph holds it, and its client form.
 
-use std::sync::{Arc, OnceLock};
+use std::{
+    borrow::Cow,
+    sync::{Arc, OnceLock},
+};
 
 use ruma::{
     CanonicalJsonObject, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId,
@@ -243,49 +246,304 @@ impl ClientEvent {
     }
 }
 
-impl Serialize for ClientEvent {
+/// What an event's client form carries in `unsigned`.
+#[derive(Serialize)]
+struct Unsigned<'a> {
+    age: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    transaction_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prev_content: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redacted_because: Option<&'a ClientEvent>,
+}
+
+/// An event's client form, however the event was read (a parsed [`Pdu`] or a
+/// [`HistoryEvent`]): the one place its keys are written.
+struct ClientForm<'a, K: ?Sized> {
+    kind: &'a K,
+    content: &'a RawValue,
+    event_id: &'a str,
+    sender: &'a str,
+    origin_server_ts: u64,
+    room_id: Option<&'a str>,
+    state_key: Option<&'a str>,
+    redacts: Option<&'a str>,
+    unsigned: Unsigned<'a>,
+}
+
+impl<K: Serialize + ?Sized> Serialize for ClientForm<'_, K> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
 
-        #[derive(Serialize)]
-        struct Unsigned<'a> {
-            age: u64,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            transaction_id: Option<&'a str>,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            prev_content: Option<&'a RawValue>,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            redacted_because: Option<&'a ClientEvent>,
-        }
-
-        let pdu = &self.event.pdu;
         let mut map = serializer.serialize_map(None)?;
-        map.serialize_entry("type", &pdu.kind)?;
-        map.serialize_entry("content", &pdu.content)?;
-        map.serialize_entry("event_id", &pdu.event_id)?;
-        map.serialize_entry("sender", &pdu.sender)?;
-        map.serialize_entry("origin_server_ts", &pdu.origin_server_ts)?;
-        if self.with_room_id {
-            map.serialize_entry("room_id", &self.event.room_id)?;
+        map.serialize_entry("type", self.kind)?;
+        map.serialize_entry("content", self.content)?;
+        map.serialize_entry("event_id", self.event_id)?;
+        map.serialize_entry("sender", self.sender)?;
+        map.serialize_entry("origin_server_ts", &self.origin_server_ts)?;
+        if let Some(room_id) = self.room_id {
+            map.serialize_entry("room_id", room_id)?;
         }
-        if let Some(sk) = &pdu.state_key {
+        if let Some(sk) = self.state_key {
             map.serialize_entry("state_key", sk)?;
         }
-        if pdu.kind == TimelineEventType::RoomRedaction
-            && let Some(r) = pdu.redacted_event()
-        {
-            map.serialize_entry("redacts", &r)?;
+        if let Some(r) = self.redacts {
+            map.serialize_entry("redacts", r)?;
         }
-        map.serialize_entry(
-            "unsigned",
-            &Unsigned {
+        map.serialize_entry("unsigned", &self.unsigned)?;
+        map.end()
+    }
+}
+
+impl Serialize for ClientEvent {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let pdu = &self.event.pdu;
+        let redacts = match pdu.kind {
+            TimelineEventType::RoomRedaction => pdu.redacted_event(),
+            _ => None,
+        };
+        ClientForm {
+            kind: &pdu.kind,
+            content: &pdu.content,
+            event_id: pdu.event_id.as_str(),
+            sender: pdu.sender.as_str(),
+            origin_server_ts: pdu.origin_server_ts.get().into(),
+            room_id: self.with_room_id.then(|| self.event.room_id.as_str()),
+            state_key: pdu.state_key.as_deref(),
+            redacts: redacts.as_ref().map(|r| r.as_str()),
+            unsigned: Unsigned {
                 age: self.age,
                 transaction_id: self.transaction_id.as_deref(),
                 prev_content: self.prev_content.as_deref().map(|p| &*p.content),
                 redacted_because: self.redacted_because.as_deref(),
             },
-        )?;
-        map.end()
+        }
+        .serialize(serializer)
+    }
+}
+
+/// Milliseconds from `ts` until now (zero for timestamps ahead of the clock).
+fn age_of(ts: u64) -> u64 {
+    u64::from(MilliSecondsSinceUnixEpoch::now().get()).saturating_sub(ts)
+}
+
+/// The transaction id an event was sent with, shown only to the client session that
+/// sent it.
+fn transaction_id_for<'a>(meta: &'a EventMeta, viewer: Option<&str>) -> Option<&'a str> {
+    match (&meta.txn, viewer) {
+        (Some((session, txn)), Some(viewer)) if session == viewer => Some(txn),
+        _ => None,
+    }
+}
+
+/// A text field of a stored event: borrowed from the stored JSON, copied only when it
+/// had escapes to undo.
+#[derive(Debug)]
+pub struct Text<'a>(Cow<'a, str>);
+
+impl std::ops::Deref for Text<'_> {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Text<'de>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(Visit)
+    }
+}
+
+/// The fields of a stored PDU that its client form shows, borrowed from the stored
+/// JSON: what history pages read of an event stored before its client part was.
+#[derive(Debug, Deserialize)]
+struct PduView<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Text<'a>,
+    #[serde(borrow)]
+    content: &'a RawValue,
+    #[serde(borrow)]
+    sender: Text<'a>,
+    origin_server_ts: u64,
+    #[serde(default, borrow)]
+    state_key: Option<Text<'a>>,
+    #[serde(default, borrow)]
+    redacts: Option<Text<'a>>,
+}
+
+/// The event a redaction redacts: the top-level key in old room versions, inside the
+/// content since room version 11.
+fn redacted_in<'a>(top_level: Option<Text<'a>>, content: &'a RawValue) -> Option<Cow<'a, str>> {
+    if let Some(r) = top_level {
+        return Some(r.0);
+    }
+    #[derive(Deserialize)]
+    struct C<'c> {
+        #[serde(borrow)]
+        redacts: Option<Text<'c>>,
+    }
+    serde_json::from_str::<C>(content.get())
+        .ok()
+        .and_then(|c| c.redacts)
+        .map(|r| r.0)
+}
+
+/// Version byte of the stored client part's layout.
+const CLIENT_PART_V1: u8 = 1;
+
+/// A stored event as a history page reads it: what its client form shows, borrowed
+/// from the stored bytes, and what the server keeps beside it.
+///
+/// A history page passes each event on once. Parsing the signed PDU for it (hashes,
+/// signatures and graph edges scanned, identifiers validated and copied) cost more
+/// than the rest of the page, so each event's client part is stored beside its PDU
+/// ([`client_part`]) and read by slicing.
+#[derive(Debug)]
+pub struct HistoryEvent<'a> {
+    pub event_id: Cow<'a, str>,
+    pub kind: Cow<'a, str>,
+    pub sender: Cow<'a, str>,
+    pub state_key: Option<Cow<'a, str>>,
+    pub content: &'a RawValue,
+    pub origin_server_ts: u64,
+    /// The redacted event, for redactions.
+    redacts: Option<Cow<'a, str>>,
+    pub meta: &'a EventMeta,
+}
+
+/// The client part of an event for storing: version byte, `origin_server_ts` (u64),
+/// then event id, type, sender, state key and redacted event, each as a u32 length
+/// (`u32::MAX` for none) and UTF-8 text, and the content's JSON text to the end.
+pub fn client_part(pdu: &Pdu) -> Vec<u8> {
+    let kind = pdu.kind.to_string();
+    let redacts = match pdu.kind {
+        TimelineEventType::RoomRedaction => pdu.redacted_event(),
+        _ => None,
+    };
+    let content = pdu.content.get();
+    let mut out = Vec::with_capacity(64 + kind.len() + content.len());
+    out.push(CLIENT_PART_V1);
+    out.extend_from_slice(&u64::from(pdu.origin_server_ts.get()).to_be_bytes());
+    let mut text = |t: Option<&str>| match t {
+        Some(t) => {
+            out.extend_from_slice(&(t.len() as u32).to_be_bytes());
+            out.extend_from_slice(t.as_bytes());
+        }
+        None => out.extend_from_slice(&u32::MAX.to_be_bytes()),
+    };
+    text(Some(pdu.event_id.as_str()));
+    text(Some(&kind));
+    text(Some(pdu.sender.as_str()));
+    text(pdu.state_key.as_deref());
+    text(redacts.as_ref().map(|r| r.as_str()));
+    out.extend_from_slice(content.as_bytes());
+    out
+}
+
+impl<'a> HistoryEvent<'a> {
+    /// Read from a stored client part.
+    pub fn from_part(part: &'a [u8], meta: &'a EventMeta) -> Result<Self> {
+        let damaged = || Error::internal("a stored client part is damaged");
+        if part.first() != Some(&CLIENT_PART_V1) {
+            return Err(damaged());
+        }
+        let ts = part.get(1..9).ok_or_else(damaged)?;
+        let origin_server_ts = u64::from_be_bytes(ts.try_into().map_err(|_| damaged())?);
+        let mut at = 9;
+        let mut text = || -> Result<Option<&'a str>> {
+            let len = part.get(at..at + 4).ok_or_else(damaged)?;
+            let len = u32::from_be_bytes(len.try_into().map_err(|_| damaged())?);
+            at += 4;
+            if len == u32::MAX {
+                return Ok(None);
+            }
+            let t = part.get(at..at + len as usize).ok_or_else(damaged)?;
+            at += len as usize;
+            Ok(Some(std::str::from_utf8(t).map_err(|_| damaged())?))
+        };
+        let event_id = text()?.ok_or_else(damaged)?;
+        let kind = text()?.ok_or_else(damaged)?;
+        let sender = text()?.ok_or_else(damaged)?;
+        let state_key = text()?;
+        let redacts = text()?;
+        let content: &RawValue = serde_json::from_slice(part.get(at..).ok_or_else(damaged)?)?;
+        Ok(Self {
+            event_id: Cow::Borrowed(event_id),
+            kind: Cow::Borrowed(kind),
+            sender: Cow::Borrowed(sender),
+            state_key: state_key.map(Cow::Borrowed),
+            content,
+            origin_server_ts,
+            redacts: redacts.map(Cow::Borrowed),
+            meta,
+        })
+    }
+
+    /// Read from the stored PDU, for events stored without a client part.
+    pub fn from_pdu(json: &'a [u8], event_id: &'a str, meta: &'a EventMeta) -> Result<Self> {
+        let view: PduView<'a> = serde_json::from_slice(json)?;
+        let redacts = match &*view.kind {
+            "m.room.redaction" => redacted_in(view.redacts, view.content),
+            _ => None,
+        };
+        Ok(Self {
+            event_id: Cow::Borrowed(event_id),
+            kind: view.kind.0,
+            sender: view.sender.0,
+            state_key: view.state_key.map(|s| s.0),
+            content: view.content,
+            origin_server_ts: view.origin_server_ts,
+            redacts,
+            meta,
+        })
+    }
+
+    /// The client form, as [`StoredEvent::to_client`] gives it, written straight to
+    /// JSON text; `prev_content` and `redacted_because` are read by the caller when
+    /// the metadata names them.
+    pub fn to_client_raw(
+        &self,
+        room_id: &RoomId,
+        viewer: Option<&str>,
+        prev_content: Option<&RawValue>,
+        redacted_because: Option<&ClientEvent>,
+    ) -> Result<Box<RawValue>> {
+        let form = ClientForm {
+            kind: &*self.kind,
+            content: self.content,
+            event_id: &self.event_id,
+            sender: &self.sender,
+            origin_server_ts: self.origin_server_ts,
+            room_id: Some(room_id.as_str()),
+            state_key: self.state_key.as_deref(),
+            redacts: self.redacts.as_deref(),
+            unsigned: Unsigned {
+                age: age_of(self.origin_server_ts),
+                transaction_id: transaction_id_for(self.meta, viewer),
+                prev_content,
+                redacted_because,
+            },
+        };
+        Ok(serde_json::value::to_raw_value(&form)?)
     }
 }
 
@@ -298,16 +556,11 @@ impl StoredEvent {
         prev_content: Option<Arc<Pdu>>,
         redacted_because: Option<ClientEvent>,
     ) -> ClientEvent {
-        let now = u64::from(MilliSecondsSinceUnixEpoch::now().get());
-        let transaction_id = match (&self.meta.txn, viewer) {
-            (Some((session, txn)), Some(viewer)) if session == viewer => Some(txn.clone()),
-            _ => None,
-        };
         ClientEvent {
             event: self.clone(),
             with_room_id: true,
-            age: now.saturating_sub(u64::from(self.pdu.origin_server_ts.get())),
-            transaction_id,
+            age: age_of(self.pdu.origin_server_ts.get().into()),
+            transaction_id: transaction_id_for(&self.meta, viewer).map(str::to_owned),
             prev_content,
             redacted_because: redacted_because.map(Box::new),
         }
@@ -354,5 +607,78 @@ mod tests {
         let create = br#"{"content":{},"depth":1,"origin_server_ts":1,"room_id":"!r:example.org","sender":"@a:example.org","state_key":"","type":"m.room.create"}"#;
         let pdu = Pdu::from_json(id, create).unwrap();
         assert!(pdu.prev_events().is_empty() && pdu.auth_events().is_empty());
+    }
+
+    /// The client form of a view of the stored JSON (history pages) and of the parsed
+    /// PDU (syncs) must be the same text, whatever the event holds.
+    #[test]
+    fn a_viewed_event_has_the_client_form_of_the_parsed_one() {
+        let room = RoomId::parse("!r:example.org").unwrap();
+        let events: [&[u8]; 5] = [
+            br#"{"auth_events":[],"content":{"body":"caf\u00e9 \"quoted\" \n","msgtype":"m.text"},"depth":4,"hashes":{"sha256":"x"},"origin_server_ts":1700000000000,"prev_events":["$p"],"room_id":"!r:example.org","sender":"@a:example.org","signatures":{"example.org":{"ed25519:k":"s"}},"type":"m.room.message"}"#,
+            br#"{"auth_events":[],"content":{"membership":"join"},"depth":5,"origin_server_ts":1700000000001,"prev_events":[],"room_id":"!r:example.org","sender":"@b:example.org","state_key":"@b:example.org","type":"m.room.member"}"#,
+            br#"{"auth_events":[],"content":{"reason":"spam","redacts":"$gone"},"depth":6,"origin_server_ts":1700000000002,"prev_events":[],"room_id":"!r:example.org","sender":"@a:example.org","type":"m.room.redaction"}"#,
+            br#"{"auth_events":[],"content":{},"depth":7,"origin_server_ts":1700000000003,"prev_events":[],"redacts":"$old","room_id":"!r:example.org","sender":"@a:example.org","type":"m.room.redaction"}"#,
+            br#"{"auth_events":[],"content":{"x":1},"depth":8,"origin_server_ts":1700000000004,"prev_events":[],"room_id":"!r:example.org","sender":"@a:example.org","state_key":"tab\tkey","type":"org.example.custom"}"#,
+        ];
+        let prev = Pdu::from_json(
+            ruma::EventId::parse("$prev").unwrap(),
+            br#"{"content":{"membership":"invite"},"depth":2,"origin_server_ts":1,"room_id":"!r:example.org","sender":"@a:example.org","state_key":"@b:example.org","type":"m.room.member"}"#,
+        )
+        .unwrap();
+        for (n, json) in events.into_iter().enumerate() {
+            let meta = EventMeta {
+                txn: Some(("session".to_owned(), format!("txn{n}"))),
+                ..Default::default()
+            };
+            let id = format!("$event{n}");
+            let pdu = Arc::new(Pdu::from_json(ruma::EventId::parse(&id).unwrap(), json).unwrap());
+            assert_eq!(pdu.state_key.is_some(), n == 1 || n == 4);
+            let stored = StoredEvent {
+                short: 1,
+                pdu,
+                meta: meta.clone(),
+                room_id: room.clone(),
+            };
+            let part = client_part(&stored.pdu);
+            let from_part = HistoryEvent::from_part(&part, &meta).unwrap();
+            let from_pdu = HistoryEvent::from_pdu(json, &id, &meta).unwrap();
+            for viewer in [Some("session"), Some("another"), None] {
+                let with_prev = (n == 1).then(|| Arc::new(prev.clone()));
+                let parsed = stored.to_client(viewer, with_prev.clone(), None).to_value();
+                for event in [&from_part, &from_pdu] {
+                    let prev_content = with_prev.as_deref().map(|p| &*p.content);
+                    let viewed = event.to_client_raw(&room, viewer, prev_content, None);
+                    let mut viewed: JsonValue =
+                        serde_json::from_str(viewed.unwrap().get()).unwrap();
+                    // The ages were taken a moment apart.
+                    let age = viewed["unsigned"]["age"].take();
+                    assert!(age.as_u64().is_some(), "{age}");
+                    viewed["unsigned"]["age"] = parsed["unsigned"]["age"].clone();
+                    assert_eq!(viewed, parsed, "event {n}, viewer {viewer:?}: {event:?}");
+                }
+            }
+            // Plain text is borrowed from the stored bytes, escaped text unescaped.
+            assert!(matches!(from_part.sender, Cow::Borrowed(_)));
+            assert!(matches!(from_pdu.sender, Cow::Borrowed(_)));
+            if n == 4 {
+                assert_eq!(from_pdu.state_key.as_deref(), Some("tab\tkey"));
+                assert_eq!(from_part.state_key.as_deref(), Some("tab\tkey"));
+            }
+            // The redactions name what they redact, wherever their room version puts it.
+            let redacts = [None, None, Some("$gone"), Some("$old"), None][n];
+            assert_eq!(from_part.redacts.as_deref(), redacts);
+            assert_eq!(from_pdu.redacts.as_deref(), redacts);
+            // A damaged (here: cut short) client part is an error, not a panic.
+            for cut in 0..part.len() {
+                assert!(
+                    HistoryEvent::from_part(&part[..cut], &meta).is_err(),
+                    "{cut}"
+                );
+            }
+        }
+        let meta = EventMeta::default();
+        assert!(HistoryEvent::from_pdu(br#"{"type":5}"#, "$x", &meta).is_err());
+        assert!(HistoryEvent::from_part(&[2, 0, 0], &meta).is_err());
     }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use ruma::{OwnedUserId, RoomId, UserId};
+use ruma::{RoomId, UserId};
 use serde_json::{Value as JsonValue, value::RawValue};
 
 use super::{Rooms, pdu::StoredEvent, visibility::SeenMemo};
@@ -45,16 +45,23 @@ fn type_matches(pattern: &str, kind: &str) -> bool {
 
 impl EventFilter {
     pub fn allows(&self, e: &StoredEvent) -> bool {
-        let kind = e.pdu.kind.to_string();
-        if self.not_types.iter().any(|p| type_matches(p, &kind)) {
+        self.allows_parts(
+            &e.pdu.kind.to_string(),
+            e.pdu.sender.as_str(),
+            &e.pdu.content,
+        )
+    }
+
+    /// [`Self::allows`] for an event known by its type, sender and content.
+    pub fn allows_parts(&self, kind: &str, sender: &str, content: &RawValue) -> bool {
+        if self.not_types.iter().any(|p| type_matches(p, kind)) {
             return false;
         }
         if let Some(types) = &self.types
-            && !types.iter().any(|p| type_matches(p, &kind))
+            && !types.iter().any(|p| type_matches(p, kind))
         {
             return false;
         }
-        let sender = e.pdu.sender.as_str();
         if self.not_senders.iter().any(|s| s == sender) {
             return false;
         }
@@ -64,11 +71,15 @@ impl EventFilter {
             return false;
         }
         if let Some(want) = self.contains_url {
-            let has = e
-                .pdu
-                .content_json()
-                .get("url")
-                .is_some_and(|u| u.is_string());
+            #[derive(serde::Deserialize)]
+            struct Url<'a> {
+                #[serde(default, borrow)]
+                url: Option<&'a RawValue>,
+            }
+            let has = serde_json::from_str::<Url>(content.get())
+                .ok()
+                .and_then(|c| c.url)
+                .is_some_and(|u| u.get().starts_with('"'));
             if has != want {
                 return false;
             }
@@ -166,7 +177,7 @@ impl Rooms {
         let start = make_token(cursor);
         let to = to.map(parse_token).transpose()?;
         let mut chunk = Vec::with_capacity(limit);
-        let mut senders: BTreeSet<OwnedUserId> = BTreeSet::new();
+        let mut senders: BTreeSet<String> = BTreeSet::new();
         let mut end = None;
         let mut exhausted = false;
         let mut seen = SeenMemo::default();
@@ -193,9 +204,9 @@ impl Rooms {
                 break;
             }
             let shorts: Vec<u64> = batch.iter().map(|(_, short)| *short).collect();
-            let events = self.timeline.stored_history(&shorts)?;
+            let events = self.timeline.history(&shorts)?;
             let before = chunk.len();
-            for ((pos, _), event) in batch.into_iter().zip(events) {
+            for (i, (pos, _)) in batch.into_iter().enumerate() {
                 if let Some(to) = to
                     && ((backward && pos <= to) || (!backward && pos > to))
                 {
@@ -204,14 +215,28 @@ impl Rooms {
                 }
                 cursor = if backward { pos - 1 } else { pos };
                 end = Some(make_token(cursor));
-                let Some(event) = event else {
+                let Some(event) = events.get(i)? else {
                     continue;
                 };
-                if !filter.allows(&event) || !self.can_see_event_memo(user, &event, &mut seen)? {
+                if !filter.allows_parts(&event.kind, &event.sender, event.content)
+                    || !self.can_see_parts(
+                        user,
+                        room_id,
+                        &event.kind,
+                        event.state_key.as_deref(),
+                        event.meta.state_after,
+                        &mut seen,
+                    )?
+                {
                     continue;
                 }
-                senders.insert(event.pdu.sender.clone());
-                chunk.push(self.timeline.to_client_raw(&event, client_session)?);
+                if filter.lazy_load_members && !senders.contains(&*event.sender) {
+                    senders.insert(event.sender.to_string());
+                }
+                chunk.push(
+                    self.timeline
+                        .history_client_raw(room_id, &event, client_session)?,
+                );
                 if chunk.len() >= limit {
                     break;
                 }
@@ -232,7 +257,7 @@ impl Rooms {
             for sender in senders {
                 if let Some(e) =
                     self.timeline
-                        .state_event_in_group(group, "m.room.member", sender.as_str())?
+                        .state_event_in_group(group, "m.room.member", &sender)?
                 {
                     state.push(self.timeline.to_client_raw(&e, client_session)?);
                 }

@@ -18,7 +18,7 @@ use serde_json::Value as JsonValue;
 use tokio::sync::OwnedMutexGuard;
 
 use super::{
-    pdu::{ClientEvent, EventMeta, Pdu, StoredEvent, to_json_checked},
+    pdu::{ClientEvent, EventMeta, HistoryEvent, Pdu, StoredEvent, client_part, to_json_checked},
     power::PowerLevels,
     signing::{self, Signing, hash_and_sign, reference_hash},
     state::{EMPTY_GROUP, StateService},
@@ -31,7 +31,7 @@ use crate::{
         push::{Push, RoomContext},
     },
     storage::{
-        Batch, Db, IdKind, NewestByRoom, StreamTicket, decode_u64, str_key, timeline_key,
+        Batch, Db, IdKind, NewestByRoom, Pinned, StreamTicket, decode_u64, str_key, timeline_key,
         timeline_key_pos, u64_at, u64_key,
     },
 };
@@ -174,6 +174,35 @@ impl PduCache {
             self.young.remove(s);
             self.old.remove(s);
         }
+    }
+}
+
+/// The events of one read of history ([`Timeline::history`]), held as the database
+/// stores them.
+pub struct HistoryBatch<'db> {
+    metas: Vec<Option<EventMeta>>,
+    parts: Vec<Option<Pinned<'db>>>,
+    /// For the events without a client part: their ids and PDUs, by index.
+    ids: HashMap<usize, Pinned<'db>>,
+    pdus: HashMap<usize, Pinned<'db>>,
+}
+
+impl HistoryBatch<'_> {
+    /// The `i`th event asked for; `None` when it is not (or not wholly) stored.
+    pub fn get(&self, i: usize) -> Result<Option<HistoryEvent<'_>>> {
+        let Some(Some(meta)) = self.metas.get(i) else {
+            return Ok(None);
+        };
+        if let Some(Some(part)) = self.parts.get(i) {
+            return Ok(Some(HistoryEvent::from_part(part, meta)?));
+        }
+        let (Some(id), Some(json)) = (self.ids.get(&i), self.pdus.get(&i)) else {
+            return Ok(None);
+        };
+        // Long ids are stored behind a byte that says what kind of id they are.
+        let event_id = std::str::from_utf8(id.get(1..).unwrap_or_default())
+            .map_err(|_| Error::internal("stored event id is not UTF-8"))?;
+        Ok(Some(HistoryEvent::from_pdu(json, event_id, meta)?))
     }
 }
 
@@ -430,18 +459,75 @@ impl Timeline {
     /// with one batched lookup per column family rather than three reads each, and
     /// kept in the cache.
     pub fn stored_many(&self, shorts: &[u64]) -> Result<Vec<Option<StoredEvent>>> {
-        self.read_many(shorts, true)
+        self.read_many(shorts)
     }
 
-    /// Like [`Timeline::stored_many`], for reads that pass once through old history (a
-    /// client scrolling back): the cache answers what it holds but is not filled, so
-    /// such a walk neither pushes out the state and recent events every send and sync
-    /// reads nor pays for evicting them.
-    pub fn stored_history(&self, shorts: &[u64]) -> Result<Vec<Option<StoredEvent>>> {
-        self.read_many(shorts, false)
+    /// Events for a history page (a client scrolling back): their client parts, read
+    /// from the database and looked into in place ([`HistoryBatch::get`]), neither
+    /// parsed into PDUs nor kept in the cache. A page costs about the same whether its
+    /// events were used lately or years ago, and a walk through old history does not
+    /// push out the state and recent events every send and sync reads.
+    pub fn history(&self, shorts: &[u64]) -> Result<HistoryBatch<'_>> {
+        let keys: Vec<[u8; 8]> = shorts.iter().map(|s| s.to_be_bytes()).collect();
+        let metas = self.db.get_many_map("event_meta", &keys, |_, v| {
+            Ok(serde_json::from_slice::<EventMeta>(v)?)
+        })?;
+        let parts = self.db.get_many_pinned("client_parts", &keys)?;
+        // Events stored before client parts were, and redacted ones, are read from
+        // their PDUs.
+        let missing: Vec<usize> = (0..keys.len())
+            .filter(|i| parts[*i].is_none() && metas[*i].is_some())
+            .collect();
+        let (mut ids, mut pdus) = (HashMap::new(), HashMap::new());
+        if !missing.is_empty() {
+            let keys: Vec<[u8; 8]> = missing.iter().map(|i| keys[*i]).collect();
+            let found = self
+                .db
+                .get_many_pinned("longids", &keys)?
+                .into_iter()
+                .zip(self.db.get_many_pinned("pdus", &keys)?);
+            for (i, (id, pdu)) in missing.into_iter().zip(found) {
+                if let (Some(id), Some(pdu)) = (id, pdu) {
+                    ids.insert(i, id);
+                    pdus.insert(i, pdu);
+                }
+            }
+        }
+        Ok(HistoryBatch {
+            metas,
+            parts,
+            ids,
+            pdus,
+        })
     }
 
-    fn read_many(&self, shorts: &[u64], fill_cache: bool) -> Result<Vec<Option<StoredEvent>>> {
+    /// The client form of an event of a history page, with what its `unsigned` needs.
+    pub fn history_client_raw(
+        &self,
+        room_id: &RoomId,
+        event: &HistoryEvent<'_>,
+        viewer: Option<&str>,
+    ) -> Result<Box<serde_json::value::RawValue>> {
+        let prev = match event.meta.replaces {
+            Some(prev) => self.pdu_by_short(prev)?,
+            None => None,
+        };
+        let redacted_because = match &event.meta.redacted_by {
+            Some(id) => match self.stored_by_id(&EventId::parse(id)?)? {
+                Some(r) => Some(self.client_event(&r, None)?),
+                None => None,
+            },
+            None => None,
+        };
+        event.to_client_raw(
+            room_id,
+            viewer,
+            prev.as_deref().map(|p| &*p.content),
+            redacted_because.as_ref(),
+        )
+    }
+
+    fn read_many(&self, shorts: &[u64]) -> Result<Vec<Option<StoredEvent>>> {
         let keys: Vec<[u8; 8]> = shorts.iter().map(|s| s.to_be_bytes()).collect();
         let metas = self.db.get_many_map("event_meta", &keys, |_, v| {
             Ok(serde_json::from_slice::<EventMeta>(v)?)
@@ -473,17 +559,13 @@ impl Timeline {
                     continue;
                 };
                 let pdu = Arc::new(pdu);
-                if fill_cache {
-                    loaded.push((shorts[i], pdu.clone()));
-                }
+                loaded.push((shorts[i], pdu.clone()));
                 pdus[i] = Some(pdu);
             }
-            if fill_cache {
-                let mut cache = self.pdus.lock();
-                if cache.generation == generation {
-                    for (short, pdu) in loaded {
-                        cache.insert(short, pdu);
-                    }
+            let mut cache = self.pdus.lock();
+            if cache.generation == generation {
+                for (short, pdu) in loaded {
+                    cache.insert(short, pdu);
                 }
             }
         }
@@ -1119,6 +1201,8 @@ impl<'a> Draft<'a> {
             // Written by the commit, once signed.
             Signing::Owed(message) => self.owed.push((short, message)),
         }
+        self.batch
+            .put(db, "client_parts", &short.to_be_bytes(), &client_part(&pdu));
         self.batch.put(
             db,
             "timeline",
@@ -1193,6 +1277,8 @@ impl<'a> Draft<'a> {
             &short.to_be_bytes(),
             &serde_json::to_vec(&redacted)?,
         );
+        // History pages read the redacted event from its PDU from now on.
+        self.batch.delete(db, "client_parts", &short.to_be_bytes());
         self.batch.put(
             db,
             "event_meta",

@@ -31,22 +31,40 @@ impl Rooms {
         event: &StoredEvent,
         memo: &mut SeenMemo,
     ) -> Result<bool> {
+        self.can_see_parts(
+            user,
+            &event.room_id,
+            &event.pdu.kind.to_string(),
+            event.pdu.state_key.as_deref(),
+            event.meta.state_after,
+            memo,
+        )
+    }
+
+    /// [`Self::can_see_event_memo`] for an event of `room_id` known by its type, state
+    /// key and the state group after it.
+    pub fn can_see_parts(
+        &self,
+        user: &UserId,
+        room_id: &RoomId,
+        kind: &str,
+        state_key: Option<&str>,
+        state_after: u64,
+        memo: &mut SeenMemo,
+    ) -> Result<bool> {
         // Everyone sees the events that changed their own membership.
-        if event.pdu.kind == ruma::events::TimelineEventType::RoomMember
-            && event.pdu.state_key.as_deref() == Some(user.as_str())
-        {
+        if kind == "m.room.member" && state_key == Some(user.as_str()) {
             return Ok(true);
         }
-        let group = event.meta.state_after;
-        if let Some(seen) = memo.0.get(&group) {
+        if let Some(seen) = memo.0.get(&state_after) {
             return Ok(*seen);
         }
-        let seen = self.can_see_after(user, event, group)?;
-        memo.0.insert(group, seen);
+        let seen = self.can_see_after(user, room_id, state_after)?;
+        memo.0.insert(state_after, seen);
         Ok(seen)
     }
 
-    fn can_see_after(&self, user: &UserId, event: &StoredEvent, group: u64) -> Result<bool> {
+    fn can_see_after(&self, user: &UserId, room_id: &RoomId, group: u64) -> Result<bool> {
         let tl = &self.timeline;
         let visibility = field(
             tl.state_event_in_group(group, "m.room.history_visibility", "")?,
@@ -65,7 +83,7 @@ impl Rooms {
         }
         match visibility.as_str() {
             "invited" => Ok(then.as_deref() == Some("invite")),
-            "shared" => Ok(self.membership(&event.room_id, user)?.as_deref() == Some("join")),
+            "shared" => Ok(self.membership(room_id, user)?.as_deref() == Some("join")),
             _ => Ok(false),
         }
     }
