@@ -340,7 +340,7 @@ fn transaction_id_for<'a>(meta: &'a EventMeta, viewer: Option<&str>) -> Option<&
 /// A text field of a stored event: borrowed from the stored JSON, copied only when it
 /// had escapes to undo.
 #[derive(Debug)]
-pub struct Text<'a>(Cow<'a, str>);
+struct Text<'a>(Cow<'a, str>);
 
 impl std::ops::Deref for Text<'_> {
     type Target = str;
@@ -419,7 +419,7 @@ const CLIENT_PART_V1: u8 = 1;
 /// ([`client_part`]) and read by slicing.
 #[derive(Debug)]
 pub struct HistoryEvent<'a> {
-    pub event_id: Cow<'a, str>,
+    pub event_id: &'a str,
     pub kind: Cow<'a, str>,
     pub sender: Cow<'a, str>,
     pub state_key: Option<Cow<'a, str>>,
@@ -487,7 +487,7 @@ impl<'a> HistoryEvent<'a> {
         let redacts = text()?;
         let content: &RawValue = serde_json::from_slice(part.get(at..).ok_or_else(damaged)?)?;
         Ok(Self {
-            event_id: Cow::Borrowed(event_id),
+            event_id,
             kind: Cow::Borrowed(kind),
             sender: Cow::Borrowed(sender),
             state_key: state_key.map(Cow::Borrowed),
@@ -506,7 +506,7 @@ impl<'a> HistoryEvent<'a> {
             _ => None,
         };
         Ok(Self {
-            event_id: Cow::Borrowed(event_id),
+            event_id,
             kind: view.kind.0,
             sender: view.sender.0,
             state_key: view.state_key.map(|s| s.0),
@@ -530,7 +530,7 @@ impl<'a> HistoryEvent<'a> {
         let form = ClientForm {
             kind: &*self.kind,
             content: self.content,
-            event_id: &self.event_id,
+            event_id: self.event_id,
             sender: &self.sender,
             origin_server_ts: self.origin_server_ts,
             room_id: Some(room_id.as_str()),
