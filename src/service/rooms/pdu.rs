@@ -84,13 +84,7 @@ impl Pdu {
         if let Some(r) = &self.redacts {
             return Some(r.clone());
         }
-        #[derive(Deserialize)]
-        struct C {
-            redacts: Option<OwnedEventId>,
-        }
-        serde_json::from_str::<C>(self.content.get())
-            .ok()
-            .and_then(|c| c.redacts)
+        redacts_in_content(&self.content).and_then(|r| OwnedEventId::try_from(&*r).ok())
     }
 
     pub fn is_state(&self) -> bool {
@@ -390,12 +384,9 @@ struct PduView<'a> {
     redacts: Option<Text<'a>>,
 }
 
-/// The event a redaction redacts: the top-level key in old room versions, inside the
-/// content since room version 11.
-fn redacted_in<'a>(top_level: Option<Text<'a>>, content: &'a RawValue) -> Option<Cow<'a, str>> {
-    if let Some(r) = top_level {
-        return Some(r.0);
-    }
+/// The event a redaction of room version 11 or later redacts: `redacts` moved from the
+/// top level into the content.
+fn redacts_in_content(content: &RawValue) -> Option<Cow<'_, str>> {
     #[derive(Deserialize)]
     struct C<'c> {
         #[serde(borrow)]
@@ -502,7 +493,10 @@ impl<'a> HistoryEvent<'a> {
     pub fn from_pdu(json: &'a [u8], event_id: &'a str, meta: &'a EventMeta) -> Result<Self> {
         let view: PduView<'a> = serde_json::from_slice(json)?;
         let redacts = match &*view.kind {
-            "m.room.redaction" => redacted_in(view.redacts, view.content),
+            "m.room.redaction" => match view.redacts {
+                Some(r) => Some(r.0),
+                None => redacts_in_content(view.content),
+            },
             _ => None,
         };
         Ok(Self {

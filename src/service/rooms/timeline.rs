@@ -183,8 +183,7 @@ pub struct HistoryBatch<'db> {
     metas: Vec<Option<EventMeta>>,
     parts: Vec<Option<Pinned<'db>>>,
     /// For the events without a client part: their ids and PDUs, by index.
-    ids: HashMap<usize, Pinned<'db>>,
-    pdus: HashMap<usize, Pinned<'db>>,
+    pdus: HashMap<usize, (Pinned<'db>, Pinned<'db>)>,
 }
 
 impl HistoryBatch<'_> {
@@ -196,7 +195,7 @@ impl HistoryBatch<'_> {
         if let Some(Some(part)) = self.parts.get(i) {
             return Ok(Some(HistoryEvent::from_part(part, meta)?));
         }
-        let (Some(id), Some(json)) = (self.ids.get(&i), self.pdus.get(&i)) else {
+        let Some((id, json)) = self.pdus.get(&i) else {
             return Ok(None);
         };
         // Long ids are stored behind a byte that says what kind of id they are.
@@ -455,13 +454,6 @@ impl Timeline {
         })
     }
 
-    /// Many events at once, in the order of `shorts`: the ones not cached are read
-    /// with one batched lookup per column family rather than three reads each, and
-    /// kept in the cache.
-    pub fn stored_many(&self, shorts: &[u64]) -> Result<Vec<Option<StoredEvent>>> {
-        self.read_many(shorts)
-    }
-
     /// Events for a history page (a client scrolling back): their client parts, read
     /// from the database and looked into in place ([`HistoryBatch::get`]), neither
     /// parsed into PDUs nor kept in the cache. A page costs about the same whether its
@@ -478,7 +470,7 @@ impl Timeline {
         let missing: Vec<usize> = (0..keys.len())
             .filter(|i| parts[*i].is_none() && metas[*i].is_some())
             .collect();
-        let (mut ids, mut pdus) = (HashMap::new(), HashMap::new());
+        let mut pdus = HashMap::new();
         if !missing.is_empty() {
             let keys: Vec<[u8; 8]> = missing.iter().map(|i| keys[*i]).collect();
             let found = self
@@ -488,17 +480,11 @@ impl Timeline {
                 .zip(self.db.get_many_pinned("pdus", &keys)?);
             for (i, (id, pdu)) in missing.into_iter().zip(found) {
                 if let (Some(id), Some(pdu)) = (id, pdu) {
-                    ids.insert(i, id);
-                    pdus.insert(i, pdu);
+                    pdus.insert(i, (id, pdu));
                 }
             }
         }
-        Ok(HistoryBatch {
-            metas,
-            parts,
-            ids,
-            pdus,
-        })
+        Ok(HistoryBatch { metas, parts, pdus })
     }
 
     /// The client form of an event of a history page, with what its `unsigned` needs.
@@ -508,17 +494,7 @@ impl Timeline {
         event: &HistoryEvent<'_>,
         viewer: Option<&str>,
     ) -> Result<Box<serde_json::value::RawValue>> {
-        let prev = match event.meta.replaces {
-            Some(prev) => self.pdu_by_short(prev)?,
-            None => None,
-        };
-        let redacted_because = match &event.meta.redacted_by {
-            Some(id) => match self.stored_by_id(&EventId::parse(id)?)? {
-                Some(r) => Some(self.client_event(&r, None)?),
-                None => None,
-            },
-            None => None,
-        };
+        let (prev, redacted_because) = self.unsigned_events(event.meta)?;
         event.to_client_raw(
             room_id,
             viewer,
@@ -527,7 +503,10 @@ impl Timeline {
         )
     }
 
-    fn read_many(&self, shorts: &[u64]) -> Result<Vec<Option<StoredEvent>>> {
+    /// Many events at once, in the order of `shorts`: the ones not cached are read
+    /// with one batched lookup per column family rather than three reads each, and
+    /// kept in the cache.
+    pub fn stored_many(&self, shorts: &[u64]) -> Result<Vec<Option<StoredEvent>>> {
         let keys: Vec<[u8; 8]> = shorts.iter().map(|s| s.to_be_bytes()).collect();
         let metas = self.db.get_many_map("event_meta", &keys, |_, v| {
             Ok(serde_json::from_slice::<EventMeta>(v)?)
@@ -607,18 +586,25 @@ impl Timeline {
     /// The client form of an event, with what its `unsigned` needs: the content of the
     /// state event it replaced, the redaction that redacted it.
     pub fn client_event(&self, event: &StoredEvent, viewer: Option<&str>) -> Result<ClientEvent> {
-        let prev_content = match event.meta.replaces {
+        let (prev_content, redacted_because) = self.unsigned_events(&event.meta)?;
+        Ok(event.to_client(viewer, prev_content, redacted_because))
+    }
+
+    /// The events an event's `unsigned` shows: the state event it replaced (for
+    /// `prev_content`) and the redaction that redacted it, in its client form.
+    fn unsigned_events(&self, meta: &EventMeta) -> Result<(Option<Arc<Pdu>>, Option<ClientEvent>)> {
+        let replaced = match meta.replaces {
             Some(prev) => self.pdu_by_short(prev)?,
             None => None,
         };
-        let redacted_because = match &event.meta.redacted_by {
+        let redacted_because = match &meta.redacted_by {
             Some(id) => match self.stored_by_id(&EventId::parse(id)?)? {
                 Some(r) => Some(self.client_event(&r, None)?),
                 None => None,
             },
             None => None,
         };
-        Ok(event.to_client(viewer, prev_content, redacted_because))
+        Ok((replaced, redacted_because))
     }
 
     /// The current state event for `(type, state_key)`.
