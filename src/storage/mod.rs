@@ -1,4 +1,5 @@
-//! RocksDB storage: column families, key codecs, atomic batches, short ids, the stream.
+//! RocksDB storage: key spaces and their column families, key codecs, atomic batches,
+//! short ids, the stream.
 //!
 //! This layer knows keys and bytes, nothing of Matrix rules. Services decide what to
 //! store; they group all writes of one operation into a [`Batch`] and commit it with
@@ -45,160 +46,244 @@ impl std::ops::Deref for Pinned<'_> {
 /// hundreds of MiB.
 const MEMTABLE_BUDGET: usize = 16 * 1024 * 1024;
 
-/// Every column family, with what it holds. Keys are big-endian so that prefix scans
-/// walk in order; `SEP` (0xff, never in UTF-8) separates string parts.
-pub const COLUMN_FAMILIES: &[(&str, &str)] = &[
-    (
+/// The column family the small key spaces share: RocksDB's default one, which every
+/// database has anyway.
+const SHARED_FAMILY: &str = rust_rocksdb::DEFAULT_COLUMN_FAMILY_NAME;
+
+/// One key space of the database (see [`KEY_SPACES`]).
+pub struct KeySpace {
+    pub name: &'static str,
+    /// `None`: a column family of its own, named like the space. `Some(tag)`: in the
+    /// shared family, every key prefixed with `tag`.
+    pub tag: Option<u8>,
+    pub holds: &'static str,
+}
+
+impl KeySpace {
+    const fn own(name: &'static str, holds: &'static str) -> Self {
+        Self {
+            name,
+            tag: None,
+            holds,
+        }
+    }
+
+    const fn shared(tag: u8, name: &'static str, holds: &'static str) -> Self {
+        Self {
+            name,
+            tag: Some(tag),
+            holds,
+        }
+    }
+
+    /// The name of the column family the space lives in.
+    fn family(&self) -> &'static str {
+        match self.tag {
+            None => self.name,
+            Some(_) => SHARED_FAMILY,
+        }
+    }
+}
+
+/// Every key space, with where it lives and what it holds. Keys are big-endian so that
+/// prefix scans walk in order; `SEP` (0xff, never in UTF-8) separates string parts.
+///
+/// The big and busy spaces (events, their metadata, timelines, the stream, state) have a
+/// RocksDB column family each. The many small ones share the default family, each under
+/// its own one-byte tag, which the storage layer puts before every key and takes off
+/// again: a column family costs about 55 KiB of memory and its own entries in the
+/// manifest whether it holds anything or not. Tags are part of the on-disk format:
+/// never reuse or change one.
+pub const KEY_SPACES: &[KeySpace] = &[
+    KeySpace::shared(
+        1,
         "meta",
         "schema version, server signing key, generated secrets",
     ),
-    ("shortids", "kind byte + long identifier → u64 short id"),
-    ("longids", "u64 short id → kind byte + long identifier"),
-    (
+    KeySpace::own("shortids", "kind byte + long identifier → u64 short id"),
+    KeySpace::own("longids", "u64 short id → kind byte + long identifier"),
+    KeySpace::shared(
+        2,
         "users",
         "user id → account record (password hash, admin, deactivated, profile)",
     ),
-    ("devices", "user id SEP device id → device record"),
-    (
+    KeySpace::shared(3, "devices", "user id SEP device id → device record"),
+    KeySpace::shared(
+        4,
         "access_tokens",
         "access token → user id \\u{1} device id \\u{1} client session id",
     ),
-    (
+    KeySpace::shared(
+        5,
         "login_tokens",
         "short-lived m.login.token → user id and expiry",
     ),
-    (
+    KeySpace::shared(
+        6,
         "registration_tokens",
         "registration token → allowed uses, completed uses, expiry",
     ),
-    (
+    KeySpace::shared(
+        7,
         "account_data",
         "user id SEP room id (empty for global) SEP type → content",
     ),
-    ("filters", "user id SEP filter id → filter definition"),
-    ("pdus", "event short id → PDU as canonical JSON"),
-    (
+    KeySpace::shared(8, "filters", "user id SEP filter id → filter definition"),
+    KeySpace::own("pdus", "event short id → PDU as canonical JSON"),
+    KeySpace::own(
         "client_parts",
         "event short id → what a history page shows of it (id, type, sender, content, …)",
     ),
-    (
+    KeySpace::own(
         "event_meta",
         "event short id → room, stream position, state groups, transaction id",
     ),
-    (
+    KeySpace::own(
         "timeline",
         "room short id + inverted stream position (newest first) → event short id",
     ),
-    (
+    KeySpace::own(
         "stream",
         "stream position → event short id, across all rooms (for sync)",
     ),
-    (
+    KeySpace::shared(
+        9,
         "rooms",
         "room short id → room record: version, forward extremities, depth, state group",
     ),
-    (
+    KeySpace::own(
         "state_groups",
         "state group id → parent group and delta, or a full snapshot",
     ),
-    (
+    KeySpace::own(
         "room_state",
         "room short id + state-key short id → event short id (current state)",
     ),
-    ("user_rooms", "user short id + room short id → membership"),
-    ("room_members", "room short id + user short id → membership"),
-    ("aliases", "room alias → room id and creator"),
-    ("room_aliases", "room short id SEP alias → empty"),
-    (
+    KeySpace::shared(
+        10,
+        "user_rooms",
+        "user short id + room short id → membership",
+    ),
+    KeySpace::shared(
+        11,
+        "room_members",
+        "room short id + user short id → membership",
+    ),
+    KeySpace::shared(12, "aliases", "room alias → room id and creator"),
+    KeySpace::shared(13, "room_aliases", "room short id SEP alias → empty"),
+    KeySpace::shared(
+        14,
         "public_rooms",
         "room short id → empty, for rooms listed in the public directory",
     ),
-    (
+    KeySpace::shared(
+        15,
         "txn_ids",
         "user id SEP device id SEP transaction id → event id",
     ),
-    (
+    KeySpace::shared(
+        16,
         "user_stream",
         "user short id + stream position → what changed for the user (account data …)",
     ),
-    (
+    KeySpace::shared(
+        17,
         "receipts",
         "room short id + user short id + receipt type SEP thread → event id, timestamp",
     ),
-    (
+    KeySpace::shared(
+        18,
         "receipt_stream",
         "room short id + stream position → the receipt that changed",
     ),
-    (
+    KeySpace::shared(
+        19,
         "receipt_rooms",
         "stream position → room short id, for readers of receipts across rooms",
     ),
-    (
+    KeySpace::shared(
+        20,
         "membership_stream",
         "stream position → room short id + user short id + joined (1) or left (0)",
     ),
-    (
+    KeySpace::shared(
+        21,
         "device_keys",
         "user id SEP device id → the device's signed identity keys",
     ),
-    (
+    KeySpace::shared(
+        22,
         "one_time_keys",
         "user id SEP device id SEP algorithm SEP key id → one-time key",
     ),
-    (
+    KeySpace::shared(
+        23,
         "fallback_keys",
         "user id SEP device id SEP algorithm → fallback key and whether it was used",
     ),
-    (
+    KeySpace::shared(
+        24,
         "cross_signing_keys",
         "user id SEP master|self_signing|user_signing → cross-signing key",
     ),
-    (
+    KeySpace::shared(
+        25,
         "key_signatures",
         "user id SEP signed key id SEP signer user id SEP signer key id → signature",
     ),
-    (
+    KeySpace::shared(
+        26,
         "device_list_stream",
         "stream position → user id whose devices or keys changed",
     ),
-    (
+    KeySpace::shared(
+        27,
         "to_device",
         "user id SEP device id SEP stream position + index → to-device message",
     ),
-    (
+    KeySpace::shared(
+        28,
         "backup_versions",
         "user id SEP version (u64) → backup algorithm, auth data, etag, key count",
     ),
-    (
+    KeySpace::shared(
+        29,
         "backup_keys",
         "user id SEP version (u64) SEP room id SEP session id → backed-up room key",
     ),
-    (
+    KeySpace::shared(
+        30,
         "media",
         "media id → file hash, content type, file name, size, uploader (or a pending upload)",
     ),
-    (
+    KeySpace::shared(
+        31,
         "media_thumbnails",
         "media id SEP width x height SEP method → thumbnail hash and content type",
     ),
-    (
+    KeySpace::shared(
+        32,
         "push_actions",
         "user short id + room short id + stream position → what the push rules said",
     ),
-    (
+    KeySpace::shared(
+        33,
         "user_notifications",
         "user short id + stream position → room short id, for /notifications",
     ),
-    ("pushers", "user id SEP app id SEP push key → pusher"),
-    (
+    KeySpace::shared(34, "pushers", "user id SEP app id SEP push key → pusher"),
+    KeySpace::shared(
+        35,
         "push_queue",
         "stream position + user short id + push key → notification for a push gateway",
     ),
-    (
+    KeySpace::shared(
+        36,
         "appservices",
         "appservice id → registration added with `salon admin appservice register`",
     ),
-    (
+    KeySpace::shared(
+        37,
         "appservice_state",
         "appservice id → delivery cursor, next transaction id, the transaction in flight",
     ),
@@ -219,7 +304,10 @@ fn timeline_newest_first(db: &Db) -> Result<()> {
     const CHUNK: usize = 10_000;
     let mut batch = Batch::default();
     let mut pending = 0;
-    for item in db.db.iterator_cf(db.cf("timeline"), IteratorMode::Start) {
+    for item in db
+        .db
+        .iterator_cf(db.space("timeline").0, IteratorMode::Start)
+    {
         let (k, v) = item?;
         if k.len() != 16 || u64_at(&k, 1) >= 1 << 63 {
             continue;
@@ -238,6 +326,63 @@ fn timeline_newest_first(db: &Db) -> Result<()> {
         }
     }
     db.commit(batch)
+}
+
+/// Moves the entries of spaces that had a column family of their own in an older layout
+/// into the shared family, under their tags, then drops the emptied family. Each chunk
+/// moves atomically and durably (the copies and the deletions in one synced batch), so a
+/// move cut short by a crash simply goes on at the next start.
+fn share_own_families(db: &mut DB, opened: &[String]) -> Result<()> {
+    const CHUNK: usize = 10_000;
+    let mut synced = WriteOptions::default();
+    synced.set_sync(true);
+    for space in KEY_SPACES {
+        let Some(tag) = space.tag else { continue };
+        if !opened.iter().any(|name| name == space.name) {
+            continue;
+        }
+        {
+            let (Some(old), Some(shared)) = (db.cf_handle(space.name), db.cf_handle(SHARED_FAMILY))
+            else {
+                continue;
+            };
+            let mut batch = WriteBatch::default();
+            let mut moved = 0;
+            for item in db.iterator_cf(old, IteratorMode::Start) {
+                let (k, v) = item?;
+                batch.put_cf(shared, tagged(Some(tag), &k), v);
+                batch.delete_cf(old, k);
+                moved += 1;
+                if moved % CHUNK == 0 {
+                    db.write_opt(&std::mem::take(&mut batch), &synced)?;
+                }
+            }
+            db.write_opt(&batch, &synced)?;
+        }
+        db.drop_cf(space.name)?;
+    }
+    Ok(())
+}
+
+/// The column families of today's layout: the shared one and the spaces' own.
+fn families() -> impl Iterator<Item = &'static str> {
+    std::iter::once(SHARED_FAMILY).chain(KEY_SPACES.iter().filter_map(|s| match s.tag {
+        None => Some(s.name),
+        Some(_) => None,
+    }))
+}
+
+/// A key as stored: the space's tag, if it has one, then the key.
+fn tagged(tag: Option<u8>, key: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    match tag {
+        None => key.into(),
+        Some(t) => {
+            let mut k = Vec::with_capacity(key.len() + 1);
+            k.push(t);
+            k.extend_from_slice(key);
+            k.into()
+        }
+    }
 }
 
 /// Group commit of the write-ahead log. One caller at a time (the leader) syncs the
@@ -304,6 +449,7 @@ impl IdCache {
 
 pub struct Db {
     db: DB,
+    spaces: HashMap<&'static str, &'static KeySpace>,
     wal: WalSync,
     ids: Mutex<IdCache>,
     short_lock: Mutex<()>,
@@ -348,16 +494,37 @@ impl Db {
         db_opts.set_db_write_buffer_size(MEMTABLE_BUDGET);
         db_opts.set_skip_stats_update_on_db_open(true);
 
-        let cfs = COLUMN_FAMILIES.iter().map(|(name, _)| {
+        let family_options = || {
             let mut o = Options::default();
             o.set_block_based_table_factory(&block);
             o.set_compression_type(rust_rocksdb::DBCompressionType::Lz4);
             o.set_bottommost_compression_type(rust_rocksdb::DBCompressionType::Zstd);
             o.set_write_buffer_size(8 * 1024 * 1024);
             o.set_arena_block_size(64 * 1024);
-            ColumnFamilyDescriptor::new(*name, o)
-        });
-        let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(|e| {
+            o
+        };
+        // RocksDB opens a database only with all of its column families: besides the
+        // families of today's layout, those an older layout gave the spaces that now
+        // share one (moved below), and any this build does not know (left alone).
+        let existing = if path.join("CURRENT").exists() {
+            DB::list_cf(&db_opts, path)?
+        } else {
+            Vec::new()
+        };
+        let mut families: Vec<String> = families().map(str::to_owned).collect();
+        for name in existing {
+            if !families.contains(&name) {
+                families.push(name);
+            }
+        }
+        let mut db = DB::open_cf_descriptors(
+            &db_opts,
+            path,
+            families
+                .iter()
+                .map(|name| ColumnFamilyDescriptor::new(name, family_options())),
+        )
+        .map_err(|e| {
             if e.to_string().contains("lock") {
                 Error::internal(format!(
                     "the database at {} is in use by another Salon process; stop it first",
@@ -367,8 +534,10 @@ impl Db {
                 Error::from(e)
             }
         })?;
+        share_own_families(&mut db, &families)?;
         let this = Self {
             db,
+            spaces: KEY_SPACES.iter().map(|s| (s.name, s)).collect(),
             wal: WalSync::default(),
             ids: Mutex::new(IdCache::default()),
             short_lock: Mutex::new(()),
@@ -408,17 +577,25 @@ impl Db {
         }
     }
 
-    fn cf(&self, name: &str) -> &rust_rocksdb::ColumnFamily {
-        self.db
-            .cf_handle(name)
-            .unwrap_or_else(|| panic!("column family {name} is not declared"))
+    /// The column family a key space lives in, and the tag its keys carry there.
+    fn space(&self, name: &str) -> (&rust_rocksdb::ColumnFamily, Option<u8>) {
+        let space = self
+            .spaces
+            .get(name)
+            .unwrap_or_else(|| panic!("key space {name} is not declared"));
+        let family = self
+            .db
+            .cf_handle(space.family())
+            .unwrap_or_else(|| panic!("column family {} is not open", space.family()));
+        (family, space.tag)
     }
 
     pub fn get(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(self.db.get_cf(self.cf(cf), key)?)
+        let (family, tag) = self.space(cf);
+        Ok(self.db.get_cf(family, tagged(tag, key))?)
     }
 
-    /// Several keys of one column family at once (RocksDB batches the table lookups);
+    /// Several keys of one space at once (RocksDB batches the table lookups);
     /// the values come back in the order of `keys`.
     pub fn get_many(&self, cf: &str, keys: &[[u8; 8]]) -> Result<Vec<Option<Vec<u8>>>> {
         self.get_many_map(cf, keys, |_, v| Ok(v.to_vec()))
@@ -443,11 +620,13 @@ impl Db {
     /// long as the caller keeps them: for reads that only look into the values and
     /// should not pay for a copy of each.
     pub fn get_many_pinned(&self, cf: &str, keys: &[[u8; 8]]) -> Result<Vec<Option<Pinned<'_>>>> {
+        let (family, tag) = self.space(cf);
         let mut sorted: Vec<(usize, &[u8; 8])> = keys.iter().enumerate().collect();
         sorted.sort_by_key(|(_, k)| **k);
-        let values =
-            self.db
-                .batched_multi_get_cf(self.cf(cf), sorted.iter().map(|(_, k)| &k[..]), true);
+        let stored: Vec<_> = sorted.iter().map(|(_, k)| tagged(tag, &k[..])).collect();
+        let values = self
+            .db
+            .batched_multi_get_cf(family, stored.iter().map(|k| &k[..]), true);
         let mut out: Vec<Option<Pinned<'_>>> =
             std::iter::repeat_with(|| None).take(keys.len()).collect();
         for ((i, _), v) in sorted.into_iter().zip(values) {
@@ -457,7 +636,8 @@ impl Db {
     }
 
     pub fn exists(&self, cf: &str, key: &[u8]) -> Result<bool> {
-        Ok(self.db.get_pinned_cf(self.cf(cf), key)?.is_some())
+        let (family, tag) = self.space(cf);
+        Ok(self.db.get_pinned_cf(family, tagged(tag, key))?.is_some())
     }
 
     /// A single durable write, outside any batch.
@@ -582,14 +762,7 @@ impl Db {
         cf: &str,
         prefix: &'a [u8],
     ) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>)>> + 'a {
-        self.db
-            .iterator_cf(self.cf(cf), IteratorMode::From(prefix, Direction::Forward))
-            .map(|r| r.map_err(Error::from))
-            .take_while(move |r| {
-                r.as_ref()
-                    .map(|(k, _)| k.starts_with(prefix))
-                    .unwrap_or(true)
-            })
+        self.scan_from(cf, prefix, prefix, true)
     }
 
     /// Entries from `from` (inclusive) in the given direction, while keys keep `prefix`.
@@ -600,18 +773,26 @@ impl Db {
         from: &[u8],
         forward: bool,
     ) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>)>> + 'a {
+        let (family, tag) = self.space(cf);
         let dir = if forward {
             Direction::Forward
         } else {
             Direction::Reverse
         };
+        let stored_prefix = tagged(tag, prefix).into_owned();
         self.db
-            .iterator_cf(self.cf(cf), IteratorMode::From(from, dir))
+            .iterator_cf(family, IteratorMode::From(&tagged(tag, from), dir))
             .map(|r| r.map_err(Error::from))
             .take_while(move |r| {
                 r.as_ref()
-                    .map(|(k, _)| k.starts_with(prefix))
+                    .map(|(k, _)| k.starts_with(&stored_prefix))
                     .unwrap_or(true)
+            })
+            .map(move |r| {
+                r.map(|(k, v)| match tag {
+                    None => (k, v),
+                    Some(_) => (k[1..].into(), v),
+                })
             })
     }
 
@@ -626,21 +807,24 @@ impl Db {
         forward: bool,
         mut visit: impl FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<()> {
+        let (family, tag) = self.space(cf);
+        let prefix = tagged(tag, prefix);
         let mut opts = ReadOptions::default();
         if !prefix.is_empty() {
-            opts.set_iterate_lower_bound(prefix);
-            if let Some(end) = prefix_end(prefix) {
+            opts.set_iterate_lower_bound(&prefix[..]);
+            if let Some(end) = prefix_end(&prefix) {
                 opts.set_iterate_upper_bound(end);
             }
         }
-        let mut it = self.db.raw_iterator_cf_opt(self.cf(cf), opts);
+        let mut it = self.db.raw_iterator_cf_opt(family, opts);
         if forward {
-            it.seek(from);
+            it.seek(tagged(tag, from));
         } else {
-            it.seek_for_prev(from);
+            it.seek_for_prev(tagged(tag, from));
         }
+        let skip = usize::from(tag.is_some());
         while let Some((k, v)) = it.item() {
-            if !k.starts_with(prefix) || !visit(k, v) {
+            if !k.starts_with(&prefix) || !visit(&k[skip..], v) {
                 break;
             }
             if forward {
@@ -652,14 +836,27 @@ impl Db {
         Ok(it.status()?)
     }
 
+    /// The first eight bytes of the last key in a space, as a number.
     fn last_key_u64(&self, cf: &str) -> Result<Option<u64>> {
-        let mut it = self.db.iterator_cf(self.cf(cf), IteratorMode::End);
-        match it.next() {
-            Some(r) => {
-                let (k, _) = r?;
+        let (family, tag) = self.space(cf);
+        let mut opts = ReadOptions::default();
+        if let Some(t) = tag {
+            opts.set_iterate_lower_bound([t]);
+            if let Some(end) = prefix_end(&[t]) {
+                opts.set_iterate_upper_bound(end);
+            }
+        }
+        let mut it = self.db.raw_iterator_cf_opt(family, opts);
+        it.seek_to_last();
+        match it.key() {
+            Some(k) => {
+                let k = &k[usize::from(tag.is_some())..];
                 Ok((k.len() >= 8).then(|| decode_u64(&k[..8])))
             }
-            None => Ok(None),
+            None => {
+                it.status()?;
+                Ok(None)
+            }
         }
     }
 
@@ -700,10 +897,10 @@ impl Db {
 
     fn new_short_id(&self, key: Vec<u8>) -> Result<u64> {
         let id = self.next_short.fetch_add(1, Ordering::SeqCst);
-        let mut b = WriteBatch::default();
-        b.put_cf(self.cf("shortids"), &key, id.to_be_bytes());
-        b.put_cf(self.cf("longids"), id.to_be_bytes(), &key);
-        self.db.write(&b)?;
+        let mut b = Batch::default();
+        b.put(self, "shortids", &key, &id.to_be_bytes());
+        b.put(self, "longids", &id.to_be_bytes(), &key);
+        self.db.write(&b.inner)?;
         self.ids.lock().remember(&key, id);
         Ok(id)
     }
@@ -730,8 +927,10 @@ impl Db {
 
     /// Flush memtables (used before a clean shutdown; correctness never depends on it).
     pub fn flush(&self) -> Result<()> {
-        for (name, _) in COLUMN_FAMILIES {
-            self.db.flush_cf(self.cf(name))?;
+        for name in families() {
+            if let Some(family) = self.db.cf_handle(name) {
+                self.db.flush_cf(family)?;
+            }
         }
         Ok(())
     }
@@ -739,10 +938,12 @@ impl Db {
 
 impl Batch {
     pub fn put(&mut self, db: &Db, cf: &str, key: &[u8], value: &[u8]) {
-        self.inner.put_cf(db.cf(cf), key, value);
+        let (family, tag) = db.space(cf);
+        self.inner.put_cf(family, tagged(tag, key), value);
     }
     pub fn delete(&mut self, db: &Db, cf: &str, key: &[u8]) {
-        self.inner.delete_cf(db.cf(cf), key);
+        let (family, tag) = db.space(cf);
+        self.inner.delete_cf(family, tagged(tag, key));
     }
 }
 
@@ -974,6 +1175,134 @@ mod tests {
             .collect();
         assert_eq!(again.len(), 3);
         assert!(again.iter().all(|k| u64_at(k, 1) >= 1 << 63));
+    }
+
+    #[test]
+    fn key_spaces_have_distinct_names_and_tags() {
+        let mut names = std::collections::HashSet::new();
+        let mut tags = std::collections::HashSet::new();
+        for space in KEY_SPACES {
+            assert!(names.insert(space.name), "{} twice", space.name);
+            if let Some(t) = space.tag {
+                assert!(tags.insert(t), "tag {t} twice");
+                assert!(t < u8::MAX, "a tag needs a next byte to end its scans");
+            }
+        }
+    }
+
+    #[test]
+    fn spaces_sharing_a_family_stay_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), 8).unwrap();
+        // "filters" and "account_data" share the default family under neighbouring tags.
+        let mut b = Batch::default();
+        for k in [&b"a"[..], b"b", b"\xff\xff"] {
+            b.put(&db, "filters", k, b"f");
+            b.put(&db, "account_data", k, b"d");
+            b.put(&db, "users", k, b"u");
+        }
+        db.commit(b).unwrap();
+        let keys = |cf, forward: bool, from: &[u8]| -> Vec<(Vec<u8>, Vec<u8>)> {
+            db.scan_from(cf, &[], from, forward)
+                .map(|r| {
+                    let (k, v) = r.unwrap();
+                    (k.to_vec(), v.to_vec())
+                })
+                .collect()
+        };
+        let filters = vec![
+            (b"a".to_vec(), b"f".to_vec()),
+            (b"b".to_vec(), b"f".to_vec()),
+            (b"\xff\xff".to_vec(), b"f".to_vec()),
+        ];
+        assert_eq!(keys("filters", true, &[]), filters);
+        let mut backwards = filters.clone();
+        backwards.reverse();
+        assert_eq!(keys("filters", false, &[0xff; 4]), backwards);
+        let mut visited = Vec::new();
+        db.visit_from("account_data", &[], &[0xff; 4], false, |k, v| {
+            visited.push((k.to_vec(), v.to_vec()));
+            true
+        })
+        .unwrap();
+        assert_eq!(visited.len(), 3);
+        assert!(visited.iter().all(|(_, v)| v == b"d"));
+        assert_eq!(db.get("users", b"b").unwrap().as_deref(), Some(&b"u"[..]));
+        assert!(!db.exists("users", b"c").unwrap());
+        let mut b = Batch::default();
+        b.delete(&db, "filters", b"b");
+        db.commit(b).unwrap();
+        assert_eq!(db.get("filters", b"b").unwrap(), None);
+        assert_eq!(
+            db.get("account_data", b"b").unwrap().as_deref(),
+            Some(&b"d"[..])
+        );
+    }
+
+    #[test]
+    fn spaces_that_had_families_of_their_own_are_moved_into_the_shared_one() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // The layout before the small spaces shared a family: one family per space.
+            let mut opts = Options::default();
+            opts.create_if_missing(true);
+            opts.create_missing_column_families(true);
+            let old = DB::open_cf(&opts, dir.path(), KEY_SPACES.iter().map(|s| s.name)).unwrap();
+            let put = |cf: &str, k: &[u8], v: &[u8]| {
+                old.put_cf(old.cf_handle(cf).unwrap(), k, v).unwrap();
+            };
+            put("meta", b"schema_version", &SCHEMA_VERSION.to_be_bytes());
+            put("meta", b"stream_position", &41u64.to_be_bytes());
+            put("users", b"@a:x", b"alice");
+            put("users", b"@b:x", b"bob");
+            put("stream", &40u64.to_be_bytes(), &7u64.to_be_bytes());
+            put("longids", &9u64.to_be_bytes(), b"\x01$e");
+            // A move cut short: one entry already in the shared family.
+            let shared = old.cf_handle(SHARED_FAMILY).unwrap();
+            old.put_cf(shared, tagged(KEY_SPACES[4].tag, b"@c:x\xffD"), b"dev")
+                .unwrap();
+            assert_eq!(KEY_SPACES[4].name, "devices");
+            old.flush_cf(old.cf_handle("users").unwrap()).unwrap();
+        }
+        let db = Db::open(dir.path(), 8).unwrap();
+        let users: Vec<_> = db
+            .scan_prefix("users", &[])
+            .map(|r| r.unwrap())
+            .map(|(k, v)| (k.to_vec(), v.to_vec()))
+            .collect();
+        assert_eq!(
+            users,
+            vec![
+                (b"@a:x".to_vec(), b"alice".to_vec()),
+                (b"@b:x".to_vec(), b"bob".to_vec())
+            ]
+        );
+        assert_eq!(
+            db.get("devices", b"@c:x\xffD").unwrap().as_deref(),
+            Some(&b"dev"[..])
+        );
+        // Spaces with a family of their own are where they were.
+        assert_eq!(db.stream.visible(), 41, "read from the moved meta space");
+        assert_eq!(db.next_sequence(), 10);
+        drop(db);
+        let left = DB::list_cf(&Options::default(), dir.path()).unwrap();
+        let mut expected: Vec<String> = families().map(str::to_owned).collect();
+        let mut left_sorted = left.clone();
+        left_sorted.sort();
+        expected.sort();
+        assert_eq!(left_sorted, expected, "the old families are dropped");
+        // And the next start finds everything again.
+        let db = Db::open(dir.path(), 8).unwrap();
+        assert_eq!(
+            db.get("users", b"@a:x").unwrap().as_deref(),
+            Some(&b"alice"[..])
+        );
+        assert_eq!(
+            db.get("meta", b"schema_version")
+                .map(|v| v.map(|v| decode_u64(&v)))
+                .unwrap(),
+            Some(SCHEMA_VERSION)
+        );
     }
 
     #[test]
