@@ -889,12 +889,21 @@ impl Db {
 
     /// A short id for a long identifier that cannot have one yet, without looking:
     /// the id of an event this server has just hashed (its hash covers its place in
-    /// the room, so no stored event has it). An identical event built before and
-    /// never committed leaves its short id unused.
-    pub fn create_short_id(&self, kind: IdKind, long: &str) -> Result<u64> {
-        self.new_short_id(kind.key(long))
+    /// the room, so no stored event has it), or of a room it is creating under the
+    /// room's lock. Nobody else can ask for that identifier before `batch` commits, so
+    /// the mapping is staged there, stored with what uses it instead of in a write of
+    /// its own. A batch never committed leaves its short id unused.
+    pub fn create_short_id(&self, batch: &mut Batch, kind: IdKind, long: &str) -> u64 {
+        let key = kind.key(long);
+        let id = self.next_short.fetch_add(1, Ordering::SeqCst);
+        batch.put(self, "shortids", &key, &id.to_be_bytes());
+        batch.put(self, "longids", &id.to_be_bytes(), &key);
+        self.ids.lock().remember(&key, id);
+        id
     }
 
+    /// A new mapping, written at once: [`Db::get_or_create_short_id`] hands it to any
+    /// caller from then on, whichever of their batches commits first.
     fn new_short_id(&self, key: Vec<u8>) -> Result<u64> {
         let id = self.next_short.fetch_add(1, Ordering::SeqCst);
         let mut b = Batch::default();
@@ -981,8 +990,11 @@ mod tests {
         assert_eq!(db.long_id(b).unwrap().as_deref(), Some("@b:x"));
         let c = db.get_or_create_short_id(IdKind::Event, "$c").unwrap();
         assert!(c > a && c > b, "new ids never reuse old ones");
-        let d = db.create_short_id(IdKind::Event, "$d").unwrap();
+        let mut staged = Batch::default();
+        let d = db.create_short_id(&mut staged, IdKind::Event, "$d");
         assert!(d > c);
+        assert_eq!(db.long_id(d).unwrap(), None, "stored only with its batch");
+        db.commit(staged).unwrap();
         assert_eq!(db.short_id(IdKind::Event, "$d").unwrap(), Some(d));
         assert_eq!(db.long_id(d).unwrap().as_deref(), Some("$d"));
         assert_eq!(db.get_or_create_short_id(IdKind::Event, "$d").unwrap(), d);

@@ -340,7 +340,10 @@ impl Timeline {
                 continue;
             }
             // Free, as just seen under the room's lock.
-            let room_short = self.db.create_short_id(IdKind::Room, room_id.as_str())?;
+            let mut batch = Batch::default();
+            let room_short = self
+                .db
+                .create_short_id(&mut batch, IdKind::Room, room_id.as_str());
             let record = RoomRecord {
                 room_id,
                 version,
@@ -349,6 +352,7 @@ impl Timeline {
                 state_group: EMPTY_GROUP,
             };
             let mut draft = Draft::new(self, guard, room_short, record, rules);
+            draft.batch = batch;
             draft.sign_later = true;
             draft.store(
                 Built {
@@ -757,7 +761,9 @@ pub struct Draft<'a> {
     pub rules: RoomVersionRules,
     batch: Batch,
     tickets: Vec<StreamTicket<'a>>,
-    pending: HashMap<OwnedEventId, Arc<Pdu>>,
+    /// This draft's events by id, with their short ids (staged in the batch, so not
+    /// yet known to the database).
+    pending: HashMap<OwnedEventId, (u64, Arc<Pdu>)>,
     pending_state: HashMap<u64, u64>,
     pending_short: HashMap<u64, Arc<Pdu>>,
     pending_json: HashMap<u64, CanonicalJsonObject>,
@@ -869,7 +875,7 @@ impl<'a> Draft<'a> {
     }
 
     fn fetch_event(&self, id: &EventId) -> Option<Arc<Pdu>> {
-        if let Some(p) = self.pending.get(id) {
+        if let Some((_, p)) = self.pending.get(id) {
             return Some(p.clone());
         }
         self.tl.pdu(id).ok().flatten()
@@ -1088,7 +1094,7 @@ impl<'a> Draft<'a> {
         } = built;
         let db = &self.tl.db;
         // Every event stored here was just built and hashed here.
-        let short = db.create_short_id(IdKind::Event, pdu.event_id.as_str())?;
+        let short = db.create_short_id(&mut self.batch, IdKind::Event, pdu.event_id.as_str());
         let ticket = db.stream.reserve();
         let pos = ticket.position;
         self.tickets.push(ticket);
@@ -1205,7 +1211,8 @@ impl<'a> Draft<'a> {
         );
         self.record.extremities = vec![pdu.event_id.clone()];
         self.record.depth = u64::from(pdu.depth);
-        self.pending.insert(pdu.event_id.clone(), pdu.clone());
+        self.pending
+            .insert(pdu.event_id.clone(), (short, pdu.clone()));
         self.pending_short.insert(short, pdu);
         self.pending_json.insert(short, object);
         self.pending_meta.insert(short, meta);
@@ -1222,8 +1229,12 @@ impl<'a> Draft<'a> {
         redaction: &CanonicalJsonObject,
     ) -> Result<()> {
         let db = &self.tl.db;
-        let Some(short) = self.tl.event_short(target)? else {
-            return Ok(());
+        let short = match self.pending.get(target) {
+            Some((short, _)) => *short,
+            None => match self.tl.event_short(target)? {
+                Some(short) => short,
+                None => return Ok(()),
+            },
         };
         let json = match self.pending_json.get(&short) {
             Some(j) => j.clone(),
