@@ -20,8 +20,8 @@ use std::{
 
 use parking_lot::Mutex;
 use rust_rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBPinnableSlice, Direction, IteratorMode,
-    Options, ReadOptions, WriteBatch, WriteOptions,
+    BlockBasedIndexType, BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBPinnableSlice,
+    Direction, IteratorMode, LruCacheOptions, Options, ReadOptions, WriteBatch, WriteOptions,
 };
 
 pub use self::{
@@ -473,11 +473,24 @@ impl Db {
     pub fn open(path: &Path, cache_mib: usize) -> Result<Arc<Self>> {
         std::fs::create_dir_all(path)
             .map_err(|e| Error::internal(format!("cannot create {}: {e}", path.display())))?;
-        let cache = Cache::new_lru_cache(cache_mib.max(1) * 1024 * 1024);
+        // A block bigger than its shard of the cache is read again at every use: few
+        // shards (two cores share them), and indexes and filters cut into partitions
+        // of table-block size, so that a big table file's index is not one block of
+        // hundreds of KiB decompressed for every lookup. The top level of each is kept
+        // in the cache for as long as its table file is open.
+        let mut cache_opts = LruCacheOptions::default();
+        cache_opts.set_capacity(cache_mib.max(1) * 1024 * 1024);
+        cache_opts.set_num_shard_bits(2);
+        let cache = Cache::new_lru_cache_opts(&cache_opts);
         let mut block = BlockBasedOptions::default();
         block.set_block_cache(&cache);
         block.set_bloom_filter(10.0, false);
+        block.set_index_type(BlockBasedIndexType::TwoLevelIndexSearch);
+        block.set_partition_filters(true);
+        block.set_metadata_block_size(4096);
         block.set_cache_index_and_filter_blocks(true);
+        block.set_cache_index_and_filter_blocks_with_high_priority(true);
+        block.set_pin_top_level_index_and_filter(true);
 
         let mut db_opts = Options::default();
         db_opts.create_if_missing(true);
