@@ -88,6 +88,38 @@ impl Server {
         };
         Some((field("VmRSS:")?, field("VmHWM:")?))
     }
+
+    /// The CPU time the server has used so far, in clock ticks (from `/proc`).
+    fn cpu_ticks(&self) -> Option<u64> {
+        let pid = self.pid?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The fields after the command name, which is in parentheses and may hold
+        // spaces; utime and stime are the 14th and 15th of the line.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
+        Some(field(14)? + field(15)?)
+    }
+
+    /// Waits, at most `limit`, until the server has been all but idle for half a
+    /// second: work left over from a load (RocksDB flushing what it wrote, a cache
+    /// being filled, a garbage collection) is not counted against what is timed next.
+    /// A server whose process is not known gets one second.
+    async fn settle(&self, limit: Duration) {
+        let Some(mut last) = self.cpu_ticks() else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            return;
+        };
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let Some(now) = self.cpu_ticks() else { return };
+            // One clock tick (10 ms) in half a second at most: 2 % of a core.
+            if now.saturating_sub(last) <= 1 {
+                return;
+            }
+            last = now;
+        }
+    }
 }
 
 impl Drop for Server {
@@ -267,7 +299,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let after_load = server.rss_mib();
     let mut after_big = None;
     if let Some(n) = args.big_room {
-        let big_room = messages_scale(&mut report, &users[..10], n).await?;
+        let big_room = messages_scale(&mut report, &users[..10], n, &server).await?;
         tokio::time::sleep(SETTLE).await;
         after_big = server.rss_mib().map(|(rss, _)| (n, rss));
         if let Some(cmd) = &args.launch {
@@ -747,6 +779,7 @@ async fn messages_scale(
     report: &mut Report,
     clients: &[Client],
     big: usize,
+    server: &Server,
 ) -> anyhow::Result<String> {
     let mut costs = Vec::new();
     let mut last_room = String::new();
@@ -770,6 +803,11 @@ async fn messages_scale(
         });
         for t in join_all(tasks).await {
             t??;
+        }
+        // The pages are timed once the server is done with the filling, so that both
+        // rooms are read from a server at rest.
+        if std::env::var_os("NOSETTLE").is_none() {
+            server.settle(Duration::from_secs(20)).await;
         }
         // Page back through the newer half of the room, 100 events a page; in the big
         // room, the 20 pages from the end and the 20 before the middle are timed. The
