@@ -806,9 +806,7 @@ async fn messages_scale(
         }
         // The pages are timed once the server is done with the filling, so that both
         // rooms are read from a server at rest.
-        if std::env::var_os("NOSETTLE").is_none() {
-            server.settle(Duration::from_secs(20)).await;
-        }
+        server.settle(Duration::from_secs(20)).await;
         // Page back through the newer half of the room, 100 events a page; in the big
         // room, the 20 pages from the end and the 20 before the middle are timed. The
         // small room has only 5 such pages: its walk is repeated until it has as many
