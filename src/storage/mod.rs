@@ -793,8 +793,17 @@ impl Db {
             Direction::Reverse
         };
         let stored_prefix = tagged(tag, prefix).into_owned();
+        // Bounds keep RocksDB from stepping over deleted entries beyond the prefix
+        // (another space's, in a shared family) only to find the end.
+        let mut opts = ReadOptions::default();
+        if !stored_prefix.is_empty() {
+            opts.set_iterate_lower_bound(stored_prefix.clone());
+            if let Some(end) = prefix_end(&stored_prefix) {
+                opts.set_iterate_upper_bound(end);
+            }
+        }
         self.db
-            .iterator_cf(family, IteratorMode::From(&tagged(tag, from), dir))
+            .iterator_cf_opt(family, opts, IteratorMode::From(&tagged(tag, from), dir))
             .map(|r| r.map_err(Error::from))
             .take_while(move |r| {
                 r.as_ref()
