@@ -207,6 +207,142 @@ pub struct EventMeta {
     pub redacted_by: Option<String>,
 }
 
+/// The first byte of [`EventMeta`] as stored in its binary layout; metadata stored as
+/// JSON before it existed starts with `{`.
+const EVENT_META_V1: u8 = 1;
+
+impl EventMeta {
+    /// The stored form: version byte, room, position, state before and after (u64
+    /// each), the replaced event (a byte saying whether, then a u64), then the
+    /// transaction's client session and id and the redacting event as texts.
+    /// Every event's metadata is read with it, for syncs and history pages alike, so it
+    /// is not JSON.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(48);
+        out.push(EVENT_META_V1);
+        for n in [self.room, self.pos, self.state_before, self.state_after] {
+            out.extend_from_slice(&n.to_be_bytes());
+        }
+        match self.replaces {
+            Some(r) => {
+                out.push(1);
+                out.extend_from_slice(&r.to_be_bytes());
+            }
+            None => out.push(0),
+        }
+        let (session, id) = match &self.txn {
+            Some((session, id)) => (Some(session.as_str()), Some(id.as_str())),
+            None => (None, None),
+        };
+        put_text(&mut out, session);
+        put_text(&mut out, id);
+        put_text(&mut out, self.redacted_by.as_deref());
+        out
+    }
+
+    /// Read the stored form, binary or the JSON of older databases.
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        if bytes.first() == Some(&b'{') {
+            return Ok(serde_json::from_slice(bytes)?);
+        }
+        let mut f = Fields::new(bytes, "event's metadata");
+        if f.byte()? != EVENT_META_V1 {
+            return Err(f.damaged());
+        }
+        let (room, pos, state_before, state_after) = (f.u64()?, f.u64()?, f.u64()?, f.u64()?);
+        let replaces = match f.byte()? {
+            0 => None,
+            1 => Some(f.u64()?),
+            _ => return Err(f.damaged()),
+        };
+        let txn = match (f.text()?, f.text()?) {
+            (Some(session), Some(id)) => Some((session.to_owned(), id.to_owned())),
+            (None, None) => None,
+            _ => return Err(f.damaged()),
+        };
+        let redacted_by = f.text()?.map(str::to_owned);
+        if !f.rest().is_empty() {
+            return Err(f.damaged());
+        }
+        Ok(Self {
+            room,
+            pos,
+            state_before,
+            state_after,
+            replaces,
+            txn,
+            redacted_by,
+        })
+    }
+}
+
+/// Append a text field of a binary record: its length as a u32 (`u32::MAX` for none),
+/// then its UTF-8 bytes.
+fn put_text(out: &mut Vec<u8>, text: Option<&str>) {
+    match text {
+        Some(t) => {
+            out.extend_from_slice(&(t.len() as u32).to_be_bytes());
+            out.extend_from_slice(t.as_bytes());
+        }
+        None => out.extend_from_slice(&u32::MAX.to_be_bytes()),
+    }
+}
+
+/// Reads the fields of a stored binary record in order; anything cut short or out of
+/// place is an error naming the record, never a panic.
+struct Fields<'a> {
+    bytes: &'a [u8],
+    at: usize,
+    what: &'static str,
+}
+
+impl<'a> Fields<'a> {
+    fn new(bytes: &'a [u8], what: &'static str) -> Self {
+        Self { bytes, at: 0, what }
+    }
+
+    fn damaged(&self) -> Error {
+        Error::internal(format!("a stored {} is damaged", self.what))
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        let end = self.at.checked_add(n).ok_or_else(|| self.damaged())?;
+        let bytes = self.bytes.get(self.at..end).ok_or_else(|| self.damaged())?;
+        self.at = end;
+        Ok(bytes)
+    }
+
+    fn byte(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u32(&mut self) -> Result<u32> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn u64(&mut self) -> Result<u64> {
+        let mut n = [0; 8];
+        n.copy_from_slice(self.take(8)?);
+        Ok(u64::from_be_bytes(n))
+    }
+
+    fn text(&mut self) -> Result<Option<&'a str>> {
+        let len = self.u32()?;
+        if len == u32::MAX {
+            return Ok(None);
+        }
+        let bytes = self.take(len as usize)?;
+        std::str::from_utf8(bytes)
+            .map(Some)
+            .map_err(|_| self.damaged())
+    }
+
+    fn rest(&self) -> &'a [u8] {
+        self.bytes.get(self.at..).unwrap_or_default()
+    }
+}
+
 /// An event with everything needed to show it to a client.
 #[derive(Clone, Debug)]
 pub struct StoredEvent {
@@ -434,18 +570,11 @@ pub fn client_part(pdu: &Pdu) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + kind.len() + content.len());
     out.push(CLIENT_PART_V1);
     out.extend_from_slice(&u64::from(pdu.origin_server_ts.get()).to_be_bytes());
-    let mut text = |t: Option<&str>| match t {
-        Some(t) => {
-            out.extend_from_slice(&(t.len() as u32).to_be_bytes());
-            out.extend_from_slice(t.as_bytes());
-        }
-        None => out.extend_from_slice(&u32::MAX.to_be_bytes()),
-    };
-    text(Some(pdu.event_id.as_str()));
-    text(Some(&kind));
-    text(Some(pdu.sender.as_str()));
-    text(pdu.state_key.as_deref());
-    text(redacts.as_ref().map(|r| r.as_str()));
+    put_text(&mut out, Some(pdu.event_id.as_str()));
+    put_text(&mut out, Some(&kind));
+    put_text(&mut out, Some(pdu.sender.as_str()));
+    put_text(&mut out, pdu.state_key.as_deref());
+    put_text(&mut out, redacts.as_ref().map(|r| r.as_str()));
     out.extend_from_slice(content.as_bytes());
     out
 }
@@ -453,30 +582,17 @@ pub fn client_part(pdu: &Pdu) -> Vec<u8> {
 impl<'a> HistoryEvent<'a> {
     /// Read from a stored client part.
     pub fn from_part(part: &'a [u8], meta: &'a EventMeta) -> Result<Self> {
-        let damaged = || Error::internal("a stored client part is damaged");
-        if part.first() != Some(&CLIENT_PART_V1) {
-            return Err(damaged());
+        let mut f = Fields::new(part, "client part");
+        if f.byte()? != CLIENT_PART_V1 {
+            return Err(f.damaged());
         }
-        let ts = part.get(1..9).ok_or_else(damaged)?;
-        let origin_server_ts = u64::from_be_bytes(ts.try_into().map_err(|_| damaged())?);
-        let mut at = 9;
-        let mut text = || -> Result<Option<&'a str>> {
-            let len = part.get(at..at + 4).ok_or_else(damaged)?;
-            let len = u32::from_be_bytes(len.try_into().map_err(|_| damaged())?);
-            at += 4;
-            if len == u32::MAX {
-                return Ok(None);
-            }
-            let t = part.get(at..at + len as usize).ok_or_else(damaged)?;
-            at += len as usize;
-            Ok(Some(std::str::from_utf8(t).map_err(|_| damaged())?))
-        };
-        let event_id = text()?.ok_or_else(damaged)?;
-        let kind = text()?.ok_or_else(damaged)?;
-        let sender = text()?.ok_or_else(damaged)?;
-        let state_key = text()?;
-        let redacts = text()?;
-        let content: &RawValue = serde_json::from_slice(part.get(at..).ok_or_else(damaged)?)?;
+        let origin_server_ts = f.u64()?;
+        let event_id = f.text()?.ok_or_else(|| f.damaged())?;
+        let kind = f.text()?.ok_or_else(|| f.damaged())?;
+        let sender = f.text()?.ok_or_else(|| f.damaged())?;
+        let state_key = f.text()?;
+        let redacts = f.text()?;
+        let content: &RawValue = serde_json::from_slice(f.rest())?;
         Ok(Self {
             event_id,
             kind: Cow::Borrowed(kind),
@@ -581,6 +697,57 @@ mod tests {
     use ruma::state_res::Event;
 
     use super::*;
+
+    #[test]
+    fn event_metadata_reads_back_as_written_and_from_older_json() {
+        let plain = EventMeta {
+            room: 7,
+            pos: 1 << 40,
+            state_before: 3,
+            state_after: 3,
+            ..Default::default()
+        };
+        let full = EventMeta {
+            room: u64::MAX,
+            pos: 12,
+            state_before: 4,
+            state_after: 9,
+            replaces: Some(0),
+            txn: Some(("sessión 1".into(), String::new())),
+            redacted_by: Some("$redaction:x".into()),
+        };
+        for meta in [&plain, &full] {
+            let bytes = meta.encode();
+            assert_eq!(bytes[0], EVENT_META_V1);
+            let back = EventMeta::decode(&bytes).unwrap();
+            assert_eq!(
+                serde_json::to_value(&back).unwrap(),
+                serde_json::to_value(meta).unwrap()
+            );
+            // Databases written before the binary layout hold JSON.
+            let json = serde_json::to_vec(meta).unwrap();
+            let old = EventMeta::decode(&json).unwrap();
+            assert_eq!(
+                serde_json::to_value(&old).unwrap(),
+                serde_json::to_value(meta).unwrap()
+            );
+            // Anything cut short, or with bytes after the end, is refused.
+            for cut in 0..bytes.len() {
+                assert!(EventMeta::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+            }
+            let mut longer = bytes.clone();
+            longer.push(0);
+            assert!(EventMeta::decode(&longer).is_err());
+        }
+        // A transaction id without its session, and an unknown version, are damage.
+        let mut half = plain.encode();
+        let at = 1 + 4 * 8 + 1;
+        half.splice(at..at + 4, 1u32.to_be_bytes().into_iter().chain(*b"s"));
+        assert!(EventMeta::decode(&half).is_err());
+        let mut future = plain.encode();
+        future[0] = 2;
+        assert!(EventMeta::decode(&future).is_err());
+    }
 
     #[test]
     fn a_stored_pdu_reads_its_graph_edges_when_asked() {

@@ -431,7 +431,7 @@ impl Timeline {
 
     pub fn meta(&self, short: u64) -> Result<Option<EventMeta>> {
         match self.db.get("event_meta", &short.to_be_bytes())? {
-            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            Some(v) => Ok(Some(EventMeta::decode(&v)?)),
             None => Ok(None),
         }
     }
@@ -465,9 +465,9 @@ impl Timeline {
     /// push out the state and recent events every send and sync reads.
     pub fn history(&self, shorts: &[u64]) -> Result<HistoryBatch<'_>> {
         let keys: Vec<[u8; 8]> = shorts.iter().map(|s| s.to_be_bytes()).collect();
-        let metas = self.db.get_many_map("event_meta", &keys, |_, v| {
-            Ok(serde_json::from_slice::<EventMeta>(v)?)
-        })?;
+        let metas = self
+            .db
+            .get_many_map("event_meta", &keys, |_, v| EventMeta::decode(v))?;
         let parts = self.db.get_many_pinned("client_parts", &keys)?;
         // Events stored before client parts were, and redacted ones, are read from
         // their PDUs.
@@ -512,9 +512,9 @@ impl Timeline {
     /// kept in the cache.
     pub fn stored_many(&self, shorts: &[u64]) -> Result<Vec<Option<StoredEvent>>> {
         let keys: Vec<[u8; 8]> = shorts.iter().map(|s| s.to_be_bytes()).collect();
-        let metas = self.db.get_many_map("event_meta", &keys, |_, v| {
-            Ok(serde_json::from_slice::<EventMeta>(v)?)
-        })?;
+        let metas = self
+            .db
+            .get_many_map("event_meta", &keys, |_, v| EventMeta::decode(v))?;
         // The generation is read with the lookups: a redaction committed after them
         // keeps what is read next out of the cache.
         let (mut pdus, generation): (Vec<Option<Arc<Pdu>>>, u64) = {
@@ -1203,12 +1203,8 @@ impl<'a> Draft<'a> {
         );
         self.batch
             .put(db, "stream", &pos.to_be_bytes(), &short.to_be_bytes());
-        self.batch.put(
-            db,
-            "event_meta",
-            &short.to_be_bytes(),
-            &serde_json::to_vec(&meta)?,
-        );
+        self.batch
+            .put(db, "event_meta", &short.to_be_bytes(), &meta.encode());
         self.record.extremities = vec![pdu.event_id.clone()];
         self.record.depth = u64::from(pdu.depth);
         self.pending
@@ -1276,12 +1272,8 @@ impl<'a> Draft<'a> {
         );
         // History pages read the redacted event from its PDU from now on.
         self.batch.delete(db, "client_parts", &short.to_be_bytes());
-        self.batch.put(
-            db,
-            "event_meta",
-            &short.to_be_bytes(),
-            &serde_json::to_vec(&meta)?,
-        );
+        self.batch
+            .put(db, "event_meta", &short.to_be_bytes(), &meta.encode());
         Ok(())
     }
 
