@@ -10,7 +10,7 @@
 pub mod rules;
 pub mod sender;
 
-use std::{collections::HashMap, sync::Arc};
+use std::{borrow::Cow, collections::HashMap, sync::Arc};
 
 use parking_lot::Mutex;
 use ruma::{
@@ -46,10 +46,10 @@ pub struct PushAction {
 /// The part of a stored [`PushAction`] that counting needs; the actions themselves
 /// are skipped unparsed.
 #[derive(Deserialize)]
-struct CountedAction {
+struct CountedAction<'a> {
     highlight: bool,
-    #[serde(default)]
-    thread: Option<String>,
+    #[serde(default, borrow)]
+    thread: Option<Cow<'a, str>>,
 }
 
 /// A pusher as stored: the client's definition and the device that set it.
@@ -305,37 +305,56 @@ impl Push {
         };
         let mut thread_read_cache: HashMap<String, u64> = HashMap::new();
         let prefix = u64_key(&[user_short, room_short]);
-        let start = u64_key(&[user_short, room_short, scan_from.saturating_add(1)]);
-        for item in self.db.scan_from("push_actions", &prefix, &start, true) {
-            let (k, v) = item?;
-            let pos = u64_at(&k, 2);
-            if pos > until {
-                break;
-            }
-            let action: CountedAction = serde_json::from_slice(&v)?;
-            let bucket = match (&action.thread, thread_reads) {
-                (Some(thread), Some(read_of)) => {
-                    let read = *thread_read_cache
-                        .entry(thread.clone())
-                        .or_insert_with(|| read_of(thread));
-                    if pos <= read {
-                        continue;
+        // Without per-thread reads, nothing at or before the main read position counts.
+        let below = match thread_reads {
+            Some(_) => scan_from,
+            None => scan_from.max(main_read),
+        };
+        let start = u64_key(&[user_short, room_short, below.saturating_add(1)]);
+        let mut failed = None;
+        self.db
+            .visit_from("push_actions", &prefix, &start, true, |k, v| {
+                let pos = u64_at(k, 2);
+                if pos > until {
+                    return false;
+                }
+                let action: CountedAction = match serde_json::from_slice(v) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        failed = Some(e);
+                        return false;
                     }
-                    threads.entry(thread.clone()).or_default()
-                }
-                _ => {
-                    if pos <= main_read {
-                        continue;
+                };
+                let bucket = match (&action.thread, thread_reads) {
+                    (Some(thread), Some(read_of)) => {
+                        let read = match thread_read_cache.get(thread.as_ref()) {
+                            Some(read) => *read,
+                            None => *thread_read_cache
+                                .entry(thread.to_string())
+                                .or_insert_with(|| read_of(thread)),
+                        };
+                        if pos <= read {
+                            return true;
+                        }
+                        threads.entry(thread.to_string()).or_default()
                     }
-                    &mut main
+                    _ => {
+                        if pos <= main_read {
+                            return true;
+                        }
+                        &mut main
+                    }
+                };
+                if bucket.notifications < MAX_COUNT {
+                    bucket.notifications += 1;
+                    if action.highlight {
+                        bucket.highlights += 1;
+                    }
                 }
-            };
-            if bucket.notifications < MAX_COUNT {
-                bucket.notifications += 1;
-                if action.highlight {
-                    bucket.highlights += 1;
-                }
-            }
+                true
+            })?;
+        if let Some(e) = failed {
+            return Err(e.into());
         }
         Ok((main, threads))
     }
