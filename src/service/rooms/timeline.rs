@@ -135,37 +135,70 @@ pub struct Timeline {
     last_create: std::sync::atomic::AtomicU64,
 }
 
-/// A small cache of parsed PDUs by short id: two generations, the older dropped when
-/// the younger fills, so what is used often stays. Stored PDUs change only when
-/// redacted; a redaction's commit bumps `generation` and forgets them, and a read that
-/// raced it is not cached.
+/// A small cache of parsed PDUs by short id, each with its metadata once something
+/// read that too: two generations, the older dropped when the younger fills, so what
+/// is used often stays. Stored PDUs and their metadata change only when redacted; a
+/// redaction's commit bumps `generation` and forgets them, and a read that raced it is
+/// not cached.
 struct PduCache {
-    young: HashMap<u64, Arc<Pdu>>,
-    old: HashMap<u64, Arc<Pdu>>,
+    young: HashMap<u64, Cached, ShortIds>,
+    old: HashMap<u64, Cached, ShortIds>,
     generation: u64,
+}
+
+impl Default for PduCache {
+    fn default() -> Self {
+        PduCache {
+            young: HashMap::default(),
+            old: HashMap::default(),
+            generation: 0,
+        }
+    }
+}
+
+/// An event in the [`PduCache`].
+struct Cached {
+    pdu: Arc<Pdu>,
+    meta: Option<EventMeta>,
 }
 
 /// PDUs in each generation of the cache.
 const PDU_CACHE_GENERATION: usize = 1536;
 
 impl PduCache {
-    fn get(&mut self, short: u64) -> Option<Arc<Pdu>> {
-        if let Some(p) = self.young.get(&short) {
-            return Some(p.clone());
+    /// The event, moved to the young generation if it was in the old one.
+    fn entry(&mut self, short: u64) -> Option<&Cached> {
+        if !self.young.contains_key(&short) {
+            let cached = self.old.remove(&short)?;
+            self.put(short, cached);
         }
-        let p = self.old.remove(&short)?;
-        self.insert(short, p.clone());
-        Some(p)
+        self.young.get(&short)
     }
 
-    fn insert(&mut self, short: u64, pdu: Arc<Pdu>) {
-        if self.young.len() >= PDU_CACHE_GENERATION {
+    fn get(&mut self, short: u64) -> Option<Arc<Pdu>> {
+        self.entry(short).map(|c| c.pdu.clone())
+    }
+
+    /// The event's metadata, if cached (without moving it between generations).
+    fn meta(&self, short: u64) -> Option<EventMeta> {
+        self.young
+            .get(&short)
+            .or_else(|| self.old.get(&short))
+            .and_then(|c| c.meta.clone())
+    }
+
+    fn insert(&mut self, short: u64, pdu: Arc<Pdu>, meta: Option<EventMeta>) {
+        self.put(short, Cached { pdu, meta });
+    }
+
+    fn put(&mut self, short: u64, cached: Cached) {
+        if self.young.len() >= PDU_CACHE_GENERATION && !self.young.contains_key(&short) {
             // The young generation becomes the old one; the new young one reuses the
             // old one's table instead of growing a fresh one insert by insert.
             std::mem::swap(&mut self.old, &mut self.young);
             self.young.clear();
         }
-        self.young.insert(short, pdu);
+        self.young.insert(short, cached);
     }
 
     fn forget(&mut self, shorts: &[u64]) {
@@ -174,6 +207,39 @@ impl PduCache {
             self.young.remove(s);
             self.old.remove(s);
         }
+    }
+}
+
+/// Hashing for maps keyed by short ids: they are distinct integers handed out in
+/// sequence, not chosen by anyone, so one multiplication spreads them well enough and
+/// costs a fraction of SipHash.
+#[derive(Clone, Copy, Default)]
+struct ShortIds;
+
+impl std::hash::BuildHasher for ShortIds {
+    type Hasher = ShortIdHasher;
+    fn build_hasher(&self) -> ShortIdHasher {
+        ShortIdHasher(0)
+    }
+}
+
+struct ShortIdHasher(u64);
+
+impl std::hash::Hasher for ShortIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        // An odd multiplier: distinct in the low bits (the bucket), mixed in the high
+        // ones (the tag hashbrown compares first).
+        self.0 = (self.0 ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     }
 }
 
@@ -228,11 +294,7 @@ impl Timeline {
             push,
             locks: Mutex::new(HashMap::new()),
             push_rooms: Mutex::new(HashMap::new()),
-            pdus: Mutex::new(PduCache {
-                young: HashMap::new(),
-                old: HashMap::new(),
-                generation: 0,
-            }),
+            pdus: Mutex::new(PduCache::default()),
             newest: NewestByRoom::default(),
             last_create: std::sync::atomic::AtomicU64::new(0),
         }
@@ -406,7 +468,7 @@ impl Timeline {
         let pdu = Arc::new(Pdu::from_json(EventId::parse(&id)?, &json)?);
         let mut cache = self.pdus.lock();
         if cache.generation == generation {
-            cache.insert(short, pdu.clone());
+            cache.insert(short, pdu.clone(), None);
         }
         Ok(Some(pdu))
     }
@@ -430,6 +492,9 @@ impl Timeline {
     }
 
     pub fn meta(&self, short: u64) -> Result<Option<EventMeta>> {
+        if let Some(meta) = self.pdus.lock().meta(short) {
+            return Ok(Some(meta));
+        }
         match self.db.get("event_meta", &short.to_be_bytes())? {
             Some(v) => Ok(Some(EventMeta::decode(&v)?)),
             None => Ok(None),
@@ -511,49 +576,62 @@ impl Timeline {
     /// with one batched lookup per column family rather than three reads each, and
     /// kept in the cache.
     pub fn stored_many(&self, shorts: &[u64]) -> Result<Vec<Option<StoredEvent>>> {
-        let keys: Vec<[u8; 8]> = shorts.iter().map(|s| s.to_be_bytes()).collect();
-        let metas = self
-            .db
-            .get_many_map("event_meta", &keys, |_, v| EventMeta::decode(v))?;
         // The generation is read with the lookups: a redaction committed after them
         // keeps what is read next out of the cache.
-        let (mut pdus, generation): (Vec<Option<Arc<Pdu>>>, u64) = {
+        type Found = (Option<Arc<Pdu>>, Option<EventMeta>);
+        let (mut found, generation): (Vec<Found>, u64) = {
             let mut cache = self.pdus.lock();
-            let found = shorts.iter().map(|s| cache.get(*s)).collect();
+            let found = shorts
+                .iter()
+                .map(|s| match cache.entry(*s) {
+                    Some(c) => (Some(c.pdu.clone()), c.meta.clone()),
+                    None => (None, None),
+                })
+                .collect();
             (found, cache.generation)
         };
-        let missing: Vec<usize> = (0..shorts.len()).filter(|i| pdus[*i].is_none()).collect();
-        if !missing.is_empty() {
-            let keys: Vec<[u8; 8]> = missing.iter().map(|i| keys[*i]).collect();
-            let mut ids = self.db.get_many_map("longids", &keys, |_, id| {
-                let id = std::str::from_utf8(id.get(1..).unwrap_or_default())
-                    .map_err(|_| Error::internal("stored event id is not UTF-8"))?;
-                Ok(EventId::parse(id)?)
-            })?;
-            let parsed = self.db.get_many_map("pdus", &keys, |i, json| {
-                Ok(match ids[i].take() {
-                    Some(id) => Some(Pdu::from_json(id, json)?),
-                    None => None,
-                })
-            })?;
-            let mut loaded = Vec::new();
-            for (i, pdu) in missing.into_iter().zip(parsed) {
-                let Some(Some(pdu)) = pdu else {
-                    continue;
-                };
-                let pdu = Arc::new(pdu);
-                loaded.push((shorts[i], pdu.clone()));
-                pdus[i] = Some(pdu);
+        // Whatever lacks its metadata is read; the PDU too where that is missing.
+        let unread: Vec<usize> = (0..shorts.len())
+            .filter(|i| found[*i].1.is_none())
+            .collect();
+        if !unread.is_empty() {
+            let keys: Vec<[u8; 8]> = unread.iter().map(|i| shorts[*i].to_be_bytes()).collect();
+            let metas = self
+                .db
+                .get_many_map("event_meta", &keys, |_, v| EventMeta::decode(v))?;
+            let no_pdu: Vec<usize> = (0..unread.len())
+                .filter(|j| found[unread[*j]].0.is_none())
+                .collect();
+            if !no_pdu.is_empty() {
+                let keys: Vec<[u8; 8]> = no_pdu.iter().map(|j| keys[*j]).collect();
+                let mut ids = self.db.get_many_map("longids", &keys, |_, id| {
+                    let id = std::str::from_utf8(id.get(1..).unwrap_or_default())
+                        .map_err(|_| Error::internal("stored event id is not UTF-8"))?;
+                    Ok(EventId::parse(id)?)
+                })?;
+                let parsed = self.db.get_many_map("pdus", &keys, |i, json| {
+                    Ok(match ids[i].take() {
+                        Some(id) => Some(Pdu::from_json(id, json)?),
+                        None => None,
+                    })
+                })?;
+                for (j, pdu) in no_pdu.into_iter().zip(parsed) {
+                    found[unread[j]].0 = pdu.flatten().map(Arc::new);
+                }
             }
             let mut cache = self.pdus.lock();
-            if cache.generation == generation {
-                for (short, pdu) in loaded {
-                    cache.insert(short, pdu);
+            for (i, meta) in unread.into_iter().zip(metas) {
+                let (pdu, slot) = &mut found[i];
+                if let (Some(pdu), Some(meta)) = (pdu, meta) {
+                    if cache.generation == generation {
+                        cache.insert(shorts[i], pdu.clone(), Some(meta.clone()));
+                    }
+                    *slot = Some(meta);
                 }
             }
         }
         let mut out = Vec::with_capacity(shorts.len());
-        for ((short, pdu), meta) in shorts.iter().zip(pdus).zip(metas) {
+        for (short, (pdu, meta)) in shorts.iter().zip(found) {
             out.push(match (pdu, meta) {
                 (Some(pdu), Some(meta)) => Some(self.assemble(*short, pdu, meta)?),
                 _ => None,
@@ -1425,7 +1503,8 @@ impl<'a> Draft<'a> {
         {
             let mut cache = self.tl.pdus.lock();
             for (short, pdu) in &self.pending_short {
-                cache.insert(*short, pdu.clone());
+                let meta = self.pending_meta.get(short).cloned();
+                cache.insert(*short, pdu.clone(), meta);
             }
         }
         // Syncs learn of the room's news before the positions become visible.
@@ -1547,22 +1626,18 @@ mod tests {
     /// the younger generation fills; a hit in the old generation moves it to the young.
     #[test]
     fn the_pdu_cache_keeps_what_is_used() {
-        let mut cache = PduCache {
-            young: HashMap::new(),
-            old: HashMap::new(),
-            generation: 0,
-        };
+        let mut cache = PduCache::default();
         let size = PDU_CACHE_GENERATION as u64;
         for n in 0..size {
-            cache.insert(n, pdu(n));
+            cache.insert(n, pdu(n), None);
         }
         // A second generation: the first becomes the old one.
         for n in size..2 * size {
-            cache.insert(n, pdu(n));
+            cache.insert(n, pdu(n), None);
         }
         assert!(cache.get(0).is_some(), "still in the old generation");
         for n in 2 * size..3 * size {
-            cache.insert(n, pdu(n));
+            cache.insert(n, pdu(n), None);
         }
         assert!(
             cache.get(1).is_none(),
@@ -1579,5 +1654,44 @@ mod tests {
         cache.forget(&[2 * size]);
         assert!(cache.get(2 * size).is_none());
         assert_eq!(cache.generation, 1);
+    }
+
+    /// Metadata is kept with its PDU, follows it between generations, and goes when a
+    /// redaction forgets the event.
+    #[test]
+    fn the_pdu_cache_keeps_metadata_with_the_pdu() {
+        let mut cache = PduCache::default();
+        let meta = |pos| EventMeta {
+            room: 7,
+            pos,
+            redacted_by: None,
+            ..Default::default()
+        };
+        cache.insert(1, pdu(1), Some(meta(10)));
+        cache.insert(2, pdu(2), None);
+        assert_eq!(cache.meta(1).map(|m| (m.room, m.pos)), Some((7, 10)));
+        assert!(cache.meta(2).is_none(), "a PDU read alone has no metadata");
+        // Fill a generation: the two move to the old one and keep what they had.
+        let size = PDU_CACHE_GENERATION as u64;
+        for n in 100..100 + size {
+            cache.insert(n, pdu(n), None);
+        }
+        assert!(!cache.young.contains_key(&1));
+        assert_eq!(cache.meta(1).map(|m| m.pos), Some(10));
+        assert_eq!(
+            cache.entry(1).and_then(|c| c.meta.as_ref()).map(|m| m.pos),
+            Some(10)
+        );
+        assert!(
+            cache.young.contains_key(&1),
+            "a hit moves it to the young generation"
+        );
+        // Replacing an entry replaces it in place.
+        let young = cache.young.len();
+        cache.insert(1, pdu(1), Some(meta(11)));
+        assert_eq!(cache.young.len(), young);
+        assert_eq!(cache.meta(1).map(|m| m.pos), Some(11));
+        cache.forget(&[1]);
+        assert!(cache.meta(1).is_none() && cache.get(1).is_none());
     }
 }
