@@ -146,10 +146,10 @@ fn type_allowed(filter: &EventFilter, kind: &str) -> bool {
 }
 
 /// A client event in the sync format (no `room_id`), as `req`'s client session sees it.
-fn sync_format(s: &Services, e: &StoredEvent, req: &SyncRequest) -> Result<ClientEvent> {
+fn sync_format(s: &Services, e: StoredEvent, req: &SyncRequest) -> Result<ClientEvent> {
     Ok(s.rooms
         .timeline
-        .client_event(e, Some(&req.client_session))?
+        .into_client_event(e, Some(&req.client_session))?
         .without_room_id())
 }
 
@@ -755,7 +755,7 @@ fn state_section(
         {
             continue;
         }
-        out.push(sync_format(s, &e, req)?);
+        out.push(sync_format(s, e, req)?);
     }
     Ok(out)
 }
@@ -845,8 +845,11 @@ fn joined_room(
         Some(first) => make_token(first.meta.pos - 1),
         None => make_token(now),
     };
+    let membership_changed = timeline
+        .iter()
+        .any(|e| e.pdu.kind == ruma::events::TimelineEventType::RoomMember);
     let mut events = Vec::with_capacity(timeline.len());
-    for e in &timeline {
+    for e in timeline {
         events.push(sync_format(s, e, req)?);
     }
 
@@ -858,9 +861,6 @@ fn joined_room(
         req.filter.thread_counts,
         joined_at(s, member)?,
     )?;
-    let membership_changed = timeline
-        .iter()
-        .any(|e| e.pdu.kind == ruma::events::TimelineEventType::RoomMember);
     let summary = if full || membership_changed || limited {
         Some(summary(s, user, room_short)?)
     } else {
@@ -1039,14 +1039,14 @@ fn left_room(
         .map(|e| e.meta.state_before)
         .unwrap_or(member.meta.state_after);
     let state = state_section(s, user, req, start_group, None, &timeline)?;
-    let mut events = Vec::with_capacity(timeline.len());
-    for e in &timeline {
-        events.push(sync_format(s, e, req)?);
-    }
     let prev_batch = timeline
         .first()
         .map(|f| make_token(f.meta.pos - 1))
         .unwrap_or_else(|| make_token(member.meta.pos));
+    let mut events = Vec::with_capacity(timeline.len());
+    for e in timeline {
+        events.push(sync_format(s, e, req)?);
+    }
     Ok(LeftRoom {
         timeline: Timeline {
             events,

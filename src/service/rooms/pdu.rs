@@ -666,13 +666,24 @@ impl StoredEvent {
         prev_content: Option<Arc<Pdu>>,
         redacted_because: Option<ClientEvent>,
     ) -> ClientEvent {
+        self.clone()
+            .into_client(viewer, prev_content, redacted_because)
+    }
+
+    /// [`StoredEvent::to_client`], for an event the caller has no further use for.
+    pub fn into_client(
+        self,
+        viewer: Option<&str>,
+        prev_content: Option<Arc<Pdu>>,
+        redacted_because: Option<ClientEvent>,
+    ) -> ClientEvent {
         ClientEvent {
-            event: self.clone(),
             with_room_id: true,
             age: age_of(self.pdu.origin_server_ts.get().into()),
             transaction_id: transaction_id_for(&self.meta, viewer).map(str::to_owned),
             prev_content,
             redacted_because: redacted_because.map(Box::new),
+            event: self,
         }
     }
 }

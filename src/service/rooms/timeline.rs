@@ -672,6 +672,16 @@ impl Timeline {
         Ok(event.to_client(viewer, prev_content, redacted_because))
     }
 
+    /// [`Timeline::client_event`], for an event the caller has no further use for.
+    pub fn into_client_event(
+        &self,
+        event: StoredEvent,
+        viewer: Option<&str>,
+    ) -> Result<ClientEvent> {
+        let (prev_content, redacted_because) = self.unsigned_events(&event.meta)?;
+        Ok(event.into_client(viewer, prev_content, redacted_because))
+    }
+
     /// The events an event's `unsigned` shows: the state event it replaced (for
     /// `prev_content`) and the redaction that redacted it, in its client form.
     fn unsigned_events(&self, meta: &EventMeta) -> Result<(Option<Arc<Pdu>>, Option<ClientEvent>)> {
