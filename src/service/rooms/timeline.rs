@@ -1509,10 +1509,14 @@ impl<'a> Draft<'a> {
         // then let the next writer in.
         let seq = db.write(batch)?;
         // Whoever is woken next reads these events: syncs, the push and appservice
-        // senders. Redacted ones are forgotten just below.
+        // senders. Events this draft redacted are left out (and forgotten below, in
+        // case an earlier read cached them).
         {
             let mut cache = self.tl.pdus.lock();
             for (short, pdu) in &self.pending_short {
+                if self.redacted.contains(short) {
+                    continue;
+                }
                 let meta = self.pending_meta.get(short).cloned();
                 cache.insert(*short, pdu.clone(), meta);
             }
