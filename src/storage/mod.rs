@@ -793,15 +793,7 @@ impl Db {
             Direction::Reverse
         };
         let stored_prefix = tagged(tag, prefix).into_owned();
-        // Bounds keep RocksDB from stepping over deleted entries beyond the prefix
-        // (another space's, in a shared family) only to find the end.
-        let mut opts = ReadOptions::default();
-        if !stored_prefix.is_empty() {
-            opts.set_iterate_lower_bound(stored_prefix.clone());
-            if let Some(end) = prefix_end(&stored_prefix) {
-                opts.set_iterate_upper_bound(end);
-            }
-        }
+        let opts = within(&stored_prefix);
         self.db
             .iterator_cf_opt(family, opts, IteratorMode::From(&tagged(tag, from), dir))
             .map(|r| r.map_err(Error::from))
@@ -831,14 +823,7 @@ impl Db {
     ) -> Result<()> {
         let (family, tag) = self.space(cf);
         let prefix = tagged(tag, prefix);
-        let mut opts = ReadOptions::default();
-        if !prefix.is_empty() {
-            opts.set_iterate_lower_bound(&prefix[..]);
-            if let Some(end) = prefix_end(&prefix) {
-                opts.set_iterate_upper_bound(end);
-            }
-        }
-        let mut it = self.db.raw_iterator_cf_opt(family, opts);
+        let mut it = self.db.raw_iterator_cf_opt(family, within(&prefix));
         if forward {
             it.seek(tagged(tag, from));
         } else {
@@ -861,14 +846,9 @@ impl Db {
     /// The first eight bytes of the last key in a space, as a number.
     fn last_key_u64(&self, cf: &str) -> Result<Option<u64>> {
         let (family, tag) = self.space(cf);
-        let mut opts = ReadOptions::default();
-        if let Some(t) = tag {
-            opts.set_iterate_lower_bound([t]);
-            if let Some(end) = prefix_end(&[t]) {
-                opts.set_iterate_upper_bound(end);
-            }
-        }
-        let mut it = self.db.raw_iterator_cf_opt(family, opts);
+        let mut it = self
+            .db
+            .raw_iterator_cf_opt(family, within(&tagged(tag, &[])));
         it.seek_to_last();
         match it.key() {
             Some(k) => {
@@ -917,20 +897,24 @@ impl Db {
     /// its own. A batch never committed leaves its short id unused.
     pub fn create_short_id(&self, batch: &mut Batch, kind: IdKind, long: &str) -> u64 {
         let key = kind.key(long);
-        let id = self.next_short.fetch_add(1, Ordering::SeqCst);
-        batch.put(self, "shortids", &key, &id.to_be_bytes());
-        batch.put(self, "longids", &id.to_be_bytes(), &key);
+        let id = self.stage_short_id(batch, &key);
         self.ids.lock().remember(&key, id);
+        id
+    }
+
+    /// The next short id, its mapping to and from `key` staged in `batch`.
+    fn stage_short_id(&self, batch: &mut Batch, key: &[u8]) -> u64 {
+        let id = self.next_short.fetch_add(1, Ordering::SeqCst);
+        batch.put(self, "shortids", key, &id.to_be_bytes());
+        batch.put(self, "longids", &id.to_be_bytes(), key);
         id
     }
 
     /// A new mapping, written at once: [`Db::get_or_create_short_id`] hands it to any
     /// caller from then on, whichever of their batches commits first.
     fn new_short_id(&self, key: Vec<u8>) -> Result<u64> {
-        let id = self.next_short.fetch_add(1, Ordering::SeqCst);
         let mut b = Batch::default();
-        b.put(self, "shortids", &key, &id.to_be_bytes());
-        b.put(self, "longids", &id.to_be_bytes(), &key);
+        let id = self.stage_short_id(&mut b, &key);
         self.db.write(&b.inner)?;
         self.ids.lock().remember(&key, id);
         Ok(id)
@@ -980,6 +964,20 @@ impl Batch {
 
 /// The first key after every key that starts with `prefix`; none when the prefix is
 /// all 0xff bytes.
+/// Read options that keep an iterator inside `prefix` (no bounds for an empty one):
+/// without them RocksDB steps over deleted entries beyond the prefix (another space's,
+/// in a shared family) only to find the end.
+fn within(prefix: &[u8]) -> ReadOptions {
+    let mut opts = ReadOptions::default();
+    if !prefix.is_empty() {
+        opts.set_iterate_lower_bound(prefix);
+        if let Some(end) = prefix_end(prefix) {
+            opts.set_iterate_upper_bound(end);
+        }
+    }
+    opts
+}
+
 fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {

@@ -668,8 +668,7 @@ impl Timeline {
     /// The client form of an event, with what its `unsigned` needs: the content of the
     /// state event it replaced, the redaction that redacted it.
     pub fn client_event(&self, event: &StoredEvent, viewer: Option<&str>) -> Result<ClientEvent> {
-        let (prev_content, redacted_because) = self.unsigned_events(&event.meta)?;
-        Ok(event.to_client(viewer, prev_content, redacted_because))
+        self.into_client_event(event.clone(), viewer)
     }
 
     /// [`Timeline::client_event`], for an event the caller has no further use for.
