@@ -5,7 +5,7 @@ use std::{
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::Arc,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context, bail, ensure};
@@ -100,6 +100,35 @@ impl Server {
         Some(field(14)? + field(15)?)
     }
 
+    /// The CPU time the server's threads have used so far, in nanoseconds (each
+    /// thread's `schedstat`): precise enough for a burst of a few milliseconds.
+    fn cpu_ns(&self) -> Option<u64> {
+        cpu_ns_of(&format!("/proc/{}", self.pid?))
+    }
+
+    /// Waits, at most `limit`, until the server has used almost no CPU for 50 ms: it
+    /// has finished what a burst asked of it. A server whose process is not known gets
+    /// `limit`.
+    async fn wait_quiet(&self, limit: Duration) {
+        let Some(mut last) = self.cpu_ns() else {
+            tokio::time::sleep(limit).await;
+            return;
+        };
+        let start = Instant::now();
+        let mut quiet_for = 0;
+        while start.elapsed() < limit && quiet_for < 5 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let Some(now) = self.cpu_ns() else { return };
+            // A twentieth of a core at most.
+            if now.saturating_sub(last) <= 500_000 {
+                quiet_for += 1;
+            } else {
+                quiet_for = 0;
+            }
+            last = now;
+        }
+    }
+
     /// Waits, at most `limit`, until the server has been all but idle for half a
     /// second: work left over from a load (RocksDB flushing what it wrote, a cache
     /// being filled, a garbage collection) is not counted against what is timed next.
@@ -120,6 +149,19 @@ impl Server {
             last = now;
         }
     }
+}
+
+/// The CPU time, in nanoseconds, of every thread of the process at `proc_dir`.
+fn cpu_ns_of(proc_dir: &str) -> Option<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("{proc_dir}/task")).ok()? {
+        // A thread may end between the listing and the read: it no longer counts.
+        let Ok(stat) = std::fs::read_to_string(task.ok()?.path().join("schedstat")) else {
+            continue;
+        };
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total)
 }
 
 impl Drop for Server {
@@ -226,7 +268,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let run_id = format!(
         "{:x}",
-        std::time::SystemTime::now()
+        SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
             .as_millis()
             % 0xffffff
@@ -603,7 +645,10 @@ async fn incremental_and_wakeup(
 }
 
 /// Many long-polls held at once, then one message wakes them all; repeated, each time
-/// from a fresh position.
+/// from a fresh position. The answers are read once the server has written them all
+/// (their arrival is the kernel's receive time), as if a thousand clients were on
+/// machines of their own; then the same again with the generator reading each answer
+/// as it comes, on the server's cores.
 async fn scale_longpolls(
     report: &mut Report,
     reader: &Client,
@@ -614,6 +659,7 @@ async fn scale_longpolls(
     server: &Server,
 ) -> anyhow::Result<()> {
     let (mut held, mut p50, mut p99) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut p50_reading, mut server_cpu, mut own_cpu) = (Vec::new(), Vec::new(), Vec::new());
     // Each round starts where the last one's answers ended, as a client would go on. A
     // fresh initial sync is no good here: Synapse answers a repeated one from its
     // response cache for two minutes, with a position before the last round's message.
@@ -623,13 +669,30 @@ async fn scale_longpolls(
         .as_str()
         .context("next_batch")?
         .to_owned();
-    for round in 0..repeat {
-        let (rss, wake, next) =
-            wake_longpolls(reader, sender, room, count, &since, round, server).await?;
-        since = next;
-        held.extend(rss);
-        p50.push(percentile(&wake, 50.0));
-        p99.push(percentile(&wake, 99.0));
+    for round in 0..2 * repeat {
+        let read_meanwhile = round >= repeat;
+        let woken = wake_longpolls(
+            reader,
+            sender,
+            room,
+            count,
+            &since,
+            round,
+            read_meanwhile,
+            server,
+        )
+        .await?;
+        since = woken.next;
+        held.extend(woken.held);
+        let per_answer = |us: Option<f64>| us.map(|us| us / count as f64);
+        if read_meanwhile {
+            p50_reading.push(percentile(&woken.wake, 50.0));
+            own_cpu.extend(per_answer(woken.own_cpu_us));
+        } else {
+            p50.push(percentile(&woken.wake, 50.0));
+            p99.push(percentile(&woken.wake, 99.0));
+            server_cpu.extend(per_answer(woken.server_cpu_us));
+        }
     }
     if !held.is_empty() {
         report.add(
@@ -654,11 +717,56 @@ async fn scale_longpolls(
         Better::Lower,
         &p99,
     );
+    report.add(
+        "longpoll_wake_p50_reading",
+        &format!("{count} long-polls: wake-up p50, read meanwhile"),
+        "ms",
+        Better::Lower,
+        &p50_reading,
+    );
+    // What each side spends on an answer: on shared cores, the generator's reading
+    // delays the answers still to be written.
+    if !server_cpu.is_empty() {
+        report.add(
+            "longpoll_server_cpu",
+            &format!("{count} long-polls: server CPU per answer"),
+            "µs",
+            Better::Lower,
+            &server_cpu,
+        );
+    }
+    if !own_cpu.is_empty() {
+        report.add(
+            "longpoll_bench_cpu",
+            &format!("{count} long-polls: generator CPU per answer"),
+            "µs",
+            Better::Lower,
+            &own_cpu,
+        );
+    }
     Ok(())
 }
 
-/// One round of the scale scenario: the memory while `count` long-polls are held, and
-/// each one's wake-up after the message's send returned.
+/// What one round of the scale scenario saw.
+struct Woken {
+    /// The server's memory while the long-polls were held.
+    held: Option<f64>,
+    /// Each long-poll's wake-up after the send returned, in milliseconds.
+    wake: Vec<f64>,
+    /// The position the answers ended at.
+    next: String,
+    /// The server's CPU time from just before the send until it had written every
+    /// answer (or, while the generator reads, until every answer had been read), in µs.
+    server_cpu_us: Option<f64>,
+    /// The generator's CPU time from just before the send until it had read every
+    /// answer, in µs.
+    own_cpu_us: Option<f64>,
+}
+
+/// One round of the scale scenario: the memory while `count` long-polls are held, each
+/// one's wake-up after the message's send returned, and the CPU both sides spent. The
+/// answers are read as they come with `read_meanwhile`, else once the server is quiet.
+#[allow(clippy::too_many_arguments)]
 async fn wake_longpolls(
     reader: &Client,
     sender: &Client,
@@ -666,33 +774,50 @@ async fn wake_longpolls(
     count: usize,
     since: &str,
     round: usize,
+    read_meanwhile: bool,
     server: &Server,
-) -> anyhow::Result<(Option<f64>, Vec<f64>, String)> {
+) -> anyhow::Result<Woken> {
     let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     // Connections are opened a few dozen at a time: a thousand at once overflow a small
     // listen backlog (Synapse's), and the server then resets some of them.
     let connecting = Arc::new(tokio::sync::Semaphore::new(32));
+    let (read, may_read) = tokio::sync::watch::channel(read_meanwhile);
     let mut tasks = Vec::with_capacity(count);
     for _ in 0..count {
         let (base, token) = (reader.base.clone(), reader.token.clone());
         let (started, connecting) = (started.clone(), connecting.clone());
+        let mut may_read = may_read.clone();
         let path = sync_path(Some(since), 60_000, None);
         tasks.push(tokio::spawn(async move {
             let mut attempt = 0;
             loop {
                 attempt += 1;
-                let opened = {
+                let sent = async {
                     let _permit = connecting.acquire().await?;
-                    rawhttp::Connection::open(&base).await
-                };
+                    let mut c = rawhttp::Connection::open(&base).await?;
+                    c.send_get(&path, &token).await?;
+                    anyhow::Ok(c)
+                }
+                .await;
                 if attempt == 1 {
                     started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 }
-                let answer = match opened {
-                    Ok(mut c) => c
-                        .get(&path, &token)
-                        .await
-                        .map(|(done, body)| (done, body, c)),
+                let answer = match sent {
+                    Ok(c) => {
+                        // Off the event loop until the server is done: this process
+                        // then does not even wake as the answers arrive.
+                        let mut c = if *may_read.borrow() {
+                            c
+                        } else {
+                            let parked = c.park()?;
+                            may_read
+                                .wait_for(|yes| *yes)
+                                .await
+                                .context("the round ended")?;
+                            parked.resume()?
+                        };
+                        c.answer(&path).await.map(|(at, body)| (at, body, c))
+                    }
                     Err(e) => Err(e),
                 };
                 match answer {
@@ -713,19 +838,31 @@ async fn wake_longpolls(
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let held = server.rss_mib().map(|(rss, _)| rss);
     let text = format!("everyone wake up ({round})");
+    let cpu_before = (server.cpu_ns(), cpu_ns_of("/proc/self"));
     sender
         .send_text(room, &format!("scale-{since}"), &text)
         .await?;
-    let sent = Instant::now();
+    let sent = SystemTime::now();
+    let mut server_cpu_after = None;
+    if !read_meanwhile {
+        server.wait_quiet(Duration::from_secs(10)).await;
+        server_cpu_after = server.cpu_ns();
+        read.send_replace(true);
+    }
     // Each answer is checked once all have arrived: parsing one while others are still
     // on their way would hold those up and count the benchmark's own work.
     let mut answers = Vec::with_capacity(count);
     for t in join_all(tasks).await {
         answers.push(t??);
     }
+    let spent = |before: Option<u64>, after: Option<u64>| {
+        Some(after?.saturating_sub(before?) as f64 / 1000.0)
+    };
+    let server_cpu_us = spent(cpu_before.0, server_cpu_after.or_else(|| server.cpu_ns()));
+    let own_cpu_us = spent(cpu_before.1, cpu_ns_of("/proc/self"));
     let mut wake = Vec::with_capacity(count);
     let mut next = String::new();
-    for (done, bytes, _connection) in answers {
+    for (arrived, bytes, _connection) in answers {
         let body = parse(&bytes);
         ensure!(
             body["rooms"]["join"][room]["timeline"]["events"]
@@ -737,9 +874,16 @@ async fn wake_longpolls(
             .as_str()
             .context("next_batch")?
             .to_owned();
-        wake.push(ms(done.saturating_duration_since(sent)));
+        // An answer may arrive before the send's own answer is back.
+        wake.push(ms(arrived.duration_since(sent).unwrap_or_default()));
     }
-    Ok((held, wake, next))
+    Ok(Woken {
+        held,
+        wake,
+        next,
+        server_cpu_us,
+        own_cpu_us,
+    })
 }
 
 /// Startup again, now that the database holds the big room: the server is stopped and
