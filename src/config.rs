@@ -36,6 +36,7 @@ pub struct Config {
     pub appservices: AppservicesConfig,
     pub ldap: LdapConfig,
     pub bridges: BridgesConfig,
+    pub runtime: RuntimeConfig,
 }
 
 impl Default for Config {
@@ -56,6 +57,7 @@ impl Default for Config {
             appservices: AppservicesConfig::default(),
             ldap: LdapConfig::default(),
             bridges: BridgesConfig::default(),
+            runtime: RuntimeConfig::default(),
         }
     }
 }
@@ -198,6 +200,18 @@ impl Default for DatabaseConfig {
     fn default() -> Self {
         Self { cache_mib: 32 }
     }
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// With one worker thread for each CPU the process may use, keep each worker on a
+    /// CPU of its own, so that a burst of work (a message waking hundreds of `/sync`
+    /// requests) runs on all of them at once even under a kernel that packs a lightly
+    /// loaded machine's threads onto few CPUs. Off by default: elsewhere the kernel
+    /// spreads them by itself, and a pinned worker cannot move away from a CPU that
+    /// another process (a proxy in front of Salon) is using.
+    pub pin_workers: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]

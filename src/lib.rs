@@ -8,6 +8,7 @@ pub mod bundled;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod runtime;
 pub mod service;
 pub mod storage;
 

@@ -148,10 +148,7 @@ fn main() -> std::process::ExitCode {
         }
         Command::Serve => {
             init_logging(&config);
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
+            let runtime = salon::runtime::build(&config.runtime).expect("tokio runtime");
             let result = runtime.block_on(async move {
                 let listener = tokio::net::TcpListener::bind(config.listen)
                     .await
