@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 pub enum Better {
     Higher,
     Lower,
+    /// Not a figure of the server's (the generator's own cost): no advantage.
+    Neither,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -104,6 +106,7 @@ pub fn compare(baseline: &Path, candidate: &Path) -> anyhow::Result<()> {
                 let adv = match m.better {
                     Better::Higher => m.median / x.median,
                     Better::Lower => x.median / m.median,
+                    Better::Neither => f64::NAN,
                 };
                 (
                     format!("{} ({}–{})", fmt(x.median), fmt(x.min), fmt(x.max)),

@@ -740,7 +740,7 @@ async fn scale_longpolls(
             "longpoll_bench_cpu",
             &format!("{count} long-polls: generator CPU per answer"),
             "µs",
-            Better::Lower,
+            Better::Neither,
             &own_cpu,
         );
     }
