@@ -54,6 +54,48 @@ async fn wait_ready(base: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_events_survive_kill_9() {
+    burst_then_kill_9(false).await;
+}
+
+/// The same, once the write-ahead log files are reused: after flushes, RocksDB
+/// overwrites old log files in place, and a restart must replay only what the last
+/// writes put there, never the old contents past them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_events_survive_kill_9_in_a_reused_log() {
+    burst_then_kill_9(true).await;
+}
+
+/// Whether RocksDB has started writing into a reused log file.
+fn reusing_a_log(dir: &std::path::Path) -> bool {
+    std::fs::read_to_string(dir.join("db").join("LOG")).is_ok_and(|log| log.contains("reusing log"))
+}
+
+/// Large messages until a log file is reused (tens of MiB: enough for every column
+/// family to flush the oldest log).
+async fn fill_until_a_log_is_reused(c: &Client, room: &str, dir: &std::path::Path) {
+    let filler = "x".repeat(48 * 1024);
+    for round in 0..30 {
+        let mut tasks = Vec::new();
+        for w in 0..10 {
+            let (c, room, filler) = (c.clone(), room.to_owned(), filler.clone());
+            tasks.push(tokio::spawn(async move {
+                for i in 0..10 {
+                    c.send_text(&room, &format!("fill-{round}-{w}-{i}"), &filler)
+                        .await;
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        if reusing_a_log(dir) {
+            return;
+        }
+    }
+    panic!("no write-ahead log file was reused after 3,000 large messages");
+}
+
+async fn burst_then_kill_9(in_a_reused_log: bool) {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
@@ -72,6 +114,9 @@ async fn acknowledged_events_survive_kill_9() {
         .await;
     alice.token = Some(body["access_token"].as_str().unwrap().to_owned());
     let room = alice.create_room(json!({ "name": "Durable" })).await;
+    if in_a_reused_log {
+        fill_until_a_log_is_reused(&alice, &room, dir.path()).await;
+    }
 
     // Ten concurrent senders; the server is killed while they are sending.
     let acked: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
