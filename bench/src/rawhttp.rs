@@ -241,6 +241,7 @@ fn recv_stamped(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Option<SystemTi
     Ok((n as usize, stamp))
 }
 
+/// The server closed the connection before the whole answer was there.
 #[derive(Debug)]
 struct Closed(&'static str);
 
