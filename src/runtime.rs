@@ -26,29 +26,29 @@ pub fn build(config: &RuntimeConfig) -> io::Result<tokio::runtime::Runtime> {
     builder.enable_all();
     if config.pin_workers {
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-        if let Some(cpus) = allowed_cpus()
-            && let Some(plan) = pin_plan(&cpus, workers)
-        {
+        if let Some(plan) = allowed_cpus().and_then(|cpus| pin_plan(&cpus, workers)) {
             builder.worker_threads(workers);
-            pin_workers(&mut builder, cpus, plan);
+            pin_workers(&mut builder, plan);
         }
     }
     builder.build()
 }
 
-/// The CPU for each worker, in the order workers first go idle; `None` when pinning
-/// would not help: a single CPU, or more CPUs than workers (the kernel then has room
+/// The CPU for each worker, in the order workers first go idle (every allowed CPU,
+/// one each); `None` when pinning would not help: a single CPU, or more CPUs than workers (the kernel then has room
 /// to spread them by itself), or fewer (some would have to share).
 pub fn pin_plan(allowed: &[usize], workers: usize) -> Option<Vec<usize>> {
     (allowed.len() >= 2 && allowed.len() == workers).then(|| allowed.to_vec())
 }
 
-fn pin_workers(builder: &mut tokio::runtime::Builder, allowed: Vec<usize>, plan: Vec<usize>) {
+/// Pin the workers as `plan` says; every other runtime thread may use all of its CPUs.
+fn pin_workers(builder: &mut tokio::runtime::Builder, plan: Vec<usize>) {
     thread_local! {
         /// Whether this thread is a worker that has taken its CPU.
         static PINNED: Cell<bool> = const { Cell::new(false) };
     }
     let next = Arc::new(AtomicUsize::new(0));
+    let allowed = plan.clone();
     // A thread starts with the affinity of the thread that spawned it: a blocking
     // thread started from a pinned worker would be held to that worker's CPU.
     builder.on_thread_start(move || {

@@ -968,8 +968,6 @@ impl Batch {
     }
 }
 
-/// The first key after every key that starts with `prefix`; none when the prefix is
-/// all 0xff bytes.
 /// Read options that keep an iterator inside `prefix` (no bounds for an empty one):
 /// without them RocksDB steps over deleted entries beyond the prefix (another space's,
 /// in a shared family) only to find the end.
@@ -984,6 +982,8 @@ fn within(prefix: &[u8]) -> ReadOptions {
     opts
 }
 
+/// The first key after every key that starts with `prefix`; none when the prefix is
+/// all 0xff bytes.
 fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {

@@ -140,20 +140,11 @@ pub struct Timeline {
 /// is used often stays. Stored PDUs and their metadata change only when redacted; a
 /// redaction's commit bumps `generation` and forgets them, and a read that raced it is
 /// not cached.
+#[derive(Default)]
 struct PduCache {
     young: HashMap<u64, Cached, ShortIds>,
     old: HashMap<u64, Cached, ShortIds>,
     generation: u64,
-}
-
-impl Default for PduCache {
-    fn default() -> Self {
-        PduCache {
-            young: HashMap::default(),
-            old: HashMap::default(),
-            generation: 0,
-        }
-    }
 }
 
 /// An event in the [`PduCache`].
