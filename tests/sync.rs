@@ -248,6 +248,16 @@ async fn invites_joins_leaves_and_kicks() {
     assert_eq!(me["content"]["membership"], "invite");
     assert_eq!(me["sender"], alice.user_id.as_str());
     since = s["next_batch"].as_str().unwrap().to_owned();
+    // Alice's view of the members follows every change (counts from the room's
+    // members as the commits keep them).
+    let counts = |s: &Value| {
+        let summary = &s["rooms"]["join"][&room]["summary"];
+        (
+            summary["m.joined_member_count"].clone(),
+            summary["m.invited_member_count"].clone(),
+        )
+    };
+    assert_eq!(counts(&sync(&alice, None, "").await), (json!(1), json!(1)));
 
     alice
         .send_text(&room, "before", "said before bob joined")
@@ -261,6 +271,7 @@ async fn invites_joins_leaves_and_kicks() {
     );
     assert!(s["rooms"]["invite"].get(&room).is_none());
     since = s["next_batch"].as_str().unwrap().to_owned();
+    assert_eq!(counts(&sync(&alice, None, "").await), (json!(2), json!(0)));
 
     alice
         .ok(
@@ -270,6 +281,7 @@ async fn invites_joins_leaves_and_kicks() {
         )
         .await;
     alice.send_text(&room, "after", "said after the kick").await;
+    assert_eq!(counts(&sync(&alice, None, "").await), (json!(1), json!(0)));
     let s = sync(&bob, Some(&since), "").await;
     let l = &s["rooms"]["leave"][&room];
     let last = l["timeline"]["events"]

@@ -886,15 +886,19 @@ fn joined_room(
 
 /// Heroes and member counts, for clients to name rooms without a name.
 fn summary(s: &Services, user: &UserId, room_short: u64) -> Result<JsonValue> {
-    let (joined, invited): (Vec<_>, Vec<_>) =
-        super::rooms::timeline::memberships_in(&s.db, room_short, &["join", "invite"])?
-            .into_iter()
-            .partition(|(_, m)| m == "join");
-    let joined: Vec<OwnedUserId> = joined.into_iter().map(|(u, _)| u).collect();
-    let invited: Vec<OwnedUserId> = invited.into_iter().map(|(u, _)| u).collect();
+    let members = s.rooms.timeline.members(room_short)?;
+    let with = |membership: &str| -> Vec<&OwnedUserId> {
+        members
+            .iter()
+            .filter(|(_, m)| *m == membership)
+            .map(|(u, _)| u)
+            .collect()
+    };
+    let (joined, invited) = (with("join"), with("invite"));
     let mut heroes: Vec<&OwnedUserId> = joined
         .iter()
         .chain(invited.iter())
+        .copied()
         .filter(|u| u.as_str() != user.as_str())
         .collect();
     heroes.sort();

@@ -18,9 +18,7 @@ use serde_json::json;
 use crate::{
     error::{Error, Result},
     http::Ruma,
-    service::{
-        Services, ephemeral::Receipt, rooms::timeline::members_with, sync::peers, users::now_ms,
-    },
+    service::{Services, ephemeral::Receipt, sync::peers, users::now_ms},
 };
 
 fn joined_room(s: &Services, room: &RoomId, user: &UserId) -> Result<u64> {
@@ -51,7 +49,7 @@ pub async fn typing(
         &req.room_id,
         req.user(),
         timeout,
-        members_with(&s.db, short, "join")?,
+        s.rooms.timeline.joined_members(short)?,
     );
     Ok(create_typing_event::v3::Response::new())
 }
@@ -91,7 +89,7 @@ fn mark(
         ts: now_ms(),
     };
     s.ephemeral
-        .set_receipt(short, receipt, members_with(&s.db, short, "join")?)
+        .set_receipt(short, receipt, s.rooms.timeline.joined_members(short)?)
 }
 
 pub async fn receipt(

@@ -15,7 +15,7 @@ use serde_json::{Value as JsonValue, json};
 use super::{Appservice, client};
 use crate::{
     error::Result,
-    service::{Services, rooms::timeline::members_with},
+    service::Services,
     storage::{decode_u64, u64_at},
 };
 
@@ -335,9 +335,11 @@ fn room_interest(
             .iter()
             .filter_map(|alias| ruma::RoomAliasId::parse(alias).ok())
             .any(|alias| a.claims_alias(&alias))
-        || members_with(&s.db, room_short, "join")?
+        || s.rooms
+            .timeline
+            .members(room_short)?
             .iter()
-            .any(|u| a.claims_user(u));
+            .any(|(u, m)| *m == "join" && a.claims_user(u));
     rooms.insert(room_short, interest);
     Ok(interest)
 }

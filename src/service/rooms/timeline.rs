@@ -126,6 +126,9 @@ pub struct Timeline {
     /// What push evaluation needs of a room's state, per room, for its latest state
     /// group: read once instead of for every event and member.
     push_rooms: Mutex<HashMap<u64, Arc<PushRoomState>>>,
+    /// The current members of rooms written to since start, kept by each commit under
+    /// the room's lock: a message need not read the membership table.
+    members: Mutex<HashMap<u64, Arc<Members>>>,
     /// Parsed PDUs recently read (the state events every new event is authorised
     /// against, the events syncs return).
     pdus: Mutex<PduCache>,
@@ -285,6 +288,7 @@ impl Timeline {
             push,
             locks: Mutex::new(HashMap::new()),
             push_rooms: Mutex::new(HashMap::new()),
+            members: Mutex::new(HashMap::new()),
             pdus: Mutex::new(PduCache::default()),
             newest: NewestByRoom::default(),
             last_create: std::sync::atomic::AtomicU64::new(0),
@@ -303,6 +307,60 @@ impl Timeline {
 
     pub fn room_short(&self, room_id: &RoomId) -> Result<Option<u64>> {
         self.db.short_id(IdKind::Room, room_id.as_str())
+    }
+
+    /// The room's current members (joined, invited, knocking): kept in memory for
+    /// rooms written to since start, else read from the membership table.
+    pub fn members(&self, room_short: u64) -> Result<Arc<Members>> {
+        if let Some(m) = self.members.lock().get(&room_short) {
+            return Ok(m.clone());
+        }
+        // Not kept: only a commit, under the room's lock, knows that nothing changes
+        // the table between its read and its keeping.
+        Ok(Arc::new(memberships_in(&self.db, room_short, &CURRENT)?))
+    }
+
+    /// The room's joined users.
+    pub fn joined_members(&self, room_short: u64) -> Result<Vec<OwnedUserId>> {
+        Ok(self
+            .members(room_short)?
+            .iter()
+            .filter(|(_, m)| *m == "join")
+            .map(|(u, _)| u.clone())
+            .collect())
+    }
+
+    /// The room's members once a commit's `changes` are written, kept for the next
+    /// reader. Called under the room's lock, after the commit's write.
+    fn members_after(
+        &self,
+        room_short: u64,
+        new_room: bool,
+        changes: Vec<(OwnedUserId, Option<&'static str>)>,
+    ) -> Result<Arc<Members>> {
+        let kept = self.members.lock().get(&room_short).cloned();
+        let members = match kept {
+            Some(m) if changes.is_empty() => return Ok(m),
+            Some(m) => {
+                let mut members = Members::clone(&m);
+                apply_member_changes(&mut members, changes);
+                members
+            }
+            None if new_room => {
+                let mut members = Members::new();
+                apply_member_changes(&mut members, changes);
+                members
+            }
+            // The table holds the changes already.
+            None => memberships_in(&self.db, room_short, &CURRENT)?,
+        };
+        let members = Arc::new(members);
+        let mut kept = self.members.lock();
+        if kept.len() >= MEMBERS_KEPT {
+            kept.clear();
+        }
+        kept.insert(room_short, members.clone());
+        Ok(members)
     }
 
     pub fn room_record(&self, room_short: u64) -> Result<Option<RoomRecord>> {
@@ -407,6 +465,7 @@ impl Timeline {
             let mut draft = Draft::new(self, guard, room_short, record, rules);
             draft.batch = batch;
             draft.sign_later = true;
+            draft.new_room = true;
             draft.store(
                 Built {
                     object,
@@ -849,6 +908,11 @@ pub struct Draft<'a> {
     /// Users whose membership an event of this draft changed: they hear of it even
     /// when they are no longer in the room.
     affected: Vec<OwnedUserId>,
+    /// The membership changes of this draft, in order: who is now a member, and how
+    /// (`None`: no longer joined, invited or knocking).
+    member_changes: Vec<(OwnedUserId, Option<&'static str>)>,
+    /// The room is new with this draft: it has no members before it.
+    new_room: bool,
     touched: bool,
     /// Stored events this draft redacts: their cached parsed form goes at the commit.
     redacted: Vec<u64>,
@@ -942,6 +1006,8 @@ impl<'a> Draft<'a> {
             pending_json: HashMap::new(),
             pending_meta: HashMap::new(),
             affected: Vec::new(),
+            member_changes: Vec::new(),
+            new_room: false,
             touched: false,
             sign_later: false,
             owed: Vec::new(),
@@ -1216,6 +1282,8 @@ impl<'a> Draft<'a> {
                     .to_owned();
                 let user_short = db.get_or_create_short_id(IdKind::User, sk)?;
                 if let Ok(target) = UserId::parse(sk.as_str()) {
+                    self.member_changes
+                        .push((target.clone(), current_membership(&membership)));
                     self.affected.push(target);
                 }
                 let was_joined = match meta.replaces {
@@ -1518,16 +1586,21 @@ impl<'a> Draft<'a> {
         if !self.redacted.is_empty() {
             self.tl.pdus.lock().forget(&self.redacted);
         }
-        self.guard.take();
         // The room's members as this draft left them: for the push rules, then for
-        // whom to wake.
-        let members = memberships_in(&db, self.room_short, &["join", "invite", "knock"])?;
+        // whom to wake. Kept up to date here, under the lock, as nobody else changes
+        // them meanwhile.
+        let members = self.tl.members_after(
+            self.room_short,
+            self.new_room,
+            std::mem::take(&mut self.member_changes),
+        )?;
+        self.guard.take();
         // Push rules are evaluated outside the lock, and what they decide is written
         // right behind the events; one log sync makes both durable before anyone is
         // told, so an acknowledged event always has its notifications.
         let joined = members
             .iter()
-            .filter(|(_, m)| m == "join")
+            .filter(|(_, m)| *m == "join")
             .map(|(u, _)| u.clone())
             .collect();
         self.stage_push(joined).await?;
@@ -1539,7 +1612,7 @@ impl<'a> Draft<'a> {
         let last = self.tickets.iter().map(|t| t.position).max().unwrap_or(0);
         self.tickets.clear();
         let mut users = self.affected.clone();
-        users.extend(members.into_iter().map(|(u, _)| u));
+        users.extend(members.iter().map(|(u, _)| u.clone()));
         self.tl
             .notifier
             .notify_all(users.iter().map(|u| &**u), last);
@@ -1582,12 +1655,20 @@ pub fn joined_peers(db: &Db, user: &UserId) -> Result<std::collections::BTreeSet
 }
 
 /// Users whose membership in a room is `membership`, from the membership table.
-pub fn members_with(db: &Db, room_short: u64, membership: &str) -> Result<Vec<OwnedUserId>> {
+pub fn members_with(
+    db: &Db,
+    room_short: u64,
+    membership: &'static str,
+) -> Result<Vec<OwnedUserId>> {
     members_in(db, room_short, &[membership])
 }
 
 /// Users whose membership in a room is any of `memberships`, in one scan.
-pub fn members_in(db: &Db, room_short: u64, memberships: &[&str]) -> Result<Vec<OwnedUserId>> {
+pub fn members_in(
+    db: &Db,
+    room_short: u64,
+    memberships: &[&'static str],
+) -> Result<Vec<OwnedUserId>> {
     Ok(memberships_in(db, room_short, memberships)?
         .into_iter()
         .map(|(u, _)| u)
@@ -1595,11 +1676,7 @@ pub fn members_in(db: &Db, room_short: u64, memberships: &[&str]) -> Result<Vec<
 }
 
 /// Like [`members_in`], with each user's membership.
-pub fn memberships_in(
-    db: &Db,
-    room_short: u64,
-    memberships: &[&str],
-) -> Result<Vec<(OwnedUserId, String)>> {
+pub fn memberships_in(db: &Db, room_short: u64, memberships: &[&'static str]) -> Result<Members> {
     let prefix = room_short.to_be_bytes();
     let mut out = Vec::new();
     for item in db.scan_prefix("room_members", &prefix) {
@@ -1607,10 +1684,35 @@ pub fn memberships_in(
         if let Some(m) = memberships.iter().find(|m| v.as_ref() == m.as_bytes())
             && let Some(id) = db.long_id(u64_at(&k, 1))?
         {
-            out.push((UserId::parse(id)?, (*m).to_owned()));
+            out.push((UserId::parse(id)?, *m));
         }
     }
     Ok(out)
+}
+
+/// How many rooms' members are kept in memory; past that, the memory starts afresh.
+const MEMBERS_KEPT: usize = 10_000;
+
+/// A room's current members: each user joined, invited or knocking, with that
+/// membership.
+pub type Members = Vec<(OwnedUserId, &'static str)>;
+
+/// The memberships that make a current member.
+const CURRENT: [&str; 3] = ["join", "invite", "knock"];
+
+/// `membership` when it makes a current member.
+fn current_membership(membership: &str) -> Option<&'static str> {
+    CURRENT.into_iter().find(|m| *m == membership)
+}
+
+/// `members` after `changes`, applied in order.
+fn apply_member_changes(members: &mut Members, changes: Vec<(OwnedUserId, Option<&'static str>)>) {
+    for (user, membership) in changes {
+        members.retain(|(u, _)| *u != user);
+        if let Some(m) = membership {
+            members.push((user, m));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1624,6 +1726,33 @@ mod tests {
         Arc::new(
             Pdu::from_json(EventId::parse(format!("$e{n}")).unwrap(), json.as_bytes()).unwrap(),
         )
+    }
+
+    /// Changes apply in order: an invite then a join leaves one joined member; a
+    /// leave or a ban removes the member; others stay as they were.
+    #[test]
+    fn member_changes_apply_in_order() {
+        let user = |n: &str| UserId::parse(format!("@{n}:x")).unwrap();
+        let mut members: Members = vec![(user("a"), "join"), (user("b"), "join")];
+        apply_member_changes(
+            &mut members,
+            vec![
+                (user("c"), current_membership("invite")),
+                (user("c"), current_membership("join")),
+                (user("b"), current_membership("ban")),
+                (user("d"), current_membership("knock")),
+                (user("e"), current_membership("leave")),
+            ],
+        );
+        members.sort();
+        assert_eq!(
+            members,
+            vec![
+                (user("a"), "join"),
+                (user("c"), "join"),
+                (user("d"), "knock")
+            ]
+        );
     }
 
     /// What was used in the last two generations stays; what was not is dropped when
