@@ -128,7 +128,7 @@ pub struct Timeline {
     push_rooms: Mutex<HashMap<u64, Arc<PushRoomState>>>,
     /// The current members of rooms written to since start, kept by each commit under
     /// the room's lock: a message need not read the membership table.
-    members: Mutex<HashMap<u64, Arc<Members>>>,
+    members: Mutex<KeptMembers>,
     /// Parsed PDUs recently read (the state events every new event is authorised
     /// against, the events syncs return).
     pdus: Mutex<PduCache>,
@@ -288,7 +288,7 @@ impl Timeline {
             push,
             locks: Mutex::new(HashMap::new()),
             push_rooms: Mutex::new(HashMap::new()),
-            members: Mutex::new(HashMap::new()),
+            members: Mutex::new(KeptMembers::default()),
             pdus: Mutex::new(PduCache::default()),
             newest: NewestByRoom::default(),
             last_create: std::sync::atomic::AtomicU64::new(0),
@@ -312,7 +312,7 @@ impl Timeline {
     /// The room's current members (joined, invited, knocking): kept in memory for
     /// rooms written to since start, else read from the membership table.
     pub fn members(&self, room_short: u64) -> Result<Arc<Members>> {
-        if let Some(m) = self.members.lock().get(&room_short) {
+        if let Some(m) = self.members.lock().rooms.get(&room_short) {
             return Ok(m.clone());
         }
         // Not kept: only a commit, under the room's lock, knows that nothing changes
@@ -338,7 +338,7 @@ impl Timeline {
         new_room: bool,
         changes: Vec<(OwnedUserId, Option<&'static str>)>,
     ) -> Result<Arc<Members>> {
-        let kept = self.members.lock().get(&room_short).cloned();
+        let kept = self.members.lock().rooms.get(&room_short).cloned();
         let members = match kept {
             Some(m) if changes.is_empty() => return Ok(m),
             Some(m) => {
@@ -355,11 +355,7 @@ impl Timeline {
             None => memberships_in(&self.db, room_short, &CURRENT)?,
         };
         let members = Arc::new(members);
-        let mut kept = self.members.lock();
-        if kept.len() >= MEMBERS_KEPT {
-            kept.clear();
-        }
-        kept.insert(room_short, members.clone());
+        self.members.lock().keep(room_short, members.clone());
         Ok(members)
     }
 
@@ -1690,8 +1686,31 @@ pub fn memberships_in(db: &Db, room_short: u64, memberships: &[&'static str]) ->
     Ok(out)
 }
 
-/// How many rooms' members are kept in memory; past that, the memory starts afresh.
-const MEMBERS_KEPT: usize = 10_000;
+/// How many members, all rooms together, are kept in memory (about 70 bytes each);
+/// past that, the memory starts afresh.
+const MEMBERS_KEPT: usize = 100_000;
+
+/// The members kept of rooms written to since start.
+#[derive(Default)]
+struct KeptMembers {
+    rooms: HashMap<u64, Arc<Members>>,
+    /// Members in `rooms`, all rooms together.
+    count: usize,
+}
+
+impl KeptMembers {
+    fn keep(&mut self, room_short: u64, members: Arc<Members>) {
+        if let Some(old) = self.rooms.remove(&room_short) {
+            self.count -= old.len();
+        }
+        if self.count + members.len() > MEMBERS_KEPT {
+            self.rooms.clear();
+            self.count = 0;
+        }
+        self.count += members.len();
+        self.rooms.insert(room_short, members);
+    }
+}
 
 /// A room's current members: each user joined, invited or knocking, with that
 /// membership.
@@ -1753,6 +1772,22 @@ mod tests {
                 (user("d"), "knock")
             ]
         );
+    }
+
+    /// The kept members stay within their bound: a room kept again replaces its
+    /// count, and a room that would go past the bound starts the memory afresh.
+    #[test]
+    fn kept_members_start_afresh_past_their_bound() {
+        let user = |n: &str| UserId::parse(format!("@{n}:x")).unwrap();
+        let many = |n: usize| Arc::new(vec![(user("a"), "join"); n]);
+        let mut kept = KeptMembers::default();
+        kept.keep(1, many(MEMBERS_KEPT - 2));
+        kept.keep(2, many(2));
+        kept.keep(2, many(2));
+        assert_eq!((kept.rooms.len(), kept.count), (2, MEMBERS_KEPT));
+        kept.keep(3, many(1));
+        assert_eq!((kept.rooms.len(), kept.count), (1, 1));
+        assert!(kept.rooms.contains_key(&3));
     }
 
     /// What was used in the last two generations stays; what was not is dropped when
