@@ -25,6 +25,8 @@ pub struct Services {
     pub users: Arc<users::Users>,
     pub uiaa: uiaa::Uiaa,
     pub rooms: rooms::Rooms,
+    /// Each room's current members, kept in memory by the commits.
+    pub members: Arc<rooms::members::MemberLists>,
     pub notifier: Arc<notifier::Notifier>,
     pub ephemeral: ephemeral::Ephemeral,
     pub e2ee: e2ee::E2ee,
@@ -59,12 +61,14 @@ impl Services {
             globals.config.push.clone(),
         ));
         let state = Arc::new(rooms::state::StateService::new(db.clone()));
+        let members = Arc::new(rooms::members::MemberLists::new(db.clone()));
         let timeline = rooms::timeline::Timeline::new(
             db.clone(),
             globals.clone(),
             state,
             notifier.clone(),
             push.clone(),
+            members.clone(),
         );
         let rooms = rooms::Rooms::new(db.clone(), globals.clone(), users.clone(), timeline);
         let e2ee = e2ee::E2ee::new(
@@ -72,6 +76,7 @@ impl Services {
             globals.server_name().to_owned(),
             users.clone(),
             notifier.clone(),
+            members.clone(),
         );
         let appservices = appservice::Appservices::load(
             db.clone(),
@@ -95,6 +100,7 @@ impl Services {
             users,
             uiaa: uiaa::Uiaa::new(ldap.clone()),
             rooms,
+            members,
             ephemeral: ephemeral::Ephemeral::new(db.clone(), notifier.clone()),
             e2ee,
             media,

@@ -400,9 +400,7 @@ fn set_presence_from_sync(s: &Services, user: &UserId, state: &str) -> Result<()
 
 /// Everyone who shares a joined room with the user.
 pub fn peers(s: &Services, user: &UserId) -> Result<Vec<OwnedUserId>> {
-    Ok(super::rooms::timeline::joined_peers(&s.db, user)?
-        .into_iter()
-        .collect())
+    Ok(s.members.joined_peers(user)?.into_iter().collect())
 }
 
 /// Whether anything happened in a room after `since`: an event (membership changes
@@ -886,7 +884,7 @@ fn joined_room(
 
 /// Heroes and member counts, for clients to name rooms without a name.
 fn summary(s: &Services, user: &UserId, room_short: u64) -> Result<JsonValue> {
-    let members = s.rooms.timeline.members(room_short)?;
+    let members = s.members.members(room_short)?;
     let with = |membership: &str| -> Vec<&OwnedUserId> {
         members
             .iter()

@@ -45,12 +45,8 @@ pub async fn typing(
         Typing::Yes(info) => Some(info.timeout),
         _ => None,
     };
-    s.ephemeral.set_typing(
-        &req.room_id,
-        req.user(),
-        timeout,
-        s.rooms.timeline.joined_members(short)?,
-    );
+    s.ephemeral
+        .set_typing(&req.room_id, req.user(), timeout, s.members.joined(short)?);
     Ok(create_typing_event::v3::Response::new())
 }
 
@@ -89,7 +85,7 @@ fn mark(
         ts: now_ms(),
     };
     s.ephemeral
-        .set_receipt(short, receipt, s.rooms.timeline.joined_members(short)?)
+        .set_receipt(short, receipt, s.members.joined(short)?)
 }
 
 pub async fn receipt(

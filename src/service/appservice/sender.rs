@@ -335,8 +335,7 @@ fn room_interest(
             .iter()
             .filter_map(|alias| ruma::RoomAliasId::parse(alias).ok())
             .any(|alias| a.claims_alias(&alias))
-        || s.rooms
-            .timeline
+        || s.members
             .members(room_short)?
             .iter()
             .any(|(u, m)| *m == "join" && a.claims_user(u));

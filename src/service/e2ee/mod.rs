@@ -18,7 +18,7 @@ use ruma::{CanonicalJsonObject, DeviceId, OwnedServerName, OwnedUserId, UserId, 
 
 use super::{
     notifier::Notifier,
-    rooms::timeline::{joined_peers, joined_room_shorts, members_with},
+    rooms::{members::MemberLists, timeline::joined_room_shorts},
     users::Users,
 };
 use crate::{
@@ -31,6 +31,7 @@ pub struct E2ee {
     server_name: OwnedServerName,
     users: Arc<Users>,
     notifier: Arc<Notifier>,
+    members: Arc<MemberLists>,
     /// Serialises claims of one-time keys, so that no key is handed out twice.
     claim_lock: Mutex<()>,
     /// Serialises changes to a backup's keys, which keep a count and an etag.
@@ -56,12 +57,14 @@ impl E2ee {
         server_name: OwnedServerName,
         users: Arc<Users>,
         notifier: Arc<Notifier>,
+        members: Arc<MemberLists>,
     ) -> Self {
         Self {
             db,
             server_name,
             users,
             notifier,
+            members,
             claim_lock: Mutex::new(()),
             backup_lock: Mutex::new(()),
         }
@@ -85,7 +88,7 @@ impl E2ee {
         drop(ticket);
         self.notifier.notify(user, pos);
         self.notifier
-            .notify_all(joined_peers(&self.db, user)?.iter().map(|u| &**u), pos);
+            .notify_all(self.members.joined_peers(user)?.iter().map(|u| &**u), pos);
         Ok(())
     }
 
@@ -167,7 +170,7 @@ impl E2ee {
         if key_changes.is_empty() && joins.is_empty() && leaves.is_empty() {
             return Ok(out);
         }
-        let peers = joined_peers(&self.db, user)?;
+        let peers = self.members.joined_peers(user)?;
         let my_rooms: BTreeSet<u64> = joined_room_shorts(&self.db, user)?.into_iter().collect();
         let me = self
             .db
@@ -179,7 +182,7 @@ impl E2ee {
             }
             if Some(member) == me {
                 // The user joined: everyone in the room may be new to them.
-                joined_peers_changed.extend(members_with(&self.db, room, "join")?);
+                joined_peers_changed.extend(self.members.joined(room)?);
             } else if let Some(id) = self.db.long_id(member)? {
                 joined_peers_changed.insert(UserId::parse(id)?);
             }
@@ -196,7 +199,7 @@ impl E2ee {
         }
         for (room, member) in leaves {
             let gone: Vec<OwnedUserId> = if Some(member) == me {
-                members_with(&self.db, room, "join")?
+                self.members.joined(room)?
             } else if my_rooms.contains(&room) {
                 // Someone left a room of the user's: if it was the last room they
                 // shared, the user need not track their devices any more.

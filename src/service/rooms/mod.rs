@@ -2,6 +2,7 @@
 //! Every event goes through [`timeline::Draft`], the one pipeline.
 
 pub mod alias;
+pub mod members;
 pub mod pdu;
 pub mod power;
 pub mod read;

@@ -18,6 +18,7 @@ use serde_json::Value as JsonValue;
 use tokio::sync::OwnedMutexGuard;
 
 use super::{
+    members::{MemberLists, Members, current_membership},
     pdu::{ClientEvent, EventMeta, HistoryEvent, Pdu, StoredEvent, client_part, to_json_checked},
     power::PowerLevels,
     signing::{self, Signing, hash_and_sign, reference_hash},
@@ -126,9 +127,9 @@ pub struct Timeline {
     /// What push evaluation needs of a room's state, per room, for its latest state
     /// group: read once instead of for every event and member.
     push_rooms: Mutex<HashMap<u64, Arc<PushRoomState>>>,
-    /// The current members of rooms written to since start, kept by each commit under
-    /// the room's lock: a message need not read the membership table.
-    members: Mutex<KeptMembers>,
+    /// The rooms' member lists, kept up to date by each commit under the room's lock:
+    /// a message need not read the membership table.
+    members: Arc<MemberLists>,
     /// Parsed PDUs recently read (the state events every new event is authorised
     /// against, the events syncs return).
     pdus: Mutex<PduCache>,
@@ -279,6 +280,7 @@ impl Timeline {
         state: Arc<StateService>,
         notifier: Arc<Notifier>,
         push: Arc<Push>,
+        members: Arc<MemberLists>,
     ) -> Self {
         Self {
             db,
@@ -288,7 +290,7 @@ impl Timeline {
             push,
             locks: Mutex::new(HashMap::new()),
             push_rooms: Mutex::new(HashMap::new()),
-            members: Mutex::new(KeptMembers::default()),
+            members,
             pdus: Mutex::new(PduCache::default()),
             newest: NewestByRoom::default(),
             last_create: std::sync::atomic::AtomicU64::new(0),
@@ -307,56 +309,6 @@ impl Timeline {
 
     pub fn room_short(&self, room_id: &RoomId) -> Result<Option<u64>> {
         self.db.short_id(IdKind::Room, room_id.as_str())
-    }
-
-    /// The room's current members (joined, invited, knocking): kept in memory for
-    /// rooms written to since start, else read from the membership table.
-    pub fn members(&self, room_short: u64) -> Result<Arc<Members>> {
-        if let Some(m) = self.members.lock().rooms.get(&room_short) {
-            return Ok(m.clone());
-        }
-        // Not kept: only a commit, under the room's lock, knows that nothing changes
-        // the table between its read and its keeping.
-        Ok(Arc::new(memberships_in(&self.db, room_short, &CURRENT)?))
-    }
-
-    /// The room's joined users.
-    pub fn joined_members(&self, room_short: u64) -> Result<Vec<OwnedUserId>> {
-        Ok(self
-            .members(room_short)?
-            .iter()
-            .filter(|(_, m)| *m == "join")
-            .map(|(u, _)| u.clone())
-            .collect())
-    }
-
-    /// The room's members once a commit's `changes` are written, kept for the next
-    /// reader. Called under the room's lock, after the commit's write.
-    fn members_after(
-        &self,
-        room_short: u64,
-        new_room: bool,
-        changes: Vec<(OwnedUserId, Option<&'static str>)>,
-    ) -> Result<Arc<Members>> {
-        let kept = self.members.lock().rooms.get(&room_short).cloned();
-        let members = match kept {
-            Some(m) if changes.is_empty() => return Ok(m),
-            Some(m) => {
-                let mut members = Members::clone(&m);
-                apply_member_changes(&mut members, changes);
-                members
-            }
-            None if new_room => {
-                let mut members = Members::new();
-                apply_member_changes(&mut members, changes);
-                members
-            }
-            // The table holds the changes already.
-            None => memberships_in(&self.db, room_short, &CURRENT)?,
-        };
-        let members = Arc::new(members);
-        self.members.lock().keep(room_short, members.clone());
-        Ok(members)
     }
 
     pub fn room_record(&self, room_short: u64) -> Result<Option<RoomRecord>> {
@@ -1585,7 +1537,7 @@ impl<'a> Draft<'a> {
         // The room's members as this draft left them: for the push rules, then for
         // whom to wake. Kept up to date here, under the lock, as nobody else changes
         // them meanwhile.
-        let members = self.tl.members_after(
+        let members = self.tl.members.after_commit(
             self.room_short,
             self.new_room,
             std::mem::take(&mut self.member_changes),
@@ -1640,16 +1592,6 @@ pub fn joined_room_shorts(db: &Db, user: &UserId) -> Result<Vec<u64>> {
     Ok(out)
 }
 
-/// Everyone who shares at least one joined room with the user (the user left out).
-pub fn joined_peers(db: &Db, user: &UserId) -> Result<std::collections::BTreeSet<OwnedUserId>> {
-    let mut out = std::collections::BTreeSet::new();
-    for room in joined_room_shorts(db, user)? {
-        out.extend(members_with(db, room, "join")?);
-    }
-    out.remove(user);
-    Ok(out)
-}
-
 /// Users whose membership in a room is `membership`, from the membership table.
 pub fn members_with(
     db: &Db,
@@ -1686,54 +1628,6 @@ pub fn memberships_in(db: &Db, room_short: u64, memberships: &[&'static str]) ->
     Ok(out)
 }
 
-/// How many members, all rooms together, are kept in memory (about 70 bytes each);
-/// past that, the memory starts afresh.
-const MEMBERS_KEPT: usize = 100_000;
-
-/// The members kept of rooms written to since start.
-#[derive(Default)]
-struct KeptMembers {
-    rooms: HashMap<u64, Arc<Members>>,
-    /// Members in `rooms`, all rooms together.
-    count: usize,
-}
-
-impl KeptMembers {
-    fn keep(&mut self, room_short: u64, members: Arc<Members>) {
-        if let Some(old) = self.rooms.remove(&room_short) {
-            self.count -= old.len();
-        }
-        if self.count + members.len() > MEMBERS_KEPT {
-            self.rooms.clear();
-            self.count = 0;
-        }
-        self.count += members.len();
-        self.rooms.insert(room_short, members);
-    }
-}
-
-/// A room's current members: each user joined, invited or knocking, with that
-/// membership.
-pub type Members = Vec<(OwnedUserId, &'static str)>;
-
-/// The memberships that make a current member.
-const CURRENT: [&str; 3] = ["join", "invite", "knock"];
-
-/// `membership` when it makes a current member.
-fn current_membership(membership: &str) -> Option<&'static str> {
-    CURRENT.into_iter().find(|m| *m == membership)
-}
-
-/// `members` after `changes`, applied in order.
-fn apply_member_changes(members: &mut Members, changes: Vec<(OwnedUserId, Option<&'static str>)>) {
-    for (user, membership) in changes {
-        members.retain(|(u, _)| *u != user);
-        if let Some(m) = membership {
-            members.push((user, m));
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1745,49 +1639,6 @@ mod tests {
         Arc::new(
             Pdu::from_json(EventId::parse(format!("$e{n}")).unwrap(), json.as_bytes()).unwrap(),
         )
-    }
-
-    /// Changes apply in order: an invite then a join leaves one joined member; a
-    /// leave or a ban removes the member; others stay as they were.
-    #[test]
-    fn member_changes_apply_in_order() {
-        let user = |n: &str| UserId::parse(format!("@{n}:x")).unwrap();
-        let mut members: Members = vec![(user("a"), "join"), (user("b"), "join")];
-        apply_member_changes(
-            &mut members,
-            vec![
-                (user("c"), current_membership("invite")),
-                (user("c"), current_membership("join")),
-                (user("b"), current_membership("ban")),
-                (user("d"), current_membership("knock")),
-                (user("e"), current_membership("leave")),
-            ],
-        );
-        members.sort();
-        assert_eq!(
-            members,
-            vec![
-                (user("a"), "join"),
-                (user("c"), "join"),
-                (user("d"), "knock")
-            ]
-        );
-    }
-
-    /// The kept members stay within their bound: a room kept again replaces its
-    /// count, and a room that would go past the bound starts the memory afresh.
-    #[test]
-    fn kept_members_start_afresh_past_their_bound() {
-        let user = |n: &str| UserId::parse(format!("@{n}:x")).unwrap();
-        let many = |n: usize| Arc::new(vec![(user("a"), "join"); n]);
-        let mut kept = KeptMembers::default();
-        kept.keep(1, many(MEMBERS_KEPT - 2));
-        kept.keep(2, many(2));
-        kept.keep(2, many(2));
-        assert_eq!((kept.rooms.len(), kept.count), (2, MEMBERS_KEPT));
-        kept.keep(3, many(1));
-        assert_eq!((kept.rooms.len(), kept.count), (1, 1));
-        assert!(kept.rooms.contains_key(&3));
     }
 
     /// What was used in the last two generations stays; what was not is dropped when
