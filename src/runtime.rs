@@ -35,8 +35,9 @@ pub fn build(config: &RuntimeConfig) -> io::Result<tokio::runtime::Runtime> {
 }
 
 /// The CPU for each worker, in the order workers first go idle (every allowed CPU,
-/// one each); `None` when pinning would not help: a single CPU, or more CPUs than workers (the kernel then has room
-/// to spread them by itself), or fewer (some would have to share).
+/// one each); `None` when pinning would not help: a single CPU, or more CPUs than
+/// workers (the kernel then has room to spread them by itself), or fewer (some would
+/// have to share).
 pub fn pin_plan(allowed: &[usize], workers: usize) -> Option<Vec<usize>> {
     (allowed.len() >= 2 && allowed.len() == workers).then(|| allowed.to_vec())
 }

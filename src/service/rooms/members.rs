@@ -12,8 +12,11 @@ use std::{
 use parking_lot::Mutex;
 use ruma::{OwnedUserId, UserId};
 
-use super::timeline::{joined_room_shorts, memberships_in};
-use crate::{error::Result, storage::Db};
+use super::timeline::joined_room_shorts;
+use crate::{
+    error::Result,
+    storage::{Db, u64_at},
+};
 
 /// A room's current members: each user joined, invited or knocking, with that
 /// membership.
@@ -102,6 +105,22 @@ impl MemberLists {
         self.kept.lock().keep(room_short, members.clone());
         Ok(members)
     }
+}
+
+/// The users of a room whose membership is any of `memberships`, with it, read from
+/// the membership table.
+pub fn memberships_in(db: &Db, room_short: u64, memberships: &[&'static str]) -> Result<Members> {
+    let prefix = room_short.to_be_bytes();
+    let mut out = Vec::new();
+    for item in db.scan_prefix("room_members", &prefix) {
+        let (k, v) = item?;
+        if let Some(m) = memberships.iter().find(|m| v.as_ref() == m.as_bytes())
+            && let Some(id) = db.long_id(u64_at(&k, 1))?
+        {
+            out.push((UserId::parse(id)?, *m));
+        }
+    }
+    Ok(out)
 }
 
 /// `members` after `changes`, applied in order.

@@ -18,7 +18,7 @@ use serde_json::Value as JsonValue;
 use tokio::sync::OwnedMutexGuard;
 
 use super::{
-    members::{MemberLists, Members, current_membership},
+    members::{MemberLists, current_membership, memberships_in},
     pdu::{ClientEvent, EventMeta, HistoryEvent, Pdu, StoredEvent, client_part, to_json_checked},
     power::PowerLevels,
     signing::{self, Signing, hash_and_sign, reference_hash},
@@ -1559,11 +1559,8 @@ impl<'a> Draft<'a> {
         // long-polls of everyone concerned.
         let last = self.tickets.iter().map(|t| t.position).max().unwrap_or(0);
         self.tickets.clear();
-        let mut users = self.affected.clone();
-        users.extend(members.iter().map(|(u, _)| u.clone()));
-        self.tl
-            .notifier
-            .notify_all(users.iter().map(|u| &**u), last);
+        let users = self.affected.iter().chain(members.iter().map(|(u, _)| u));
+        self.tl.notifier.notify_all(users.map(|u| &**u), last);
         self.tl.push.wake_sender();
         Ok(self.record)
     }
@@ -1611,21 +1608,6 @@ pub fn members_in(
         .into_iter()
         .map(|(u, _)| u)
         .collect())
-}
-
-/// Like [`members_in`], with each user's membership.
-pub fn memberships_in(db: &Db, room_short: u64, memberships: &[&'static str]) -> Result<Members> {
-    let prefix = room_short.to_be_bytes();
-    let mut out = Vec::new();
-    for item in db.scan_prefix("room_members", &prefix) {
-        let (k, v) = item?;
-        if let Some(m) = memberships.iter().find(|m| v.as_ref() == m.as_bytes())
-            && let Some(id) = db.long_id(u64_at(&k, 1))?
-        {
-            out.push((UserId::parse(id)?, *m));
-        }
-    }
-    Ok(out)
 }
 
 #[cfg(test)]
