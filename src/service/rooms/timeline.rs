@@ -29,7 +29,7 @@ use crate::{
     service::{
         globals::{Globals, random_string},
         notifier::Notifier,
-        push::{Push, RoomContext},
+        push::{Push, RoomContext, event_for_rules},
     },
     storage::{
         Batch, Db, IdKind, NewestByRoom, Pinned, StreamTicket, decode_u64, str_key, timeline_key,
@@ -1457,9 +1457,7 @@ impl<'a> Draft<'a> {
             if recipients.is_empty() {
                 continue;
             }
-            let raw = ruma::serde::Raw::from_json(serde_json::value::to_raw_value(
-                &self.pending_json[&short],
-            )?);
+            let raw = event_for_rules(&self.pending_json[&short])?;
             let content = pdu.content_json();
             let thread = content
                 .get("m.relates_to")
