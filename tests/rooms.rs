@@ -104,11 +104,20 @@ async fn create_room_applies_every_option() {
         .await;
     assert_eq!(public["chunk"][0]["room_id"], room.as_str());
     assert_eq!(public["chunk"][0]["name"], "Cabinet");
-    assert_eq!(public["chunk"][0]["num_joined_members"], 1);
+    assert_eq!(
+        public["chunk"][0]["num_joined_members"], 1,
+        "an invited member is not counted"
+    );
     assert_ne!(
         public["chunk"][0]["join_rule"], "invite",
         "public is the default and may be omitted"
     );
+    let (status, _) = bob.join(&room).await;
+    assert_eq!(status, StatusCode::OK);
+    let public = bob
+        .ok(Method::GET, "/_matrix/client/v3/publicRooms", None)
+        .await;
+    assert_eq!(public["chunk"][0]["num_joined_members"], 2);
 
     // Older room versions work too, with the creator in the power levels.
     let v10 = alice.create_room(json!({ "room_version": "10" })).await;

@@ -600,7 +600,7 @@ async fn join_own_groups(
                 .rooms
                 .timeline
                 .room_short(&room)?
-                .map(|short| super::rooms::timeline::members_in(&s.db, short, &["join", "invite"]))
+                .map(|short| s.members.with(short, &["join", "invite"]))
                 .transpose()?
                 .unwrap_or_default();
             if membership.contains(id) {
@@ -792,7 +792,7 @@ async fn reconcile(
         .timeline
         .room_short(room)?
         .ok_or_else(|| Error::internal("group room vanished"))?;
-    let current = super::rooms::timeline::members_in(&s.db, room_short, &["join", "invite"])?;
+    let current = s.members.with(room_short, &["join", "invite"])?;
     for user in members {
         if current.contains(user) {
             continue;

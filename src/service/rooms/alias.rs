@@ -218,8 +218,7 @@ impl Rooms {
                 tl.current_state_content(room_short, "m.room.avatar", "")?,
                 "url",
             ),
-            num_joined_members: super::timeline::members_with(&self.db, room_short, "join")?.len()
-                as u64,
+            num_joined_members: self.timeline.member_lists().joined_count(room_short)? as u64,
             world_readable: hv.as_deref() == Some("world_readable"),
             guest_can_join: guest.as_deref() == Some("can_join"),
             join_rule: str_field(
@@ -296,13 +295,7 @@ impl Rooms {
         let mut visible: BTreeSet<ruma::OwnedUserId> = BTreeSet::new();
         for room in self.rooms_with_membership(searcher, "join")? {
             if let Some(short) = self.timeline.room_short(&room)? {
-                visible.extend(super::timeline::members_with(&self.db, short, "join")?);
-            }
-        }
-        // Staff from the directory can be found by everyone, before they ever log in.
-        for (user, record) in self.users.all()? {
-            if record.ldap_dn.is_some() {
-                visible.insert(user);
+                visible.extend(self.timeline.member_lists().joined(short)?);
             }
         }
         // Staff from the directory can be found by everyone, before they ever log in.
@@ -313,11 +306,11 @@ impl Rooms {
         }
         for item in self.db.scan_prefix("public_rooms", b"") {
             let (k, _) = item?;
-            visible.extend(super::timeline::members_with(
-                &self.db,
-                crate::storage::decode_u64(&k),
-                "join",
-            )?);
+            visible.extend(
+                self.timeline
+                    .member_lists()
+                    .joined(crate::storage::decode_u64(&k))?,
+            );
         }
         let mut out = Vec::new();
         let mut limited = false;

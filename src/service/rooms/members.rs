@@ -59,12 +59,27 @@ impl MemberLists {
 
     /// The room's joined users.
     pub fn joined(&self, room_short: u64) -> Result<Vec<OwnedUserId>> {
+        self.with(room_short, &["join"])
+    }
+
+    /// The room's users whose membership is one of `memberships` (of those kept:
+    /// joined, invited, knocking).
+    pub fn with(&self, room_short: u64, memberships: &[&str]) -> Result<Vec<OwnedUserId>> {
+        Ok(self
+            .members(room_short)?
+            .iter()
+            .filter(|(_, m)| memberships.contains(m))
+            .map(|(u, _)| u.clone())
+            .collect())
+    }
+
+    /// How many users have joined the room.
+    pub fn joined_count(&self, room_short: u64) -> Result<usize> {
         Ok(self
             .members(room_short)?
             .iter()
             .filter(|(_, m)| *m == "join")
-            .map(|(u, _)| u.clone())
-            .collect())
+            .count())
     }
 
     /// Everyone who shares at least one joined room with the user (the user left out).

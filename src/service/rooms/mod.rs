@@ -460,7 +460,7 @@ impl Rooms {
             return Ok(()); // The authorisation rules will refuse the join.
         }
         let power = draft.power_levels()?;
-        for member in timeline::members_with(&self.db, draft.room_short, "join")? {
+        for member in self.timeline.member_lists().joined(draft.room_short)? {
             if member.server_name() == self.globals.server_name()
                 && power.levels.user_can_invite(&member)
             {

@@ -18,7 +18,7 @@ use serde_json::Value as JsonValue;
 use tokio::sync::OwnedMutexGuard;
 
 use super::{
-    members::{MemberLists, current_membership, memberships_in},
+    members::{MemberLists, current_membership},
     pdu::{ClientEvent, EventMeta, HistoryEvent, Pdu, StoredEvent, client_part, to_json_checked},
     power::PowerLevels,
     signing::{self, Signing, hash_and_sign, reference_hash},
@@ -277,6 +277,11 @@ struct PushRoomState {
 }
 
 impl Timeline {
+    /// The rooms' current members, kept in memory.
+    pub fn member_lists(&self) -> &MemberLists {
+        &self.members
+    }
+
     pub fn new(
         db: Arc<Db>,
         globals: Arc<Globals>,
@@ -1628,27 +1633,6 @@ pub fn joined_room_shorts(db: &Db, user: &UserId) -> Result<Vec<u64>> {
         }
     }
     Ok(out)
-}
-
-/// Users whose membership in a room is `membership`, from the membership table.
-pub fn members_with(
-    db: &Db,
-    room_short: u64,
-    membership: &'static str,
-) -> Result<Vec<OwnedUserId>> {
-    members_in(db, room_short, &[membership])
-}
-
-/// Users whose membership in a room is any of `memberships`, in one scan.
-pub fn members_in(
-    db: &Db,
-    room_short: u64,
-    memberships: &[&'static str],
-) -> Result<Vec<OwnedUserId>> {
-    Ok(memberships_in(db, room_short, memberships)?
-        .into_iter()
-        .map(|(u, _)| u)
-        .collect())
 }
 
 #[cfg(test)]
