@@ -316,7 +316,7 @@ impl Timeline {
             .clone();
         RoomGuard {
             lock: mutex.lock_owned().await,
-            _writer: writer,
+            writer,
         }
     }
 
@@ -852,7 +852,7 @@ impl Built {
 /// A room's lock, held by a counted writer.
 struct RoomGuard<'a> {
     lock: OwnedMutexGuard<()>,
-    _writer: Writer<'a>,
+    writer: Writer<'a>,
 }
 
 /// One draft under way, counted in [`Timeline`]'s writers while it lives.
@@ -980,7 +980,7 @@ impl<'a> Draft<'a> {
         Self {
             tl,
             guard: Some(guard.lock),
-            _writer: guard._writer,
+            _writer: guard.writer,
             room_short,
             record,
             rules,
