@@ -248,7 +248,8 @@ impl Push {
 
     /// Evaluate an event for each recipient and stage what notifies: the action for
     /// counts and `/notifications`, and a queued push per pusher of the recipient.
-    /// `recipients` are `(user, display name in the room)`.
+    /// `recipients` are `(user, display name in the room)`. Returns how many pushes
+    /// were queued for gateways.
     pub async fn stage_event(
         &self,
         batch: &mut Batch,
@@ -258,7 +259,7 @@ impl Push {
         pos: u64,
         thread: Option<&str>,
         recipients: &[(OwnedUserId, String)],
-    ) -> Result<()> {
+    ) -> Result<usize> {
         // Flatten the event once for every recipient (ruma's `get_actions` would do it
         // per call); the loop below is `Ruleset::get_match` over that one flattening.
         let flat = FlattenedJson::from_raw(event);
@@ -270,7 +271,7 @@ impl Push {
         };
         // One room context for the event; only the recipient changes in it.
         let Some((first, _)) = recipients.first() else {
-            return Ok(());
+            return Ok(0);
         };
         let mut ctx = PushConditionRoomCtx::new(
             room.room_id.to_owned(),
@@ -281,6 +282,7 @@ impl Push {
         if let Some(pl) = &room.power_levels {
             ctx = ctx.with_power_levels(pl.clone());
         }
+        let mut queued = 0;
         for (user, display_name) in recipients {
             let rules = self.ruleset(user)?;
             ctx.user_id.clone_from(user);
@@ -345,12 +347,13 @@ impl Push {
                 let mut key = u64_key(&[pos, user_short]);
                 key.extend_from_slice(pusher.ids.pushkey.as_bytes());
                 batch.put(&self.db, "push_queue", &key, &serde_json::to_vec(&item)?);
+                queued += 1;
             }
         }
-        Ok(())
+        Ok(queued)
     }
 
-    /// Wake the sender (after a commit that may have queued pushes).
+    /// Wake the sender (after a commit that queued pushes).
     pub fn wake_sender(&self) {
         self.queued.notify_one();
     }

@@ -1411,9 +1411,12 @@ impl<'a> Draft<'a> {
     }
 
     /// Evaluate the push rules of every recipient for each event of this draft, and
-    /// stage what notifies in the same batch as the events.
-    /// `joined`: who is joined once this draft is applied.
-    async fn stage_push(&mut self, joined: std::collections::BTreeSet<OwnedUserId>) -> Result<()> {
+    /// stage what notifies in the same batch as the events; `true` when pushes for
+    /// gateways were queued. `joined`: who is joined once this draft is applied.
+    async fn stage_push(
+        &mut self,
+        joined: std::collections::BTreeSet<OwnedUserId>,
+    ) -> Result<bool> {
         let mut events: Vec<(u64, u64)> = self
             .pending_meta
             .iter()
@@ -1426,7 +1429,7 @@ impl<'a> Draft<'a> {
                 || (pdu.kind == TimelineEventType::RoomMember && membership_of(pdu) == "invite")
         });
         if !someone_to_tell {
-            return Ok(());
+            return Ok(false);
         }
         // A state group names one state for good, so what was read for it stays true.
         let group = self.record.state_group;
@@ -1468,6 +1471,7 @@ impl<'a> Draft<'a> {
             power_levels: room_state.power_levels.clone(),
         };
         let mut names: HashMap<OwnedUserId, String> = HashMap::new();
+        let mut queued = 0;
         for (pos, short) in events {
             let pdu = self.pending_short[&short].clone();
             let mut recipients = Vec::new();
@@ -1503,18 +1507,19 @@ impl<'a> Draft<'a> {
                 .filter(|r| r.get("rel_type").and_then(|t| t.as_str()) == Some("m.thread"))
                 .and_then(|r| r.get("event_id")?.as_str().map(str::to_owned));
             let push = self.tl.push.clone();
-            push.stage_event(
-                &mut self.batch,
-                &ctx,
-                &raw,
-                short,
-                pos,
-                thread.as_deref(),
-                &recipients,
-            )
-            .await?;
+            queued += push
+                .stage_event(
+                    &mut self.batch,
+                    &ctx,
+                    &raw,
+                    short,
+                    pos,
+                    thread.as_deref(),
+                    &recipients,
+                )
+                .await?;
         }
-        Ok(())
+        Ok(queued > 0)
     }
 
     /// Compute the owed signatures, put them into their events, and stage the events
@@ -1588,7 +1593,7 @@ impl<'a> Draft<'a> {
             .filter(|(_, m)| *m == "join")
             .map(|(u, _)| u.clone())
             .collect();
-        self.stage_push(joined).await?;
+        let pushes_queued = self.stage_push(joined).await?;
         let push_batch = std::mem::take(&mut self.batch);
         let seq = db.write(push_batch)?.max(seq);
         // A writer alone syncs the log on its own thread: handing the wait to a blocking
@@ -1607,7 +1612,10 @@ impl<'a> Draft<'a> {
         self.tickets.clear();
         let users = self.affected.iter().chain(members.iter().map(|(u, _)| u));
         self.tl.notifier.notify_all(users.map(|u| &**u), last);
-        self.tl.push.wake_sender();
+        // The push sender reads its queue only when there is something new in it.
+        if pushes_queued {
+            self.tl.push.wake_sender();
+        }
         Ok(self.record)
     }
 }
