@@ -67,6 +67,12 @@ impl PusherRecord {
     }
 }
 
+/// What the event pipeline needs of a pusher that goes to a push gateway.
+struct GatewayPusher {
+    app_id: String,
+    pushkey: String,
+}
+
 /// One notification waiting for a push gateway.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct QueuedPush {
@@ -101,8 +107,9 @@ pub struct Push {
     users: Arc<Users>,
     pub config: PushConfig,
     rules: Mutex<HashMap<OwnedUserId, Arc<Ruleset>>>,
-    /// Each user's pushers, read once for the event pipeline; dropped on every change.
-    pusher_cache: Mutex<HashMap<OwnedUserId, Arc<Vec<PusherRecord>>>>,
+    /// Each user's push gateway pushers, read and parsed once for the event pipeline;
+    /// dropped on every change.
+    pusher_cache: Mutex<HashMap<OwnedUserId, Arc<Vec<GatewayPusher>>>>,
     /// Counts pusher changes, so that a read that raced a change is not cached.
     pusher_generation: std::sync::atomic::AtomicU64,
     /// Wakes the sender when something was queued.
@@ -326,17 +333,11 @@ impl Push {
             if !self.config.enabled {
                 continue;
             }
-            for record in self.cached_pushers(user)?.iter() {
-                let Ok(pusher) = record.parsed() else {
-                    continue;
-                };
-                if !matches!(pusher.kind, PusherKind::Http(_)) {
-                    continue;
-                }
+            for pusher in self.gateway_pushers(user)?.iter() {
                 let item = QueuedPush {
                     user: user.clone(),
-                    app_id: pusher.ids.app_id.clone(),
-                    pushkey: pusher.ids.pushkey.clone(),
+                    app_id: pusher.app_id.clone(),
+                    pushkey: pusher.pushkey.clone(),
                     room_id: room.room_id.to_owned(),
                     event_short,
                     actions: actions.to_vec(),
@@ -345,7 +346,7 @@ impl Push {
                     next_try_ms: 0,
                 };
                 let mut key = u64_key(&[pos, user_short]);
-                key.extend_from_slice(pusher.ids.pushkey.as_bytes());
+                key.extend_from_slice(pusher.pushkey.as_bytes());
                 batch.put(&self.db, "push_queue", &key, &serde_json::to_vec(&item)?);
                 queued += 1;
             }
@@ -476,14 +477,26 @@ impl Push {
 
     // --- pushers ---
 
-    /// The user's pushers, from memory after the first read.
-    fn cached_pushers(&self, user: &UserId) -> Result<Arc<Vec<PusherRecord>>> {
+    /// The user's pushers that go to a push gateway (HTTP pushers that parse), from
+    /// memory after the first read.
+    fn gateway_pushers(&self, user: &UserId) -> Result<Arc<Vec<GatewayPusher>>> {
         if let Some(p) = self.pusher_cache.lock().get(user) {
             return Ok(p.clone());
         }
         use std::sync::atomic::Ordering;
         let generation = self.pusher_generation.load(Ordering::SeqCst);
-        let pushers = Arc::new(self.pushers(user)?);
+        let pushers = Arc::new(
+            self.pushers(user)?
+                .iter()
+                .filter_map(|record| {
+                    let pusher = record.parsed().ok()?;
+                    matches!(pusher.kind, PusherKind::Http(_)).then(|| GatewayPusher {
+                        app_id: pusher.ids.app_id,
+                        pushkey: pusher.ids.pushkey,
+                    })
+                })
+                .collect::<Vec<_>>(),
+        );
         let mut cache = self.pusher_cache.lock();
         if self.pusher_generation.load(Ordering::SeqCst) == generation {
             if cache.len() > 10_000 {
