@@ -54,7 +54,7 @@ impl MemberLists {
         if let Some(m) = self.kept.lock().rooms.get(&room_short) {
             return Ok(m.clone());
         }
-        Ok(Arc::new(memberships_in(&self.db, room_short, &CURRENT)?))
+        Ok(Arc::new(read_members(&self.db, room_short)?))
     }
 
     /// The room's joined users.
@@ -114,7 +114,7 @@ impl MemberLists {
                 members
             }
             // The table holds the changes already.
-            None => memberships_in(&self.db, room_short, &CURRENT)?,
+            None => read_members(&self.db, room_short)?,
         };
         let members = Arc::new(members);
         self.kept.lock().keep(room_short, members.clone());
@@ -122,14 +122,13 @@ impl MemberLists {
     }
 }
 
-/// The users of a room whose membership is any of `memberships`, with it, read from
-/// the membership table.
-pub fn memberships_in(db: &Db, room_short: u64, memberships: &[&'static str]) -> Result<Members> {
+/// The room's current members, read from the membership table.
+fn read_members(db: &Db, room_short: u64) -> Result<Members> {
     let prefix = room_short.to_be_bytes();
     let mut out = Vec::new();
     for item in db.scan_prefix("room_members", &prefix) {
         let (k, v) = item?;
-        if let Some(m) = memberships.iter().find(|m| v.as_ref() == m.as_bytes())
+        if let Some(m) = CURRENT.iter().find(|m| v.as_ref() == m.as_bytes())
             && let Some(id) = db.long_id(u64_at(&k, 1))?
         {
             out.push((UserId::parse(id)?, *m));
