@@ -69,6 +69,14 @@ impl StateService {
         Ok(self.load_with_chain(group)?.0)
     }
 
+    /// The full state of a group if it is in the cache, without reading storage.
+    pub fn cached(&self, group: u64) -> Option<Arc<StateMap>> {
+        if group == EMPTY_GROUP {
+            return Some(Arc::new(StateMap::new()));
+        }
+        self.cache.lock().get(&group).map(|(map, _)| map.clone())
+    }
+
     fn load_with_chain(&self, group: u64) -> Result<(Arc<StateMap>, u32)> {
         if group == EMPTY_GROUP {
             return Ok((Arc::new(StateMap::new()), 0));

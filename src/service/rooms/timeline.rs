@@ -146,11 +146,13 @@ pub struct Timeline {
 /// read that too: two generations, the older dropped when the younger fills, so what
 /// is used often stays. Stored PDUs and their metadata change only when redacted; a
 /// redaction's commit bumps `generation` and forgets them, and a read that raced it is
-/// not cached.
+/// not cached. Events are also found by id (authorization asks for its auth events so):
+/// `by_id` maps a hash of the id to the short id, checked against the cached event.
 #[derive(Default)]
 struct PduCache {
     young: HashMap<u64, Cached, ShortIds>,
     old: HashMap<u64, Cached, ShortIds>,
+    by_id: HashMap<u64, u64, ShortIds>,
     generation: u64,
 }
 
@@ -177,6 +179,14 @@ impl PduCache {
         self.entry(short).map(|c| c.pdu.clone())
     }
 
+    /// The cached event with this id, with its short id.
+    fn get_by_id(&mut self, id: &EventId) -> Option<(u64, Arc<Pdu>)> {
+        let short = *self.by_id.get(&id_hash(id))?;
+        self.entry(short)
+            .filter(|c| c.pdu.event_id == id)
+            .map(|c| (short, c.pdu.clone()))
+    }
+
     /// The event's metadata, if cached (without moving it between generations).
     fn meta(&self, short: u64) -> Option<EventMeta> {
         self.young
@@ -195,7 +205,10 @@ impl PduCache {
             // old one's table instead of growing a fresh one insert by insert.
             std::mem::swap(&mut self.old, &mut self.young);
             self.young.clear();
+            let old = &self.old;
+            self.by_id.retain(|_, s| old.contains_key(s));
         }
+        self.by_id.insert(id_hash(&cached.pdu.event_id), short);
         self.young.insert(short, cached);
     }
 
@@ -206,6 +219,15 @@ impl PduCache {
             self.old.remove(s);
         }
     }
+}
+
+/// An event id folded to a key of [`PduCache::by_id`]. Ids are hashes already; a
+/// collision only costs a lookup in storage, as the cached event's id is compared.
+fn id_hash(id: &EventId) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = ShortIds.build_hasher();
+    h.write(id.as_bytes());
+    h.finish()
 }
 
 /// Hashing for maps keyed by short ids: they are distinct integers handed out in
@@ -485,6 +507,9 @@ impl Timeline {
     }
 
     pub fn pdu(&self, event_id: &EventId) -> Result<Option<Arc<Pdu>>> {
+        if let Some((_, pdu)) = self.pdus.lock().get_by_id(event_id) {
+            return Ok(Some(pdu));
+        }
         match self.event_short(event_id)? {
             Some(short) => self.pdu_by_short(short),
             None => Ok(None),
@@ -1017,6 +1042,17 @@ impl<'a> Draft<'a> {
         let Some(key) = self.tl.state.key_short(event_type, state_key)? else {
             return Ok(None);
         };
+        self.state_at_key(key)
+    }
+
+    /// The event holding a state-key short id in the draft's state. That state is the
+    /// draft's latest state group, whose map is nearly always in the cache (each new
+    /// group goes there as it is made, and every event of the room reads it): a lookup
+    /// in memory instead of one in storage for each of the few an event needs.
+    fn state_at_key(&self, key: u64) -> Result<Option<u64>> {
+        if let Some(map) = self.tl.state.cached(self.record.state_group) {
+            return Ok(map.get(&key).copied());
+        }
         if let Some(ev) = self.pending_state.get(&key) {
             return Ok(Some(*ev));
         }
@@ -1246,10 +1282,7 @@ impl<'a> Draft<'a> {
                 .tl
                 .state
                 .key_short_or_create(&pdu.kind.to_string(), sk)?;
-            meta.replaces = match self.pending_state.get(&key) {
-                Some(prev) => Some(*prev),
-                None => self.tl.state.current(self.room_short, key)?,
-            };
+            meta.replaces = self.state_at_key(key)?;
             let group = self
                 .tl
                 .state
@@ -1688,6 +1721,42 @@ mod tests {
         cache.forget(&[2 * size]);
         assert!(cache.get(2 * size).is_none());
         assert_eq!(cache.generation, 1);
+    }
+
+    /// An event is found by its id for as long as it is cached, in either generation,
+    /// and never as another event.
+    #[test]
+    fn the_pdu_cache_finds_events_by_id() {
+        let mut cache = PduCache::default();
+        let id = |n: u64| EventId::parse(format!("$e{n}")).unwrap();
+        cache.insert(5, pdu(5), None);
+        let (short, found) = cache.get_by_id(&id(5)).expect("cached by id");
+        assert_eq!((short, found.event_id.as_str()), (5, "$e5"));
+        assert!(cache.get_by_id(&id(6)).is_none());
+        // A stale entry of the index (the short id now holds another event) is no hit.
+        cache.by_id.insert(id_hash(&id(6)), 5);
+        assert!(cache.get_by_id(&id(6)).is_none());
+        let size = PDU_CACHE_GENERATION as u64;
+        for n in 100..100 + size {
+            cache.insert(n, pdu(n), None);
+        }
+        assert!(
+            cache.get_by_id(&id(5)).is_some(),
+            "found in the old generation"
+        );
+        for n in 10_000..10_000 + 2 * size {
+            cache.insert(n, pdu(n), None);
+        }
+        assert!(
+            cache.get_by_id(&id(100)).is_none(),
+            "dropped with its generation"
+        );
+        assert!(
+            cache.by_id.len() <= 2 * PDU_CACHE_GENERATION + 1,
+            "the index does not outgrow the cache"
+        );
+        cache.forget(&[10_000 + 2 * size - 1]);
+        assert!(cache.get_by_id(&id(10_000 + 2 * size - 1)).is_none());
     }
 
     /// Metadata is kept with its PDU, follows it between generations, and goes when a
