@@ -23,7 +23,16 @@ pub const EMPTY_GROUP: u64 = 0;
 
 /// A snapshot is stored instead of a delta once a chain has this many links.
 const MAX_CHAIN: u32 = 32;
-const CACHE_GROUPS: usize = 4096;
+
+/// What each generation of the group cache may hold, counted in state entries plus a
+/// few for each group's own overhead: about 5 MiB. A group's map is a full copy of its
+/// state, so a room of 800 members makes groups of 800 entries, one per state change;
+/// counted in groups alone (4,096 of them), 800 members renaming themselves three
+/// times took the server from 46 to 148 MiB.
+const CACHE_GENERATION_ENTRIES: usize = 128 * 1024;
+
+/// Counted for each cached group besides its entries (the map's node, the table's slot).
+const GROUP_OVERHEAD_ENTRIES: usize = 8;
 
 #[derive(Serialize, Deserialize)]
 struct GroupRecord {
@@ -34,7 +43,40 @@ struct GroupRecord {
 
 pub struct StateService {
     db: Arc<Db>,
-    cache: Mutex<HashMap<u64, (Arc<StateMap>, u32)>>,
+    cache: Mutex<GroupCache>,
+}
+
+/// Loaded groups (full map and chain length) in two generations bounded by their
+/// entries: the older is dropped when the younger fills, and a hit in the older moves
+/// the group to the younger, so the groups in use (each room's latest) stay.
+#[derive(Default)]
+struct GroupCache {
+    young: HashMap<u64, (Arc<StateMap>, u32)>,
+    young_entries: usize,
+    old: HashMap<u64, (Arc<StateMap>, u32)>,
+}
+
+impl GroupCache {
+    fn get(&mut self, group: u64) -> Option<(Arc<StateMap>, u32)> {
+        if let Some(hit) = self.young.get(&group) {
+            return Some(hit.clone());
+        }
+        let hit = self.old.remove(&group)?;
+        self.insert(group, hit.clone());
+        Some(hit)
+    }
+
+    fn insert(&mut self, group: u64, value: (Arc<StateMap>, u32)) {
+        let weight = value.0.len() + GROUP_OVERHEAD_ENTRIES;
+        if self.young_entries + weight > CACHE_GENERATION_ENTRIES && !self.young.is_empty() {
+            self.old = std::mem::take(&mut self.young);
+            self.young_entries = 0;
+        }
+        if let Some((previous, _)) = self.young.insert(group, value) {
+            self.young_entries -= previous.len() + GROUP_OVERHEAD_ENTRIES;
+        }
+        self.young_entries += weight;
+    }
 }
 
 /// `type` and `state_key` joined into the long form of a state-key short id.
@@ -50,7 +92,7 @@ impl StateService {
     pub fn new(db: Arc<Db>) -> Self {
         Self {
             db,
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(GroupCache::default()),
         }
     }
 
@@ -74,15 +116,15 @@ impl StateService {
         if group == EMPTY_GROUP {
             return Some(Arc::new(StateMap::new()));
         }
-        self.cache.lock().get(&group).map(|(map, _)| map.clone())
+        self.cache.lock().get(group).map(|(map, _)| map)
     }
 
     fn load_with_chain(&self, group: u64) -> Result<(Arc<StateMap>, u32)> {
         if group == EMPTY_GROUP {
             return Ok((Arc::new(StateMap::new()), 0));
         }
-        if let Some(hit) = self.cache.lock().get(&group) {
-            return Ok(hit.clone());
+        if let Some(hit) = self.cache.lock().get(group) {
+            return Ok(hit);
         }
         let bytes = self
             .db
@@ -100,11 +142,7 @@ impl StateService {
     }
 
     fn remember(&self, group: u64, value: (Arc<StateMap>, u32)) {
-        let mut cache = self.cache.lock();
-        if cache.len() >= CACHE_GROUPS {
-            cache.clear();
-        }
-        cache.insert(group, value);
+        self.cache.lock().insert(group, value);
     }
 
     /// Write a new group: `parent` changed by `delta`. Returns its id.
@@ -181,5 +219,40 @@ mod tests {
         let early = cold.load(groups[3]).unwrap();
         assert_eq!(early.len(), 4);
         assert_eq!(early[&3], 1003);
+    }
+
+    /// The groups of a big room are full copies of its state: the cache holds them up
+    /// to its entry budget, keeps the one in use, and drops the others.
+    #[test]
+    fn the_group_cache_is_bounded_by_entries() {
+        let mut cache = GroupCache::default();
+        let big: Arc<StateMap> = Arc::new((0..800).map(|k| (k, k)).collect());
+        let weight = big.len() + GROUP_OVERHEAD_ENTRIES;
+        cache.insert(1, (big.clone(), 0));
+        // Three generations' worth of new groups, the first used all along.
+        for group in 2..(3 * CACHE_GENERATION_ENTRIES / weight) as u64 {
+            cache.insert(group, (big.clone(), 0));
+            assert!(cache.get(1).is_some(), "a group in use stays");
+            let held: usize = cache
+                .young
+                .values()
+                .chain(cache.old.values())
+                .map(|(m, _)| m.len() + GROUP_OVERHEAD_ENTRIES)
+                .sum();
+            assert!(held <= 2 * CACHE_GENERATION_ENTRIES, "{held} entries held");
+        }
+        assert!(cache.get(2).is_none(), "an unused old group is gone");
+        // Replacing a group does not count it twice.
+        let before = cache.young_entries;
+        cache.insert(1, (big.clone(), 0));
+        assert_eq!(cache.young_entries, before);
+        // A group bigger than a generation is still kept while it is the newest.
+        let huge: Arc<StateMap> = Arc::new(
+            (0..2 * CACHE_GENERATION_ENTRIES as u64)
+                .map(|k| (k, k))
+                .collect(),
+        );
+        cache.insert(99_999, (huge, 0));
+        assert!(cache.get(99_999).is_some());
     }
 }
