@@ -106,7 +106,8 @@ pub struct Push {
     db: Arc<Db>,
     users: Arc<Users>,
     pub config: PushConfig,
-    rules: Mutex<HashMap<OwnedUserId, Arc<Ruleset>>>,
+    /// Each user's rules, and whether they are the server's defaults.
+    rules: Mutex<HashMap<OwnedUserId, (Arc<Ruleset>, bool)>>,
     /// Each user's push gateway pushers, read and parsed once for the event pipeline;
     /// dropped on every change.
     pusher_cache: Mutex<HashMap<OwnedUserId, Arc<Vec<GatewayPusher>>>>,
@@ -114,6 +115,42 @@ pub struct Push {
     pusher_generation: std::sync::atomic::AtomicU64,
     /// Wakes the sender when something was queued.
     pub queued: tokio::sync::Notify,
+}
+
+/// What the rules decided for a recipient: the actions, and the stored push action
+/// when they notify.
+struct Decision {
+    actions: Vec<Action>,
+    stored: Option<Vec<u8>>,
+}
+
+impl Decision {
+    fn new(actions: &[Action], event: u64, thread: Option<&str>) -> Result<Self> {
+        let stored = if actions.iter().any(Action::should_notify) {
+            Some(serde_json::to_vec(&PushAction {
+                event,
+                highlight: actions.iter().any(Action::is_highlight),
+                thread: thread.map(str::to_owned),
+                actions: actions.to_vec(),
+            })?)
+        } else {
+            None
+        };
+        Ok(Self {
+            actions: actions.to_vec(),
+            stored,
+        })
+    }
+}
+
+/// Whether an event names a user where a push rule of the server's defaults could look
+/// for them: their user name (and so their id) anywhere in the event, their display
+/// name in its body. Both sides are lowercased, as the rules match; an id with a
+/// character JSON escapes is always taken as named.
+fn names(event_lower: &str, body_lower: Option<&str>, user: &UserId, name_lower: &str) -> bool {
+    user.as_str().contains(['"', '\\'])
+        || event_lower.contains(&user.localpart().to_ascii_lowercase())
+        || (!name_lower.is_empty() && body_lower.is_some_and(|b| b.contains(name_lower)))
 }
 
 /// A cheap test of what word matching on `content.body` needs: a pattern without
@@ -233,16 +270,22 @@ impl Push {
 
     /// The user's ruleset (cached; the cache is dropped whenever rules are saved).
     pub fn ruleset(&self, user: &UserId) -> Result<Arc<Ruleset>> {
+        Ok(self.ruleset_and_origin(user)?.0)
+    }
+
+    /// The user's ruleset, and whether it is the server's default one.
+    fn ruleset_and_origin(&self, user: &UserId) -> Result<(Arc<Ruleset>, bool)> {
         if let Some(r) = self.rules.lock().get(user) {
             return Ok(r.clone());
         }
-        let rules = Arc::new(rules::ruleset(&self.users, user)?);
+        let (rules, default) = rules::ruleset_and_origin(&self.users, user)?;
+        let entry = (Arc::new(rules), default);
         let mut cache = self.rules.lock();
         if cache.len() > 10_000 {
             cache.clear();
         }
-        cache.insert(user.to_owned(), rules.clone());
-        Ok(rules)
+        cache.insert(user.to_owned(), entry.clone());
+        Ok(entry)
     }
 
     pub fn save_rules(&self, user: &UserId, rules: &Ruleset) -> Result<()> {
@@ -289,40 +332,53 @@ impl Push {
         if let Some(pl) = &room.power_levels {
             ctx = ctx.with_power_levels(pl.clone());
         }
+        // The server's default rules differ from one member to the next only where they
+        // name the member (an invite's target, a mention, a display name or user name
+        // in the body): for every member on the defaults whom the event does not name,
+        // they decide the same, so that decision is taken once an event.
+        let event_lower = event.json().get().to_lowercase();
+        let mut unnamed: Option<Decision> = None;
         let mut queued = 0;
         for (user, display_name) in recipients {
-            let rules = self.ruleset(user)?;
-            ctx.user_id.clone_from(user);
-            ctx.user_display_name.clone_from(display_name);
+            let (rules, default) = self.ruleset_and_origin(user)?;
             let name_lower = display_name.to_lowercase();
-            let mut actions: &[Action] = &[];
-            for rule in rules.iter() {
-                if !may_apply(&rule, &view, &name_lower) {
-                    continue;
+            let shared = default && !names(&event_lower, view.body_lower, user, &name_lower);
+            let own;
+            let decision = match &unnamed {
+                Some(d) if shared => d,
+                _ => {
+                    ctx.user_id.clone_from(user);
+                    ctx.user_display_name.clone_from(display_name);
+                    let mut actions: &[Action] = &[];
+                    for rule in rules.iter() {
+                        if !may_apply(&rule, &view, &name_lower) {
+                            continue;
+                        }
+                        if rule.applies(&flat, &ctx).await {
+                            actions = rule.actions();
+                            break;
+                        }
+                    }
+                    let d = Decision::new(actions, event_short, thread)?;
+                    if shared {
+                        unnamed.insert(d)
+                    } else {
+                        own = d;
+                        &own
+                    }
                 }
-                if rule.applies(&flat, &ctx).await {
-                    actions = rule.actions();
-                    break;
-                }
-            }
-            if !actions.iter().any(Action::should_notify) {
+            };
+            let Some(stored) = &decision.stored else {
                 continue;
-            }
-            let highlight = actions.iter().any(Action::is_highlight);
+            };
             let user_short = self
                 .db
                 .get_or_create_short_id(IdKind::User, user.as_str())?;
-            let action = PushAction {
-                event: event_short,
-                highlight,
-                thread: thread.map(str::to_owned),
-                actions: actions.to_vec(),
-            };
             batch.put(
                 &self.db,
                 "push_actions",
                 &u64_key(&[user_short, room.room_short, pos]),
-                &serde_json::to_vec(&action)?,
+                stored,
             );
             batch.put(
                 &self.db,
@@ -340,7 +396,7 @@ impl Push {
                     pushkey: pusher.pushkey.clone(),
                     room_id: room.room_id.to_owned(),
                     event_short,
-                    actions: actions.to_vec(),
+                    actions: decision.actions.clone(),
                     attempts: 0,
                     first_try_ms: 0,
                     next_try_ms: 0,
@@ -673,6 +729,99 @@ mod tests {
             value_may_match(Some("Ünïcode"), "ünïcode"),
             "non-ASCII is left to ruma"
         );
+    }
+
+    /// For members on the server's default rules whom an event does not name, ruma's
+    /// own evaluation decides alike: the decision taken once for the first of them
+    /// holds for the others. Those it names are told apart.
+    #[tokio::test]
+    async fn default_rules_decide_alike_for_members_an_event_does_not_name() {
+        let room_id = ruma::room_id!("!room:example.org");
+        let members = [
+            (ruma::user_id!("@alice:example.org"), "Alice"),
+            (ruma::user_id!("@carol:example.org"), "Carol Chef"),
+            (ruma::user_id!("@dave:example.org"), ""),
+            (ruma::user_id!("@erin:example.org"), "Erin"),
+        ];
+        let bob = ruma::owned_user_id!("@bob:example.org");
+        let events = [
+            (
+                json!({"type": "m.room.message", "sender": bob, "content": {"msgtype": "m.text", "body": "hello all"}}),
+                None,
+            ),
+            (
+                json!({"type": "m.room.message", "sender": bob, "content": {"msgtype": "m.text", "body": "look", "m.mentions": {"user_ids": ["@alice:example.org"]}}}),
+                Some(0),
+            ),
+            (
+                json!({"type": "m.room.message", "sender": bob, "content": {"msgtype": "m.text", "body": "Carol Chef, lunch?"}}),
+                Some(1),
+            ),
+            (
+                json!({"type": "m.room.member", "sender": bob, "state_key": "@dave:example.org", "content": {"membership": "invite"}}),
+                Some(2),
+            ),
+            (
+                json!({"type": "m.room.message", "sender": bob, "content": {"msgtype": "m.notice", "body": "bot says hi"}}),
+                None,
+            ),
+            (
+                json!({"type": "m.room.message", "sender": bob, "content": {"msgtype": "m.text", "body": "@room fire drill", "m.mentions": {"room": true}}}),
+                None,
+            ),
+            (
+                json!({"type": "m.reaction", "sender": bob, "content": {"m.relates_to": {"rel_type": "m.annotation", "event_id": "$e", "key": "+1"}}}),
+                None,
+            ),
+            (
+                json!({"type": "m.room.encrypted", "sender": bob, "content": {"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "x"}}),
+                None,
+            ),
+        ];
+        for count in [2u32, 5] {
+            for (event, named) in &events {
+                let pdu: CanonicalJsonObject = serde_json::from_value(event.clone()).unwrap();
+                let raw = event_for_rules(&pdu).unwrap();
+                let flat = FlattenedJson::from_raw(&raw);
+                let body_lower = flat.get_str("content.body").map(str::to_lowercase);
+                let event_lower = raw.json().get().to_lowercase();
+                let mut unnamed: Option<serde_json::Value> = None;
+                for (i, (user, name)) in members.iter().enumerate() {
+                    let is_named = names(
+                        &event_lower,
+                        body_lower.as_deref(),
+                        user,
+                        &name.to_lowercase(),
+                    );
+                    assert_eq!(is_named, *named == Some(i), "{user} in {event}");
+                    let ctx = PushConditionRoomCtx::new(
+                        room_id.to_owned(),
+                        UInt::from(count),
+                        (*user).to_owned(),
+                        (*name).to_owned(),
+                    )
+                    .with_power_levels(PushConditionPowerLevelsCtx::new(
+                        [(bob.clone(), ruma::int!(50))].into(),
+                        ruma::int!(0),
+                        Default::default(),
+                        ruma::room_version_rules::RoomPowerLevelsRules::new(
+                            &ruma::room_version_rules::AuthorizationRules::V1,
+                            [],
+                        ),
+                    ));
+                    let rules = Ruleset::server_default(user);
+                    let actions =
+                        serde_json::to_value(rules.get_actions(&raw, &ctx).await).unwrap();
+                    if is_named {
+                        continue;
+                    }
+                    match &unnamed {
+                        Some(first) => assert_eq!(&actions, first, "{user}: {event}, {count}"),
+                        None => unnamed = Some(actions),
+                    }
+                }
+            }
+        }
     }
 
     /// The cheap tests never rule out a rule that ruma finds to apply, for the server's
