@@ -19,18 +19,27 @@ fn rss_mib() -> f64 {
 /// The tests read the whole process's resident size: one at a time.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// 64 MiB allocated in blocks below the mmap threshold and filled, then freed but for
-/// every sixteenth block: the heap's top stays in use, so glibc's own trimming of the
-/// top cannot give any of the freed blocks back. The blocks kept, with their numbers.
-fn burst() -> Vec<(usize, Vec<u8>)> {
+/// 64 MiB allocated in blocks below the mmap threshold, each filled with its number.
+fn fill() -> Vec<Vec<u8>> {
     const BLOCK: usize = 16 * 1024;
     const BLOCKS: usize = 4096;
-    let blocks: Vec<Vec<u8>> = (0..BLOCKS).map(|i| vec![(i % 251) as u8; BLOCK]).collect();
+    (0..BLOCKS).map(|i| vec![(i % 251) as u8; BLOCK]).collect()
+}
+
+/// Free all blocks but every sixteenth: the heap's top stays in use, so glibc's own
+/// trimming of the top cannot give any of the freed blocks back. The blocks kept, with
+/// their numbers.
+fn free_most(blocks: Vec<Vec<u8>>) -> Vec<(usize, Vec<u8>)> {
     blocks
         .into_iter()
         .enumerate()
         .filter(|(i, _)| i % 16 == 15)
         .collect()
+}
+
+/// A burst: [`fill`], then [`free_most`].
+fn burst() -> Vec<(usize, Vec<u8>)> {
+    free_most(fill())
 }
 
 fn check_kept(kept: &[(usize, Vec<u8>)]) {
@@ -82,17 +91,9 @@ fn memory_freed_by_a_burst_goes_back_once_the_process_is_quiet() {
 fn freed_pages_in_the_middle_of_the_heap_are_handed_back() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     salon::allocator::tune();
-    const BLOCK: usize = 16 * 1024;
-    const BLOCKS: usize = 4096; // 64 MiB, below the mmap threshold block by block
-    let blocks: Vec<Vec<u8>> = (0..BLOCKS).map(|i| vec![(i % 251) as u8; BLOCK]).collect();
+    let blocks = fill();
     let used_full = salon::allocator::in_use().expect("glibc reports its use");
-    // Keep every sixteenth block: the heap's top stays in use, so glibc's own trimming
-    // of the top cannot give any of the freed blocks back.
-    let kept: Vec<(usize, Vec<u8>)> = blocks
-        .into_iter()
-        .enumerate()
-        .filter(|(i, _)| i % 16 == 15)
-        .collect();
+    let kept = free_most(blocks);
     let used_after_free = salon::allocator::in_use().unwrap();
     assert!(
         used_full - used_after_free >= 56 * 1024 * 1024,
