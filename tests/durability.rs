@@ -196,3 +196,91 @@ async fn burst_then_kill_9(in_a_reused_log: bool) {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A new room's events are written before their signatures, which follow right after
+/// the log sync in a write of their own. Should that write be lost (a crash before the
+/// log's next sync), the events' marks have them signed again at the next start, to the
+/// very bytes they would have had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signatures_lost_in_a_crash_are_computed_again_at_start() {
+    use ruma::{
+        CanonicalJsonObject,
+        signatures::{PublicKeyMap, PublicKeySet, verify_event},
+    };
+    use salon::storage::{Batch, Db};
+
+    let server = common::TestServer::start().await;
+    let alice = server.user("alice").await;
+    alice
+        .create_room(json!({ "name": "signed", "topic": "by this server" }))
+        .await;
+    let keys = server.client().get("/_matrix/key/v2/server").await.1;
+    let dir = server.stop().await;
+
+    let mut public = PublicKeySet::new();
+    for (id, key) in keys["verify_keys"].as_object().unwrap() {
+        let key = key["key"].as_str().unwrap();
+        public.insert(id.clone(), ruma::serde::Base64::parse(key).unwrap());
+    }
+    let mut map = PublicKeyMap::new();
+    map.insert("localhost".to_owned(), public);
+    let rules = salon::config::Config::default()
+        .rooms
+        .default_version
+        .rules()
+        .unwrap();
+    let placeholder = format!("\"{}\"", "A".repeat(86));
+
+    // Every event is signed, and none waits for its signature.
+    let db_path = dir.path().join("db");
+    let originals: Vec<(Box<[u8]>, Box<[u8]>)> = {
+        let db = Db::open(&db_path, 8).unwrap();
+        assert_eq!(db.scan_prefix("unsigned_events", &[]).count(), 0);
+        let pdus: Vec<_> = db.scan_prefix("pdus", &[]).map(Result::unwrap).collect();
+        assert!(pdus.len() >= 8, "the room's events are stored");
+        for (_, json) in &pdus {
+            let object: CanonicalJsonObject = serde_json::from_slice(json).unwrap();
+            verify_event(&map, &object, &rules).expect("signed by the server");
+        }
+        // The crash: the signed forms never reached the disk.
+        let mut batch = Batch::default();
+        for (key, json) in &pdus {
+            let text = String::from_utf8(json.to_vec()).unwrap();
+            let (before, rest) = text.split_once("\"signatures\":").unwrap();
+            let (_, after) = rest.split_once('}').unwrap();
+            let key_id = keys["verify_keys"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .next()
+                .unwrap();
+            let unsigned = format!(
+                "{before}\"signatures\":{{\"localhost\":{{\"{key_id}\":{placeholder}}}{after}"
+            );
+            assert_eq!(
+                unsigned.len(),
+                json.len(),
+                "the placeholder fills the signature's place"
+            );
+            batch.put(&db, "pdus", key, unsigned.as_bytes());
+            batch.put(&db, "unsigned_events", key, b"");
+        }
+        db.commit(batch).unwrap();
+        pdus
+    };
+
+    // The next start signs them again, to the same bytes, and forgets the marks.
+    let server = common::TestServer::start_in(dir, &[]).await;
+    let bob = server.user("bob").await;
+    bob.create_room(json!({ "name": "after the restart" }))
+        .await;
+    let dir = server.stop().await;
+    let db = Db::open(&db_path, 8).unwrap();
+    assert_eq!(db.scan_prefix("unsigned_events", &[]).count(), 0);
+    for (key, json) in &originals {
+        let now = db.get("pdus", key).unwrap().expect("still stored");
+        assert_eq!(&*now, &**json, "signed again to the same bytes");
+    }
+    drop(db);
+    drop(dir);
+}

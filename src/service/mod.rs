@@ -70,6 +70,13 @@ impl Services {
             push.clone(),
             members.clone(),
         );
+        let signed = timeline.sign_unsigned()?;
+        if signed > 0 {
+            tracing::warn!(
+                events = signed,
+                "signed events whose signatures were lost in a crash"
+            );
+        }
         let rooms = rooms::Rooms::new(db.clone(), globals.clone(), users.clone(), timeline);
         let e2ee = e2ee::E2ee::new(
             db.clone(),

@@ -287,6 +287,11 @@ pub const KEY_SPACES: &[KeySpace] = &[
         "appservice_state",
         "appservice id → delivery cursor, next transaction id, the transaction in flight",
     ),
+    KeySpace::shared(
+        38,
+        "unsigned_events",
+        "event short id → empty: the event's PDU was stored before its signature",
+    ),
 ];
 
 /// The schema this build reads and writes. Opening an older database runs the

@@ -4,16 +4,25 @@
 //! depend on its signature, and the authorization rules never read it. So the bytes
 //! to sign are taken first, with a placeholder of the signature's exact length in the
 //! event, and the ed25519 signature itself — most of an event's build time — may wait
-//! for the commit: a draft of many events (a new room's) then signs them all at once,
-//! half on a blocking thread and half on its own, before anything is written.
+//! for the commit: a draft of many events (a new room's) has them signed on an
+//! idle-priority thread while it writes them and syncs the log (see
+//! [`sign_in_background`]).
 
-use std::{cell::RefCell, sync::Arc};
+use std::{
+    cell::RefCell,
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use parking_lot::Mutex;
 
 use ruma::{
     AnyKeyName, CanonicalJsonObject, CanonicalJsonValue, OwnedSigningKeyId, SigningKeyAlgorithm,
     SigningKeyId,
     room_version_rules::{RedactionRules, RoomVersionRules},
-    signatures::{JsonError, KeyPair, Signature, hash_and_sign_event},
+    signatures::{JsonError, KeyPair, Signature, hash_and_sign_event, sign_event},
 };
 
 use crate::{
@@ -47,7 +56,7 @@ impl KeyPair for Capture {
 
 /// Add the content hash and this server's signature to a new event. With `later`,
 /// `object` holds a placeholder of the signature's length and the signature is owed:
-/// [`sign_all`] computes it and [`finish`] puts it in.
+/// [`sign_in_background`] computes it and [`finish`] puts it in.
 pub fn hash_and_sign(
     globals: &Globals,
     redaction: &RedactionRules,
@@ -85,41 +94,158 @@ fn json_error(what: &str, e: JsonError) -> Error {
     }
 }
 
-/// From this many messages a blocking thread signs the later half while the caller
-/// signs the rest. A signature takes about 15 µs here, and handing work to another
-/// thread and being woken when it is done cost about as much as four: a new room's
-/// seven events were signed in 105 µs with a helper and without one.
-const SIGN_ON_TWO_THREADS: usize = 12;
+/// Owed signatures being computed by the idle signer thread; whoever waits for them
+/// signs those it has not finished itself.
+pub struct Signer<K> {
+    keys: Vec<K>,
+    job: Arc<SignJob>,
+}
 
-/// The owed signatures of `messages`, each with its key; many are signed on two
-/// threads.
-pub async fn sign_all<K: Send + 'static>(
-    globals: &Arc<Globals>,
-    mut messages: Vec<(K, Vec<u8>)>,
-) -> Result<Vec<(K, Signature)>> {
-    let sign = |globals: &Globals, messages: Vec<(K, Vec<u8>)>| {
-        messages
+/// Messages to sign, taken in order by the signer thread.
+struct SignJob {
+    globals: Arc<Globals>,
+    messages: Vec<Vec<u8>>,
+    /// The next message the signer thread has not taken.
+    next: AtomicUsize,
+    signed: Mutex<Vec<Option<Signature>>>,
+}
+
+impl SignJob {
+    /// Sign messages until none is left to take.
+    fn work(&self) {
+        loop {
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            let Some(message) = self.messages.get(i) else {
+                return;
+            };
+            let signature = self.globals.keypair.sign(message);
+            self.signed.lock()[i] = Some(signature);
+        }
+    }
+}
+
+/// The thread that signs owed signatures. It runs at idle priority (`SCHED_IDLE`): on
+/// a CPU nobody else wants, or on the committing thread's own while that one waits for
+/// the log sync, but never in its way. Woken right away, a thread of normal priority
+/// on these virtual machines (which keep a lightly loaded machine's threads on one
+/// CPU) took the committing thread's CPU from it and delayed the commit by about as
+/// much as the signatures it saved.
+fn signer_thread() -> Option<&'static std::sync::mpsc::Sender<Arc<SignJob>>> {
+    static SIGNER: OnceLock<Option<std::sync::mpsc::Sender<Arc<SignJob>>>> = OnceLock::new();
+    SIGNER
+        .get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<Arc<SignJob>>();
+            std::thread::Builder::new()
+                .name("salon-signer".into())
+                .spawn(move || {
+                    let param = libc::sched_param { sched_priority: 0 };
+                    // SAFETY: changes the calling thread's own policy; `param` is valid.
+                    let idle = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+                    if idle != 0 {
+                        tracing::debug!("the signer thread runs at normal priority");
+                    }
+                    for job in rx {
+                        job.work();
+                    }
+                })
+                .ok()
+                .map(|_| tx)
+        })
+        .as_ref()
+}
+
+/// Start computing the owed signatures of `messages`, each with its key, on the idle
+/// signer thread: [`Signer::wait`] collects them, signing any not started yet itself.
+pub fn sign_in_background<K>(globals: &Arc<Globals>, messages: Vec<(K, Vec<u8>)>) -> Signer<K> {
+    let (keys, messages): (Vec<K>, Vec<Vec<u8>>) = messages.into_iter().unzip();
+    let job = Arc::new(SignJob {
+        globals: globals.clone(),
+        next: AtomicUsize::new(0),
+        signed: Mutex::new(vec![None; messages.len()]),
+        messages,
+    });
+    if let Some(signer) = signer_thread() {
+        // A signer that is gone leaves all the work to the waiting caller.
+        let _ = signer.send(job.clone());
+    }
+    Signer { keys, job }
+}
+
+impl<K> Signer<K> {
+    /// The signatures, in the order of the messages. What the signer thread has not
+    /// finished is signed here rather than waited for: on a busy machine a thread of
+    /// idle priority may wait long for a CPU.
+    pub fn wait(self) -> Vec<(K, Signature)> {
+        let job = &self.job;
+        job.next.fetch_max(job.messages.len(), Ordering::Relaxed);
+        let signed = job.signed.lock().clone();
+        self.keys
             .into_iter()
-            .map(|(k, m)| (k, globals.keypair.sign(&m)))
-            .collect::<Vec<_>>()
-    };
-    let runtime = tokio::runtime::Handle::try_current();
-    let (Ok(runtime), true) = (runtime, messages.len() >= SIGN_ON_TWO_THREADS) else {
-        return Ok(sign(globals, messages));
-    };
-    // The helper starts a little later: it takes the smaller half.
-    let theirs = messages.split_off(messages.len().div_ceil(2));
-    let helper = {
-        let globals = globals.clone();
-        runtime.spawn_blocking(move || sign(&globals, theirs))
-    };
-    let mut out = sign(globals, messages);
-    out.extend(
-        helper
-            .await
-            .map_err(|e| Error::internal(format!("signing task failed: {e}")))?,
+            .zip(job.messages.iter().zip(signed))
+            .map(|(k, (message, signature))| {
+                (
+                    k,
+                    signature.unwrap_or_else(|| job.globals.keypair.sign(message)),
+                )
+            })
+            .collect()
+    }
+}
+
+/// Sign a stored event again, as it is (its hashes are not recomputed: a redacted
+/// event's content hash is the one of its original content): the signature
+/// [`hash_and_sign`] gave or owed it, since ed25519 signatures are deterministic.
+pub fn sign_stored(
+    globals: &Globals,
+    redaction: &RedactionRules,
+    object: &mut CanonicalJsonObject,
+) -> Result<()> {
+    sign_event(
+        globals.server_name().as_str(),
+        &globals.keypair,
+        object,
+        redaction,
+    )
+    .map_err(|e| json_error("sign", e))
+}
+
+/// Put the server's signature in place of the placeholder in `json`, the canonical
+/// JSON of `object` as [`hash_and_sign`] left it: the bytes [`finish`] and serialising
+/// again would give, for less. The placeholder is looked for from the end: in
+/// canonical JSON only `state_key`, `type` and `unsigned` follow `signatures`, and only
+/// `unsigned` could hold the same pattern, so an event with `unsigned` is left as it
+/// is (`false`: the caller serialises it again).
+pub fn finish_json(
+    globals: &Globals,
+    object: &CanonicalJsonObject,
+    json: &mut [u8],
+    signature: &Signature,
+) -> bool {
+    use base64::Engine;
+    if object.contains_key("unsigned") {
+        return false;
+    }
+    let placeholder =
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode([0u8; SIGNATURE_BYTES]);
+    let real = signature.base64();
+    let pattern = format!(
+        "\"{}\":{{\"{}\":\"{placeholder}\"",
+        globals.server_name(),
+        signature.id()
     );
-    Ok(out)
+    let pattern = pattern.as_bytes();
+    let Some(at) = (0..json.len().saturating_sub(pattern.len() - 1))
+        .rev()
+        .find(|&i| json[i] == b'"' && json[i..].starts_with(pattern))
+    else {
+        return false;
+    };
+    if real.len() != placeholder.len() {
+        return false;
+    }
+    let start = at + pattern.len() - placeholder.len() - 1;
+    json[start..start + real.len()].copy_from_slice(real.as_bytes());
+    true
 }
 
 /// Put the server's signature in place of the placeholder.
@@ -193,15 +319,15 @@ mod tests {
         verify_event(&map, object, rules).expect("the signature verifies");
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn owed_signatures_are_the_ones_computed_at_once() {
+    #[test]
+    fn owed_signatures_are_the_ones_computed_at_once() {
         let (_dir, globals) = globals();
         let rules = RoomVersionId::V11.rules().unwrap();
         let mut now = Vec::new();
         let mut later = Vec::new();
         let mut messages = Vec::new();
-        // Enough to be shared with a helper thread.
-        let count = SIGN_ON_TWO_THREADS as u32 + 1;
+        // Enough for the signer thread to leave some to the waiting caller.
+        let count = 40u32;
         for n in 0..count {
             let mut object = event(globals.server_name().as_str());
             object.insert("depth".into(), CanonicalJsonValue::Integer(n.into()));
@@ -226,7 +352,7 @@ mod tests {
             now.push(signed);
             later.push(object);
         }
-        let signatures = sign_all(&globals, messages).await.unwrap();
+        let signatures = sign_in_background(&globals, messages).wait();
         assert_eq!(
             signatures.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
             (0..count).collect::<Vec<_>>(),
@@ -240,23 +366,72 @@ mod tests {
         }
     }
 
+    /// The signature put into the serialised event is the one serialising the finished
+    /// event gives, also when the content holds the very pattern it looks for.
     #[test]
-    fn without_a_runtime_owed_signatures_are_signed_in_place() {
+    fn a_signature_goes_into_the_serialised_event_in_place() {
         let (_dir, globals) = globals();
         let rules = RoomVersionId::V12.rules().unwrap();
-        let mut object = event(globals.server_name().as_str());
-        let Signing::Owed(message) =
-            hash_and_sign(&globals, &rules.redaction, &mut object, true).unwrap()
-        else {
-            panic!("asked to sign later");
-        };
-        let signatures = futures::executor::block_on(sign_all(
-            &globals,
-            vec![((), message.clone()), ((), message)],
-        ))
-        .unwrap();
-        assert_eq!(signatures.len(), 2);
-        finish(&globals, &mut object, &signatures[0].1).unwrap();
-        verify(&globals, &object, &rules);
+        let mut tricky = event(globals.server_name().as_str());
+        let placeholder = "A".repeat(86);
+        let key_id = format!("ed25519:{}", globals.keypair.version());
+        tricky.insert(
+            "content".into(),
+            serde_json::from_value(json!({
+                globals.server_name().as_str(): { key_id.clone(): placeholder },
+                "body": "hello",
+            }))
+            .unwrap(),
+        );
+        for template in [event(globals.server_name().as_str()), tricky] {
+            let mut signed = template.clone();
+            hash_and_sign(&globals, &rules.redaction, &mut signed, false).unwrap();
+            let mut owed = template.clone();
+            let Signing::Owed(message) =
+                hash_and_sign(&globals, &rules.redaction, &mut owed, true).unwrap()
+            else {
+                panic!("asked to sign later");
+            };
+            let mut json = serde_json::to_vec(&owed).unwrap();
+            let signature = globals.keypair.sign(&message);
+            assert!(finish_json(&globals, &owed, &mut json, &signature));
+            assert_eq!(json, serde_json::to_vec(&signed).unwrap());
+
+            // With `unsigned`, the caller serialises the finished event again.
+            owed.insert(
+                "unsigned".into(),
+                CanonicalJsonValue::Object(Default::default()),
+            );
+            let mut json = serde_json::to_vec(&owed).unwrap();
+            assert!(!finish_json(&globals, &owed, &mut json, &signature));
+            assert_eq!(json, serde_json::to_vec(&owed).unwrap(), "left as it was");
+        }
+    }
+
+    /// A stored event whose owed signature was lost is signed again to the same bytes,
+    /// its hashes kept: also once redacted, when its content no longer matches them.
+    #[test]
+    fn a_stored_event_is_signed_again_to_the_same_signature() {
+        let (_dir, globals) = globals();
+        for version in [RoomVersionId::V11, RoomVersionId::V12] {
+            let rules = version.rules().unwrap();
+            let mut signed = event(globals.server_name().as_str());
+            hash_and_sign(&globals, &rules.redaction, &mut signed, false).unwrap();
+            let mut owed = event(globals.server_name().as_str());
+            hash_and_sign(&globals, &rules.redaction, &mut owed, true).unwrap();
+            assert_ne!(owed, signed, "the placeholder is not the signature");
+            sign_stored(&globals, &rules.redaction, &mut owed).unwrap();
+            assert_eq!(owed, signed);
+            verify(&globals, &owed, &rules);
+
+            let redact = |object: &CanonicalJsonObject| {
+                ruma::canonical_json::redact(object.clone(), &rules.redaction, None).unwrap()
+            };
+            let mut redacted = redact(&owed);
+            assert_ne!(redacted["content"], signed["content"]);
+            sign_stored(&globals, &rules.redaction, &mut redacted).unwrap();
+            assert_eq!(redacted, redact(&signed), "hashes and signature kept");
+            verify(&globals, &redacted, &rules);
+        }
     }
 }

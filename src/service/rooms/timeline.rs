@@ -353,6 +353,36 @@ impl Timeline {
         }
     }
 
+    /// Sign the events stored before their signatures whose signed form was lost (a
+    /// crash right after their commit, before the log's next sync); at start, before
+    /// anything reads them. Returns how many there were.
+    pub fn sign_unsigned(&self) -> Result<usize> {
+        let db = &self.db;
+        let mut batch = Batch::default();
+        let (mut marked, mut signed) = (0, 0);
+        for item in db.scan_prefix("unsigned_events", &[]) {
+            let (key, _) = item?;
+            marked += 1;
+            batch.delete(db, "unsigned_events", &key);
+            let short = u64_at(&key, 0);
+            let (Some(json), Some(meta)) = (db.get("pdus", &key)?, self.meta(short)?) else {
+                continue;
+            };
+            let rules = self
+                .room_record(meta.room)?
+                .ok_or_else(|| Error::internal(format!("event {short} has no room")))?
+                .rules()?;
+            let mut object: CanonicalJsonObject = serde_json::from_slice(&json)?;
+            signing::sign_stored(&self.globals, &rules.redaction, &mut object)?;
+            batch.put(db, "pdus", &key, &to_json_checked(&object)?);
+            signed += 1;
+        }
+        if marked > 0 {
+            db.commit(batch)?;
+        }
+        Ok(signed)
+    }
+
     /// The room's short id and record, or `M_NOT_FOUND`.
     pub fn room(&self, room_id: &RoomId) -> Result<(u64, RoomRecord)> {
         let short = self
@@ -1555,21 +1585,65 @@ impl<'a> Draft<'a> {
         Ok(queued > 0)
     }
 
-    /// Compute the owed signatures, put them into their events, and stage the events
-    /// for writing.
-    async fn finish_signatures(&mut self) -> Result<()> {
+    /// Stage the events whose signatures are owed as they are (a placeholder where the
+    /// signature goes), each marked as waiting for it, and start computing the
+    /// signatures on the idle signer thread: [`Draft::write_signatures`] puts them in.
+    fn stage_unsigned(&mut self) -> Result<Option<signing::Signer<(u64, Vec<u8>)>>> {
+        if self.owed.is_empty() {
+            return Ok(None);
+        }
         let owed = std::mem::take(&mut self.owed);
-        for (short, signature) in signing::sign_all(&self.tl.globals, owed).await? {
+        let db = &self.tl.db;
+        let mut messages = Vec::with_capacity(owed.len());
+        for (short, message) in owed {
             let object = self
                 .pending_json
-                .get_mut(&short)
+                .get(&short)
                 .ok_or_else(|| Error::internal("a pending event lost its JSON"))?;
-            signing::finish(&self.tl.globals, object, &signature)?;
             let json = to_json_checked(object)?;
-            self.batch
-                .put(&self.tl.db, "pdus", &short.to_be_bytes(), &json);
+            let key = short.to_be_bytes();
+            self.batch.put(db, "pdus", &key, &json);
+            self.batch.put(db, "unsigned_events", &key, b"");
+            messages.push(((short, json), message));
         }
-        Ok(())
+        Ok(Some(signing::sign_in_background(
+            &self.tl.globals,
+            messages,
+        )))
+    }
+
+    /// Put the owed signatures into their events and write the signed events over the
+    /// unsigned ones. Not synced: the next log sync, anyone's, covers the write, and
+    /// should it be lost in a crash, the events' marks have them signed again at the
+    /// next start ([`Timeline::sign_unsigned`]) to the same bytes. The events are
+    /// stored either way, so a failure here is logged and left to that.
+    fn write_signatures(&mut self, signer: signing::Signer<(u64, Vec<u8>)>) {
+        let result = (|| {
+            let db = &self.tl.db;
+            let globals = &self.tl.globals;
+            let mut batch = Batch::default();
+            for ((short, mut json), signature) in signer.wait() {
+                let object = self
+                    .pending_json
+                    .get_mut(&short)
+                    .ok_or_else(|| Error::internal("a pending event lost its JSON"))?;
+                if !signing::finish_json(globals, object, &mut json, &signature) {
+                    signing::finish(globals, object, &signature)?;
+                    json = to_json_checked(object)?;
+                }
+                let key = short.to_be_bytes();
+                batch.put(db, "pdus", &key, &json);
+                batch.delete(db, "unsigned_events", &key);
+            }
+            db.write(batch)
+        })();
+        if let Err(e) = result {
+            tracing::error!(
+                room = %self.record.room_id,
+                error = %e,
+                "events stored without their signatures; they are signed at the next start"
+            );
+        }
     }
 
     /// Write everything staged, atomically and durably, then make it visible.
@@ -1578,7 +1652,9 @@ impl<'a> Draft<'a> {
             return Ok(self.record);
         }
         let db = self.tl.db.clone();
-        self.finish_signatures().await?;
+        // Owed signatures are computed while this thread writes the events and syncs
+        // the log (a new room's seven events: about 0.1 ms of the 0.25 ms the sync takes).
+        let signer = self.stage_unsigned()?;
         self.batch.put(
             &db,
             "rooms",
@@ -1617,7 +1693,11 @@ impl<'a> Draft<'a> {
             self.new_room,
             std::mem::take(&mut self.member_changes),
         )?;
-        self.guard.take();
+        // Events waiting for their signatures keep the room locked until the signed
+        // form is written, so that no later write (a redaction) comes before it.
+        if signer.is_none() {
+            self.guard.take();
+        }
         // Push rules are evaluated outside the lock, and what they decide is written
         // right behind the events; one log sync makes both durable before anyone is
         // told, so an acknowledged event always has its notifications.
@@ -1638,6 +1718,10 @@ impl<'a> Draft<'a> {
             db.sync_to(seq)?;
         } else {
             db.sync_to_async(seq).await?;
+        }
+        if let Some(signer) = signer {
+            self.write_signatures(signer);
+            self.guard.take();
         }
         // Dropping the tickets publishes the new stream position; then wake the
         // long-polls of everyone concerned.
