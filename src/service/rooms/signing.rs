@@ -13,6 +13,7 @@ use std::{
     sync::{
         Arc, OnceLock,
         atomic::{AtomicUsize, Ordering},
+        mpsc::SyncSender,
     },
 };
 
@@ -130,11 +131,11 @@ impl SignJob {
 /// on these virtual machines (which keep a lightly loaded machine's threads on one
 /// CPU) took the committing thread's CPU from it and delayed the commit by about as
 /// much as the signatures it saved.
-fn signer_thread() -> Option<&'static std::sync::mpsc::Sender<Arc<SignJob>>> {
-    static SIGNER: OnceLock<Option<std::sync::mpsc::Sender<Arc<SignJob>>>> = OnceLock::new();
+fn signer_thread() -> Option<&'static SyncSender<Arc<SignJob>>> {
+    static SIGNER: OnceLock<Option<SyncSender<Arc<SignJob>>>> = OnceLock::new();
     SIGNER
         .get_or_init(|| {
-            let (tx, rx) = std::sync::mpsc::channel::<Arc<SignJob>>();
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Arc<SignJob>>(SIGNER_QUEUE);
             std::thread::Builder::new()
                 .name("salon-signer".into())
                 .spawn(move || {
@@ -154,8 +155,12 @@ fn signer_thread() -> Option<&'static std::sync::mpsc::Sender<Arc<SignJob>>> {
         .as_ref()
 }
 
+/// Jobs that may wait for the signer thread. One that finds the queue full (the
+/// machine busy long enough for an idle thread to get no CPU) is left to its caller.
+const SIGNER_QUEUE: usize = 64;
+
 /// Start computing the owed signatures of `messages`, each with its key, on the idle
-/// signer thread: [`Signer::wait`] collects them, signing any not started yet itself.
+/// signer thread: [`Signer::wait`] collects them, signing any not finished itself.
 pub fn sign_in_background<K>(globals: &Arc<Globals>, messages: Vec<(K, Vec<u8>)>) -> Signer<K> {
     let (keys, messages): (Vec<K>, Vec<Vec<u8>>) = messages.into_iter().unzip();
     let job = Arc::new(SignJob {
@@ -165,8 +170,8 @@ pub fn sign_in_background<K>(globals: &Arc<Globals>, messages: Vec<(K, Vec<u8>)>
         messages,
     });
     if let Some(signer) = signer_thread() {
-        // A signer that is gone leaves all the work to the waiting caller.
-        let _ = signer.send(job.clone());
+        // A full queue or a signer that is gone leaves the work to the waiting caller.
+        let _ = signer.try_send(job.clone());
     }
     Signer { keys, job }
 }
