@@ -182,6 +182,31 @@ async fn device_and_one_time_keys_upload_query_claim() {
     let s = sync(&alice, None, 0).await;
     assert_eq!(s["device_one_time_keys_count"]["signed_curve25519"], 0);
     assert_eq!(s["device_unused_fallback_key_types"], json!([]));
+
+    // Keys uploaded after a sync counted them show in the next one (the counts are
+    // kept between syncs and must follow every change).
+    let mut otks = serde_json::Map::new();
+    for n in 10..12 {
+        otks.insert(
+            format!("signed_curve25519:AAAA{n}"),
+            signed_otk(&alice, &key, n),
+        );
+    }
+    let (status, v) = upload(
+        &alice,
+        json!({
+            "one_time_keys": otks,
+            "fallback_keys": { "signed_curve25519:FB2": key.sign(&alice.user_id, json!({"key": "YW5vdGhlcg", "fallback": true})) },
+        }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let s = sync(&alice, None, 0).await;
+    assert_eq!(s["device_one_time_keys_count"]["signed_curve25519"], 2);
+    assert_eq!(
+        s["device_unused_fallback_key_types"],
+        json!(["signed_curve25519"])
+    );
     server.stop().await;
 }
 
@@ -752,5 +777,54 @@ async fn key_backup_versions_and_keys() {
     assert_eq!(del["count"], 1);
     let (status, _) = alice.get(&session_path).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    server.stop().await;
+}
+
+/// A device deleted and logged in again under the same id starts without keys, also
+/// when a sync had counted the old ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_device_comes_back_without_its_keys() {
+    let server = TestServer::start().await;
+    let alice = server.user("alice").await;
+    let login = json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": "alice" },
+        "password": "correct horse battery", "device_id": "PHONE" });
+    let mut phone = server.client();
+    let body = phone
+        .ok(
+            Method::POST,
+            "/_matrix/client/v3/login",
+            Some(login.clone()),
+        )
+        .await;
+    phone.token = Some(body["access_token"].as_str().unwrap().into());
+    phone.user_id = alice.user_id.clone();
+    phone.device_id = "PHONE".into();
+    let (status, v) = upload(
+        &phone,
+        json!({ "one_time_keys": { "curve25519:AAAA0": "b25l", "curve25519:AAAA1": "dHdv" } }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let s = sync(&phone, None, 0).await;
+    assert_eq!(s["device_one_time_keys_count"]["curve25519"], 2);
+
+    let (status, body) = alice.delete("/_matrix/client/v3/devices/PHONE").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    alice
+        .ok(Method::DELETE, "/_matrix/client/v3/devices/PHONE", Some(json!({ "auth": {
+            "type": "m.login.password", "session": body["session"], "identifier": { "type": "m.id.user", "user": "alice" }, "password": "correct horse battery" } })))
+        .await;
+    phone.token = None;
+    let body = phone
+        .ok(Method::POST, "/_matrix/client/v3/login", Some(login))
+        .await;
+    phone.token = Some(body["access_token"].as_str().unwrap().into());
+    let s = sync(&phone, None, 0).await;
+    assert!(
+        s["device_one_time_keys_count"]["curve25519"].is_null(),
+        "{}",
+        s["device_one_time_keys_count"]
+    );
+    assert_eq!(s["device_one_time_keys_count"]["signed_curve25519"], 0);
     server.stop().await;
 }

@@ -614,8 +614,7 @@ fn build(
         Some(since) => s.e2ee.device_list_changes(user, since, now)?,
         None => Default::default(),
     };
-    let otk_counts = s.e2ee.one_time_key_counts(user, device_id)?;
-    let fallback_types = s.e2ee.unused_fallback_key_types(user, device_id)?;
+    let keys = s.e2ee.key_summary(user, device_id)?;
 
     let has_content = !(rooms.is_empty()
         && account_data.is_empty()
@@ -633,8 +632,8 @@ fn build(
             events: to_device.events,
         },
         device_lists,
-        device_one_time_keys_count: otk_counts,
-        device_unused_fallback_key_types: fallback_types,
+        device_one_time_keys_count: keys.one_time.clone(),
+        device_unused_fallback_key_types: keys.unused_fallback.clone(),
     };
     Ok((response, has_content))
 }

@@ -5,7 +5,10 @@
 //! keys (`/keys/signatures/upload`) are kept apart, in `key_signatures`, and merged into
 //! the objects when they are queried.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+};
 
 use ruma::{
     CanonicalJsonObject, CanonicalJsonValue, DeviceId, OneTimeKeyAlgorithm, OwnedDeviceId,
@@ -21,6 +24,29 @@ use crate::{
     error::{Error, Result},
     storage::{Batch, SEP, str_key, str_prefix},
 };
+
+/// What a sync reports of a device's keys.
+#[derive(Debug, Default)]
+pub struct KeySummary {
+    /// Unclaimed one-time keys per algorithm (`signed_curve25519` always present).
+    pub one_time: BTreeMap<OneTimeKeyAlgorithm, u64>,
+    /// Algorithms of the fallback keys not used yet.
+    pub unused_fallback: Vec<String>,
+}
+
+/// Devices' key summaries, kept between their syncs.
+#[derive(Default)]
+pub(super) struct KeySummaries {
+    devices: HashMap<OwnedUserId, HashMap<OwnedDeviceId, Arc<KeySummary>>>,
+    entries: usize,
+    /// Counts every change of anyone's keys, so that a summary counted while one was
+    /// written is not kept.
+    generation: u64,
+}
+
+/// At most this many devices' summaries are kept (about 200 bytes each); past it the
+/// whole set starts again.
+const MAX_KEPT_SUMMARIES: usize = 16_384;
 
 /// The three cross-signing keys, as stored under `user SEP <name>`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -251,6 +277,7 @@ impl E2ee {
         } else {
             self.db.commit(batch)?;
         }
+        self.forget_key_summary(user, device);
         self.one_time_key_counts(user, device)
     }
 
@@ -282,6 +309,51 @@ impl E2ee {
             }
         }
         Ok(serde_json::to_string(&value)?)
+    }
+
+    /// What a sync tells the device of its keys. Counted from storage at the device's
+    /// first sync, then kept until its keys change: every sync of every device asks,
+    /// and a client keeps some fifty one-time keys uploaded.
+    pub fn key_summary(&self, user: &UserId, device: &DeviceId) -> Result<Arc<KeySummary>> {
+        let generation = {
+            let kept = self.key_summaries.lock();
+            if let Some(summary) = kept.devices.get(user).and_then(|d| d.get(device)) {
+                return Ok(summary.clone());
+            }
+            kept.generation
+        };
+        let summary = Arc::new(KeySummary {
+            one_time: self.one_time_key_counts(user, device)?,
+            unused_fallback: self.unused_fallback_key_types(user, device)?,
+        });
+        let mut kept = self.key_summaries.lock();
+        // A change since the count began may not be in it: keep nothing then.
+        if kept.generation == generation {
+            if kept.entries >= MAX_KEPT_SUMMARIES {
+                kept.devices.clear();
+                kept.entries = 0;
+            }
+            let previous = kept
+                .devices
+                .entry(user.to_owned())
+                .or_default()
+                .insert(device.to_owned(), summary.clone());
+            if previous.is_none() {
+                kept.entries += 1;
+            }
+        }
+        Ok(summary)
+    }
+
+    /// The device's keys changed (after the write): its kept summary goes, and so does
+    /// any being counted meanwhile.
+    pub(super) fn forget_key_summary(&self, user: &UserId, device: &DeviceId) {
+        let mut kept = self.key_summaries.lock();
+        kept.generation += 1;
+        let removed = kept.devices.get_mut(user).and_then(|d| d.remove(device));
+        if removed.is_some() {
+            kept.entries -= 1;
+        }
     }
 
     /// How many unclaimed one-time keys the device has, per algorithm.
@@ -381,6 +453,11 @@ impl E2ee {
             }
         }
         self.db.commit(batch)?;
+        for (user, devices) in wanted {
+            for device in devices.keys() {
+                self.forget_key_summary(user, device);
+            }
+        }
         Ok(out)
     }
 

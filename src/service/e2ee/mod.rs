@@ -36,6 +36,8 @@ pub struct E2ee {
     claim_lock: Mutex<()>,
     /// Serialises changes to a backup's keys, which keep a count and an etag.
     backup_lock: Mutex<()>,
+    /// Devices' one-time and fallback key summaries, for their syncs.
+    key_summaries: Mutex<keys::KeySummaries>,
 }
 
 /// Who a user must (re)query keys for, and whose devices they no longer need to track.
@@ -67,6 +69,7 @@ impl E2ee {
             members,
             claim_lock: Mutex::new(()),
             backup_lock: Mutex::new(()),
+            key_summaries: Mutex::default(),
         }
     }
 
@@ -125,7 +128,9 @@ impl E2ee {
             &crate::storage::str_key(&[user.as_str(), device.as_str()]),
         );
         self.stage_change(&mut batch, user, &ticket);
-        self.commit_change(batch, user, ticket)
+        self.commit_change(batch, user, ticket)?;
+        self.forget_key_summary(user, device);
+        Ok(())
     }
 
     /// What changed in `(since, until]` for `user`'s view of device lists:
