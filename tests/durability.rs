@@ -233,7 +233,7 @@ async fn signatures_lost_in_a_crash_are_computed_again_at_start() {
 
     // Every event is signed, and none waits for its signature.
     let db_path = dir.path().join("db");
-    let originals: Vec<(Box<[u8]>, Box<[u8]>)> = {
+    let originals: Vec<_> = {
         let db = Db::open(&db_path, 8).unwrap();
         assert_eq!(db.scan_prefix("unsigned_events", &[]).count(), 0);
         let pdus: Vec<_> = db.scan_prefix("pdus", &[]).map(Result::unwrap).collect();

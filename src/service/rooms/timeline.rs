@@ -926,6 +926,9 @@ impl Drop for Writer<'_> {
     }
 }
 
+/// Owed signatures being computed, each with its event's short id and unsigned JSON.
+type OwedSignatures = signing::Signer<(u64, Vec<u8>)>;
+
 /// A set of events being added to one room under its lock; nothing is visible until
 /// [`Draft::commit`] writes them all at once.
 pub struct Draft<'a> {
@@ -1588,7 +1591,7 @@ impl<'a> Draft<'a> {
     /// Stage the events whose signatures are owed as they are (a placeholder where the
     /// signature goes), each marked as waiting for it, and start computing the
     /// signatures on the idle signer thread: [`Draft::write_signatures`] puts them in.
-    fn stage_unsigned(&mut self) -> Result<Option<signing::Signer<(u64, Vec<u8>)>>> {
+    fn stage_unsigned(&mut self) -> Result<Option<OwedSignatures>> {
         if self.owed.is_empty() {
             return Ok(None);
         }
@@ -1617,7 +1620,7 @@ impl<'a> Draft<'a> {
     /// should it be lost in a crash, the events' marks have them signed again at the
     /// next start ([`Timeline::sign_unsigned`]) to the same bytes. The events are
     /// stored either way, so a failure here is logged and left to that.
-    fn write_signatures(&mut self, signer: signing::Signer<(u64, Vec<u8>)>) {
+    fn write_signatures(&mut self, signer: OwedSignatures) {
         let result = (|| {
             let db = &self.tl.db;
             let globals = &self.tl.globals;
