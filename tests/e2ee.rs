@@ -61,6 +61,14 @@ fn signed_otk(c: &Client, key: &Key, n: u32) -> Value {
     key.sign(&c.user_id, json!({ "key": public }))
 }
 
+/// Signed one-time keys `signed_curve25519:AAAA<n>` for each `n` of `range`.
+fn signed_otks(c: &Client, key: &Key, range: std::ops::Range<u32>) -> Value {
+    range
+        .map(|n| (format!("signed_curve25519:AAAA{n}"), signed_otk(c, key, n)))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
 async fn upload(c: &Client, body: Value) -> (StatusCode, Value) {
     c.post("/_matrix/client/v3/keys/upload", body).await
 }
@@ -103,13 +111,7 @@ async fn device_and_one_time_keys_upload_query_claim() {
     let bob = server.user("bob").await;
     let key = Key::new(Some(&alice.device_id));
 
-    let mut otks = serde_json::Map::new();
-    for n in 0..3 {
-        otks.insert(
-            format!("signed_curve25519:AAAA{n}"),
-            signed_otk(&alice, &key, n),
-        );
-    }
+    let otks = signed_otks(&alice, &key, 0..3);
     let (status, v) = upload(
         &alice,
         json!({
@@ -185,13 +187,7 @@ async fn device_and_one_time_keys_upload_query_claim() {
 
     // Keys uploaded after a sync counted them show in the next one (the counts are
     // kept between syncs and must follow every change).
-    let mut otks = serde_json::Map::new();
-    for n in 10..12 {
-        otks.insert(
-            format!("signed_curve25519:AAAA{n}"),
-            signed_otk(&alice, &key, n),
-        );
-    }
+    let otks = signed_otks(&alice, &key, 10..12);
     let (status, v) = upload(
         &alice,
         json!({
