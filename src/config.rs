@@ -592,6 +592,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "appservices",
     "ldap",
     "bridges",
+    "runtime",
 ];
 
 /// An environment value is read as a TOML value when it parses as one (`true`, `42`),
@@ -658,6 +659,17 @@ mod tests {
         assert_eq!(c.registration.mode, RegistrationMode::Open);
         assert_eq!(c.listen.port(), 9999);
         assert!(!c.rate_limits.enabled);
+    }
+
+    #[test]
+    fn every_section_can_be_set_from_the_environment() {
+        // A key missing from the list would be ignored without a word.
+        let sections = toml::Value::try_from(Config::default()).unwrap();
+        for key in sections.as_table().unwrap().keys() {
+            assert!(TOP_LEVEL_KEYS.contains(&key.as_str()), "{key}");
+        }
+        let c = Config::load(None, env(&[("SALON_RUNTIME__PIN_WORKERS", "true")])).unwrap();
+        assert!(c.runtime.pin_workers);
     }
 
     #[test]
