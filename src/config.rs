@@ -202,7 +202,7 @@ impl Default for DatabaseConfig {
     }
 }
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RuntimeConfig {
     /// With one worker thread for each CPU the process may use, keep each worker on a
@@ -212,6 +212,19 @@ pub struct RuntimeConfig {
     /// spreads them by itself, and a pinned worker cannot move away from a CPU that
     /// another process (a proxy in front of Salon) is using.
     pub pin_workers: bool,
+    /// The same, only while a burst lasts: when a commit wakes many waiting requests
+    /// at once, each worker is held to a CPU of its own until the burst no longer keeps
+    /// it busy. On by default; it does nothing where workers and CPUs differ in number.
+    pub spread_bursts: bool,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            pin_workers: false,
+            spread_bursts: true,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]

@@ -28,22 +28,29 @@ impl Notifier {
 
     /// Tell `user`'s waiters that position `pos` concerns them.
     pub fn notify(&self, user: &UserId, pos: u64) {
-        let users = self.users.lock();
-        if let Some(tx) = users.get(user) {
-            tx.send_if_modified(|current| {
-                if pos > *current {
-                    *current = pos;
-                    true
-                } else {
-                    false
-                }
-            });
-        }
+        self.notify_all([user], pos);
     }
 
     pub fn notify_all<'a>(&self, users: impl IntoIterator<Item = &'a UserId>, pos: u64) {
-        for u in users {
-            self.notify(u, pos);
+        let mut woken = 0;
+        {
+            let waiting = self.users.lock();
+            for u in users {
+                let Some(tx) = waiting.get(u) else { continue };
+                let moved = tx.send_if_modified(|current| {
+                    if pos > *current {
+                        *current = pos;
+                        true
+                    } else {
+                        false
+                    }
+                });
+                if moved {
+                    woken += tx.receiver_count();
+                }
+            }
         }
+        // Hundreds of long-polls woken at once are a burst for every CPU.
+        crate::runtime::burst(woken);
     }
 }
