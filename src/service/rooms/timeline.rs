@@ -1615,40 +1615,6 @@ impl<'a> Draft<'a> {
         )))
     }
 
-    /// Put the owed signatures into their events and write the signed events over the
-    /// unsigned ones. Not synced: the next log sync, anyone's, covers the write, and
-    /// should it be lost in a crash, the events' marks have them signed again at the
-    /// next start ([`Timeline::sign_unsigned`]) to the same bytes. The events are
-    /// stored either way, so a failure here is logged and left to that.
-    fn write_signatures(&mut self, signer: OwedSignatures) {
-        let result = (|| {
-            let db = &self.tl.db;
-            let globals = &self.tl.globals;
-            let mut batch = Batch::default();
-            for ((short, mut json), signature) in signer.wait() {
-                let object = self
-                    .pending_json
-                    .get_mut(&short)
-                    .ok_or_else(|| Error::internal("a pending event lost its JSON"))?;
-                if !signing::finish_json(globals, object, &mut json, &signature) {
-                    signing::finish(globals, object, &signature)?;
-                    json = to_json_checked(object)?;
-                }
-                let key = short.to_be_bytes();
-                batch.put(db, "pdus", &key, &json);
-                batch.delete(db, "unsigned_events", &key);
-            }
-            db.write(batch)
-        })();
-        if let Err(e) = result {
-            tracing::error!(
-                room = %self.record.room_id,
-                error = %e,
-                "events stored without their signatures; they are signed at the next start"
-            );
-        }
-    }
-
     /// Write everything staged, atomically and durably, then make it visible.
     pub async fn commit(mut self) -> Result<RoomRecord> {
         if !self.touched {
@@ -1722,9 +1688,19 @@ impl<'a> Draft<'a> {
         } else {
             db.sync_to_async(seq).await?;
         }
+        // The signed forms are written after the answer, still under the room's lock:
+        // clients never see an event's signatures, and the write was a sixteenth of a
+        // new room's time before its answer.
         if let Some(signer) = signer {
-            self.write_signatures(signer);
-            self.guard.take();
+            let write = SignedWrite {
+                db: db.clone(),
+                globals: self.tl.globals.clone(),
+                room_id: self.record.room_id.clone(),
+                events: std::mem::take(&mut self.pending_json),
+                signer,
+                _guard: self.guard.take(),
+            };
+            tokio::spawn(async move { write.run() });
         }
         // Dropping the tickets publishes the new stream position; then wake the
         // long-polls of everyone concerned.
@@ -1737,6 +1713,53 @@ impl<'a> Draft<'a> {
             self.tl.push.wake_sender();
         }
         Ok(self.record)
+    }
+}
+
+/// A new room's events, written again once their owed signatures are in, under the
+/// room's lock so that no later write (a redaction) comes before it.
+struct SignedWrite {
+    db: Arc<Db>,
+    globals: Arc<Globals>,
+    room_id: OwnedRoomId,
+    /// The events as they were written unsigned, by short id.
+    events: HashMap<u64, CanonicalJsonObject>,
+    signer: OwedSignatures,
+    _guard: Option<OwnedMutexGuard<()>>,
+}
+
+impl SignedWrite {
+    /// Put the owed signatures into their events and write the signed events over the
+    /// unsigned ones. Not synced: the next log sync, anyone's, covers the write, and
+    /// should it be lost in a crash, the events' marks have them signed again at the
+    /// next start ([`Timeline::sign_unsigned`]) to the same bytes. The events are
+    /// stored either way, so a failure here is logged and left to that.
+    fn run(mut self) {
+        let result = (|| {
+            let (db, globals) = (&self.db, &self.globals);
+            let mut batch = Batch::default();
+            for ((short, mut json), signature) in self.signer.wait() {
+                let object = self
+                    .events
+                    .get_mut(&short)
+                    .ok_or_else(|| Error::internal("a pending event lost its JSON"))?;
+                if !signing::finish_json(globals, object, &mut json, &signature) {
+                    signing::finish(globals, object, &signature)?;
+                    json = to_json_checked(object)?;
+                }
+                let key = short.to_be_bytes();
+                batch.put(db, "pdus", &key, &json);
+                batch.delete(db, "unsigned_events", &key);
+            }
+            db.write(batch)
+        })();
+        if let Err(e) = result {
+            tracing::error!(
+                room = %self.room_id,
+                error = %e,
+                "events stored without their signatures; they are signed at the next start"
+            );
+        }
     }
 }
 
