@@ -234,7 +234,7 @@ fn current_tid() -> libc::pid_t {
 }
 
 /// The CPU the calling thread is running on.
-fn current_cpu() -> Option<usize> {
+pub(crate) fn current_cpu() -> Option<usize> {
     #[cfg(target_os = "linux")]
     {
         // SAFETY: sched_getcpu has no preconditions.
@@ -276,7 +276,7 @@ fn affinity(tid: libc::pid_t) -> Option<Vec<usize>> {
 }
 
 /// Let thread `tid` (0: the calling thread) run only on `cpus`.
-fn set_affinity(tid: libc::pid_t, cpus: &[usize]) -> io::Result<()> {
+pub(crate) fn set_affinity(tid: libc::pid_t, cpus: &[usize]) -> io::Result<()> {
     #[cfg(target_os = "linux")]
     {
         // SAFETY: as in `allowed_cpus`; CPU_SET writes a bit within the set's size.

@@ -125,15 +125,24 @@ impl SignJob {
     }
 }
 
-/// The thread that signs owed signatures. It runs at idle priority (`SCHED_IDLE`): on
-/// a CPU nobody else wants, or on the committing thread's own while that one waits for
-/// the log sync, but never in its way. Woken right away, a thread of normal priority
-/// on these virtual machines (which keep a lightly loaded machine's threads on one
-/// CPU) took the committing thread's CPU from it and delayed the commit by about as
-/// much as the signatures it saved.
+/// The threads that sign owed signatures: one for each CPU, held to it, started when
+/// first wanted.
+/// They run at idle priority (`SCHED_IDLE`): on a CPU nobody else wants, or on the
+/// committing thread's own while that one waits for the log sync, but never in its
+/// way. Woken right away, a thread of normal priority on these virtual machines (which
+/// keep a lightly loaded machine's threads on one CPU) took the committing thread's CPU
+/// from it and delayed the commit by about as much as the signatures it saved. A
+/// commit hands its job to the signer of the CPU it runs on: waking a thread on the
+/// same CPU is a local enqueue, where one elsewhere costs an interrupt to that CPU
+/// (and, on a virtual machine, an exit to the hypervisor).
 fn signer_thread() -> Option<&'static SyncSender<Arc<SignJob>>> {
-    static SIGNER: OnceLock<Option<SyncSender<Arc<SignJob>>>> = OnceLock::new();
-    SIGNER
+    /// CPUs beyond this share the last signer.
+    const MAX_SIGNERS: usize = 64;
+    static SIGNERS: [OnceLock<Option<SyncSender<Arc<SignJob>>>>; MAX_SIGNERS] =
+        [const { OnceLock::new() }; MAX_SIGNERS];
+    let cpu = crate::runtime::current_cpu();
+    let slot = cpu.map_or(0, |c| c.min(MAX_SIGNERS - 1));
+    SIGNERS[slot]
         .get_or_init(|| {
             let (tx, rx) = std::sync::mpsc::sync_channel::<Arc<SignJob>>(SIGNER_QUEUE);
             std::thread::Builder::new()
@@ -143,7 +152,12 @@ fn signer_thread() -> Option<&'static SyncSender<Arc<SignJob>>> {
                     // SAFETY: changes the calling thread's own policy; `param` is valid.
                     let idle = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
                     if idle != 0 {
-                        tracing::debug!("the signer thread runs at normal priority");
+                        tracing::debug!("a signer thread runs at normal priority");
+                    }
+                    if let Some(cpu) = cpu.filter(|&c| c < MAX_SIGNERS - 1)
+                        && crate::runtime::set_affinity(0, &[cpu]).is_err()
+                    {
+                        tracing::debug!("a signer thread runs on every CPU");
                     }
                     for job in rx {
                         job.work();
