@@ -147,24 +147,28 @@ impl Spread {
             // Already held for a burst still under way: only its end moved.
             return;
         }
-        let workers = self.workers.lock();
-        let me = current_tid();
-        let here = current_cpu().filter(|c| workers.contains(&me) && self.cpus.contains(c));
-        let mut free = self.cpus.iter().filter(|&&c| Some(c) != here);
-        for &tid in workers.iter() {
-            let cpu = match here {
-                Some(here) if tid == me => here,
-                _ => match free.next() {
-                    Some(&cpu) => cpu,
-                    None => break,
-                },
-            };
-            if let Err(e) = set_affinity(tid, &[cpu]) {
-                self.refuse(&e);
-                return;
+        let held = {
+            let workers = self.workers.lock();
+            let me = current_tid();
+            let here = current_cpu().filter(|c| workers.contains(&me) && self.cpus.contains(c));
+            let mut free = self.cpus.iter().filter(|&&c| Some(c) != here);
+            workers.iter().try_for_each(|&tid| {
+                let cpu = match here {
+                    Some(here) if tid == me => here,
+                    _ => match free.next() {
+                        Some(&cpu) => cpu,
+                        None => return Ok(()),
+                    },
+                };
+                set_affinity(tid, &[cpu])
+            })
+        };
+        match held {
+            Ok(()) => {
+                self.bursts.fetch_add(1, Ordering::Release);
             }
+            Err(e) => self.refuse(&e),
         }
-        self.bursts.fetch_add(1, Ordering::Release);
     }
 
     /// Called by each worker as it goes idle or wakes: it lets go of its CPU once the
@@ -194,16 +198,22 @@ impl Spread {
     }
 }
 
+impl Spread {
+    fn new(cpus: Vec<usize>) -> Self {
+        Self {
+            cpus,
+            workers: Mutex::new(Vec::new()),
+            bursts: AtomicU64::new(0),
+            until: AtomicU64::new(0),
+            epoch: Instant::now(),
+            refused: AtomicBool::new(false),
+        }
+    }
+}
+
 /// Let the runtime's workers be held to a CPU each during bursts (see [`burst`]).
 fn spread_bursts(builder: &mut tokio::runtime::Builder, cpus: Vec<usize>) {
-    let spread = Arc::new(Spread {
-        cpus,
-        workers: Mutex::new(Vec::new()),
-        bursts: AtomicU64::new(0),
-        until: AtomicU64::new(0),
-        epoch: Instant::now(),
-        refused: AtomicBool::new(false),
-    });
+    let spread = Arc::new(Spread::new(cpus));
     let for_start = spread.clone();
     builder.on_thread_start(move || {
         SPREAD.with(|s| {
@@ -413,5 +423,21 @@ mod tests {
             .unwrap();
             assert_eq!(blocking, all);
         });
+    }
+
+    #[test]
+    fn a_refused_burst_gives_up_spreading_and_lets_go() {
+        let Some(all) = allowed_cpus() else { return };
+        let spread = Spread::new(all.clone());
+        // A thread that is gone: the kernel refuses to hold it.
+        spread.workers.lock().push(libc::pid_t::MAX);
+        spread.begin();
+        assert!(spread.refused.load(Ordering::Relaxed));
+        assert_eq!(spread.bursts.load(Ordering::Relaxed), 0);
+        // Given up for good: a later burst does nothing.
+        spread.until.store(0, Ordering::Relaxed);
+        spread.begin();
+        assert_eq!(spread.bursts.load(Ordering::Relaxed), 0);
+        assert_eq!(allowed_cpus().unwrap(), all);
     }
 }
