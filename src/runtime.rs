@@ -131,6 +131,17 @@ struct Spread {
 }
 
 impl Spread {
+    fn new(cpus: Vec<usize>) -> Self {
+        Self {
+            cpus,
+            workers: Mutex::new(Vec::new()),
+            bursts: AtomicU64::new(0),
+            until: AtomicU64::new(0),
+            epoch: Instant::now(),
+            refused: AtomicBool::new(false),
+        }
+    }
+
     fn now(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
@@ -194,19 +205,6 @@ impl Spread {
         // Whatever was held already goes back to every CPU.
         for &tid in self.workers.lock().iter() {
             let _ = set_affinity(tid, &self.cpus);
-        }
-    }
-}
-
-impl Spread {
-    fn new(cpus: Vec<usize>) -> Self {
-        Self {
-            cpus,
-            workers: Mutex::new(Vec::new()),
-            bursts: AtomicU64::new(0),
-            until: AtomicU64::new(0),
-            epoch: Instant::now(),
-            refused: AtomicBool::new(false),
         }
     }
 }

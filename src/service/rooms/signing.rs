@@ -247,6 +247,9 @@ pub fn finish_json(
     let placeholder =
         base64::engine::general_purpose::STANDARD_NO_PAD.encode([0u8; SIGNATURE_BYTES]);
     let real = signature.base64();
+    if real.len() != placeholder.len() {
+        return false;
+    }
     let pattern = format!(
         "\"{}\":{{\"{}\":\"{placeholder}\"",
         globals.server_name(),
@@ -259,9 +262,6 @@ pub fn finish_json(
     else {
         return false;
     };
-    if real.len() != placeholder.len() {
-        return false;
-    }
     let start = at + pattern.len() - placeholder.len() - 1;
     json[start..start + real.len()].copy_from_slice(real.as_bytes());
     true

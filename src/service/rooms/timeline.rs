@@ -1590,7 +1590,7 @@ impl<'a> Draft<'a> {
 
     /// Stage the events whose signatures are owed as they are (a placeholder where the
     /// signature goes), each marked as waiting for it, and start computing the
-    /// signatures on the idle signer thread: [`Draft::write_signatures`] puts them in.
+    /// signatures on an idle signer thread: [`SignedWrite::run`] puts them in.
     fn stage_unsigned(&mut self) -> Result<Option<OwedSignatures>> {
         if self.owed.is_empty() {
             return Ok(None);
