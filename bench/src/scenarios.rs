@@ -925,65 +925,35 @@ async fn messages_scale(
     big: usize,
     server: &Server,
 ) -> anyhow::Result<String> {
-    let mut costs = Vec::new();
-    let mut last_room = String::new();
-    for size in [1000usize, big] {
-        let room = clients[0]
-            .create_room(json!({ "preset": "public_chat" }))
-            .await?;
-        for c in &clients[1..] {
-            c.join(&room).await?;
-        }
-        let per = size / clients.len();
-        let tasks = clients.iter().enumerate().map(|(ci, c)| {
-            let (c, room) = (c.clone(), room.clone());
-            tokio::spawn(async move {
-                for i in 0..per {
-                    c.send_text(&room, &format!("fill{size}-{ci}-{i}"), "filler")
-                        .await?;
-                }
-                anyhow::Ok(())
-            })
-        });
-        for t in join_all(tasks).await {
-            t??;
-        }
-        // The pages are timed once the server is done with the filling, so that both
-        // rooms are read from a server at rest.
-        server.settle(Duration::from_secs(20)).await;
-        // Page back through the newer half of the room, 100 events a page; in the big
-        // room, the 20 pages from the end and the 20 before the middle are timed. The
-        // small room has only 5 such pages: its walk is repeated until it has as many
-        // samples, so that both medians are read off about the same number of pages.
-        let mut samples = Vec::new();
-        let timed_pages = (size / 2).div_ceil(100).min(40);
-        let walks = 40usize.div_ceil(timed_pages.max(1));
-        for _ in 0..walks {
-            let mut from: Option<String> = None;
-            let mut seen = 0;
-            while seen < size / 2 {
-                let mut path = format!(
-                    "/_matrix/client/v3/rooms/{}/messages?dir=b&limit=100",
-                    enc(&room)
-                );
-                if let Some(f) = &from {
-                    path.push_str(&format!("&from={}", enc(f)));
-                }
-                // Timed until the whole answer has arrived, as the syncs are.
-                let t = Instant::now();
-                let (done, page) = clients[0].get_timed(&path).await?;
-                let n = page["chunk"].as_array().map(Vec::len).unwrap_or(0);
-                ensure!(n > 0, "pagination ended early at {seen} of {size}");
-                if seen >= (size / 2).saturating_sub(20 * 100) || seen < 20 * 100 {
-                    samples.push(ms(done - t));
-                }
-                seen += n;
-                from = page["end"].as_str().map(str::to_owned);
-                if from.is_none() {
-                    break;
-                }
+    const SMALL: usize = 1000;
+    // Both rooms are filled before either is read: both are read from the same
+    // database, and only their sizes differ.
+    let small_room = fill_room(clients, SMALL).await?;
+    let big_room = fill_room(clients, big).await?;
+    // The pages are timed once the server is done with the filling, so that both
+    // rooms are read from a server at rest.
+    server.settle(Duration::from_secs(20)).await;
+    // Page back through the newer half of the big room, 100 events a page; the 20
+    // pages from the end and the 20 before the middle are timed. Each timed page is
+    // followed by a page of the small room, paged back through its newer half over and
+    // over: both rooms are timed under the same conditions (a shared machine's speed
+    // drifts over a run), and both medians come from 40 pages.
+    let mut big_walk = Walk::new(&big_room, big);
+    let mut small_walk = Walk::new(&small_room, SMALL);
+    let (mut big_samples, mut small_samples) = (Vec::new(), Vec::new());
+    while !big_walk.done() {
+        let seen = big_walk.seen;
+        let took = big_walk.page(&clients[0]).await?;
+        if seen >= (big / 2).saturating_sub(20 * 100) || seen < 20 * 100 {
+            big_samples.push(took);
+            if small_walk.done() {
+                small_walk = Walk::new(&small_room, SMALL);
             }
+            small_samples.push(small_walk.page(&clients[0]).await?);
         }
+    }
+    let mut costs = Vec::new();
+    for (size, samples) in [(SMALL, small_samples), (big, big_samples)] {
         let label = format!("/messages page of 100 in a {size}-event room");
         report.add(
             &format!("messages_{size}"),
@@ -993,7 +963,6 @@ async fn messages_scale(
             &samples,
         );
         costs.push(percentile(&samples, 50.0));
-        last_room = room;
     }
     report.add(
         "messages_ratio",
@@ -1002,5 +971,81 @@ async fn messages_scale(
         Better::Lower,
         &[costs[1] / costs[0]],
     );
-    Ok(last_room)
+    Ok(big_room)
+}
+
+/// A new public room that `clients` (all joined) fill with `size` messages at once.
+async fn fill_room(clients: &[Client], size: usize) -> anyhow::Result<String> {
+    let room = clients[0]
+        .create_room(json!({ "preset": "public_chat" }))
+        .await?;
+    for c in &clients[1..] {
+        c.join(&room).await?;
+    }
+    let per = size / clients.len();
+    let tasks = clients.iter().enumerate().map(|(ci, c)| {
+        let (c, room) = (c.clone(), room.clone());
+        tokio::spawn(async move {
+            for i in 0..per {
+                c.send_text(&room, &format!("fill{size}-{ci}-{i}"), "filler")
+                    .await?;
+            }
+            anyhow::Ok(())
+        })
+    });
+    for t in join_all(tasks).await {
+        t??;
+    }
+    Ok(room)
+}
+
+/// A client paging back from the end of a room through its newer half, 100 events a
+/// page.
+struct Walk<'a> {
+    room: &'a str,
+    size: usize,
+    from: Option<String>,
+    seen: usize,
+    ended: bool,
+}
+
+impl<'a> Walk<'a> {
+    fn new(room: &'a str, size: usize) -> Self {
+        Self {
+            room,
+            size,
+            from: None,
+            seen: 0,
+            ended: false,
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.ended || self.seen >= self.size / 2
+    }
+
+    /// Reads the next page; returns how long it took to arrive, in milliseconds.
+    async fn page(&mut self, client: &Client) -> anyhow::Result<f64> {
+        let mut path = format!(
+            "/_matrix/client/v3/rooms/{}/messages?dir=b&limit=100",
+            enc(self.room)
+        );
+        if let Some(f) = &self.from {
+            path.push_str(&format!("&from={}", enc(f)));
+        }
+        // Timed until the whole answer has arrived, as the syncs are.
+        let t = Instant::now();
+        let (done, page) = client.get_timed(&path).await?;
+        let n = page["chunk"].as_array().map(Vec::len).unwrap_or(0);
+        ensure!(
+            n > 0,
+            "pagination ended early at {} of {}",
+            self.seen,
+            self.size
+        );
+        self.seen += n;
+        self.from = page["end"].as_str().map(str::to_owned);
+        self.ended = self.from.is_none();
+        Ok(ms(done - t))
+    }
 }
