@@ -590,6 +590,63 @@ async fn sending_is_idempotent_and_pagination_is_exact() {
     assert_eq!(page["state"][0]["state_key"], alice.user_id.as_str());
 }
 
+/// After a page of history the server reads ahead the page a client paging on is
+/// given next, in both directions, and nothing after the last page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_is_read_ahead_a_page_at_a_time() {
+    use salon::service::rooms::{
+        CreateRoom,
+        read::EventFilter,
+        timeline::{NewEvent, read_history},
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let s = salon::services(common::test_config(dir.path(), &[])).unwrap();
+    let alice = ruma::UserId::parse("@alice:localhost").unwrap();
+    s.users.create(&alice, None, false, false).await.unwrap();
+    let room = s
+        .rooms
+        .create_room(&alice, CreateRoom::default())
+        .await
+        .unwrap();
+    for m in 0..250 {
+        let content = json!({ "msgtype": "m.text", "body": format!("message {m}") });
+        s.rooms
+            .send(&room, &alice, NewEvent::message("m.room.message", content))
+            .await
+            .unwrap();
+    }
+    let filter = EventFilter::default();
+    let page = |from: Option<&str>, backward: bool| {
+        s.rooms
+            .messages(&room, &alice, None, from, None, backward, 100, &filter)
+            .unwrap()
+    };
+    for backward in [true, false] {
+        let mut current = page(None, backward);
+        let mut pages = 1;
+        while let Some(next) = current.next {
+            let read = read_history(&s.rooms.db, next).unwrap();
+            let following = page(current.end.as_deref(), backward);
+            let given: Vec<u64> = following
+                .chunk
+                .iter()
+                .map(|e| {
+                    let e: Value = serde_json::from_str(e.get()).unwrap();
+                    let id = ruma::EventId::parse(e["event_id"].as_str().unwrap()).unwrap();
+                    s.rooms.timeline.event_short(&id).unwrap().unwrap()
+                })
+                .collect();
+            assert!(!given.is_empty());
+            assert_eq!(read, given, "page {pages}, backward: {backward}");
+            current = following;
+            pages += 1;
+        }
+        // 250 messages and the room's first events: the third page is the last.
+        assert_eq!(pages, 3, "backward: {backward}");
+        assert!(current.chunk.len() < 100 && current.end.is_none());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_visibility_is_enforced() {
     let server = TestServer::start().await;

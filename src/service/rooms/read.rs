@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use ruma::{RoomId, UserId};
 use serde_json::{Value as JsonValue, value::RawValue};
 
-use super::{Rooms, pdu::StoredEvent, visibility::SeenMemo};
+use super::{Rooms, pdu::StoredEvent, timeline::NextPage, visibility::SeenMemo};
 use crate::error::{Error, Result};
 
 /// A position between events in a room's timeline: `t<N>` is just after stream
@@ -94,6 +94,8 @@ pub struct MessagesPage {
     pub end: Option<String>,
     pub chunk: Vec<Box<RawValue>>,
     pub state: Vec<Box<RawValue>>,
+    /// The page a client paging on asks for next, read ahead; `None` at the end.
+    pub next: Option<NextPage>,
 }
 
 impl Rooms {
@@ -251,6 +253,20 @@ impl Rooms {
         if exhausted && chunk.len() < limit {
             end = None;
         }
+        // A client that asks for a page is likely to ask for the next one.
+        let next = (end.is_some() && !exhausted).then_some(NextPage {
+            room: room_short,
+            from: if backward {
+                cursor.saturating_add(1)
+            } else {
+                cursor
+            },
+            backward,
+            count: limit,
+        });
+        if let Some(next) = next {
+            self.timeline.read_ahead(next);
+        }
         let mut state = Vec::new();
         if filter.lazy_load_members && !senders.is_empty() {
             let group = self.readable_state_group(room_id, user)?;
@@ -268,6 +284,7 @@ impl Rooms {
             end,
             chunk,
             state,
+            next,
         })
     }
 }

@@ -140,6 +140,64 @@ pub struct Timeline {
     newest: NewestByRoom,
     /// The timestamp of the last create event built here, in milliseconds.
     last_create: std::sync::atomic::AtomicU64,
+    /// History read-aheads running ([`Timeline::read_ahead`]).
+    read_aheads: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// At most this many history read-aheads ([`Timeline::read_ahead`]) run at once.
+pub const READ_AHEADS: usize = 4;
+
+/// Up to `limit` of a room's timeline positions with their events' short ids, from
+/// `from` on (see [`Timeline::timeline_positions`]).
+fn positions(
+    db: &Db,
+    room_short: u64,
+    from: u64,
+    backward: bool,
+    limit: usize,
+) -> Result<Vec<(u64, u64)>> {
+    let prefix = room_short.to_be_bytes();
+    let mut out = Vec::with_capacity(limit.min(1024));
+    // Keys run newest first (see `timeline_key`): backward is a forward scan.
+    let (start, forward) = if backward {
+        if from == 0 {
+            return Ok(out);
+        }
+        (timeline_key(room_short, from - 1), true)
+    } else {
+        (timeline_key(room_short, from.saturating_add(1)), false)
+    };
+    if limit == 0 {
+        return Ok(out);
+    }
+    db.visit_from("timeline", &prefix, &start, forward, |k, v| {
+        out.push((timeline_key_pos(k), decode_u64(v)));
+        out.len() < limit
+    })?;
+    Ok(out)
+}
+
+/// Where the next page of a room's history starts, as the next request of a client
+/// paging on will ask [`Timeline::timeline_positions`] for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NextPage {
+    pub room: u64,
+    pub from: u64,
+    pub backward: bool,
+    pub count: usize,
+}
+
+/// Reads what a history page reads (positions, metadata, client parts) and lets it
+/// go: the blocks stay in the block cache. Returns the short ids of the page's events.
+pub fn read_history(db: &Db, page: NextPage) -> Result<Vec<u64>> {
+    let shorts: Vec<u64> = positions(db, page.room, page.from, page.backward, page.count)?
+        .into_iter()
+        .map(|(_, short)| short)
+        .collect();
+    let keys: Vec<[u8; 8]> = shorts.iter().map(|s| s.to_be_bytes()).collect();
+    db.get_many_pinned("event_meta", &keys)?;
+    db.get_many_pinned("client_parts", &keys)?;
+    Ok(shorts)
 }
 
 /// A small cache of parsed PDUs by short id, each with its metadata once something
@@ -325,6 +383,7 @@ impl Timeline {
             pdus: Mutex::new(PduCache::default()),
             newest: NewestByRoom::default(),
             last_create: std::sync::atomic::AtomicU64::new(0),
+            read_aheads: Arc::default(),
         }
     }
 
@@ -828,26 +887,38 @@ impl Timeline {
         backward: bool,
         limit: usize,
     ) -> Result<Vec<(u64, u64)>> {
-        let prefix = room_short.to_be_bytes();
-        let mut out = Vec::with_capacity(limit.min(1024));
-        // Keys run newest first (see `timeline_key`): backward is a forward scan.
-        let (start, forward) = if backward {
-            if from == 0 {
-                return Ok(out);
+        positions(&self.db, room_short, from, backward, limit)
+    }
+
+    /// Reads the next page of history a client will ask for ([`NextPage`]) in the
+    /// background, so that it finds that page's blocks in the block cache: deep in a
+    /// big room they are otherwise read from the table files and decompressed while
+    /// the client waits. At most [`READ_AHEADS`] run at once; more are not started.
+    pub fn read_ahead(&self, next: NextPage) {
+        use std::sync::atomic::Ordering;
+        /// One read-ahead counted as running, until dropped (a task dropped unrun by
+        /// a runtime shutting down included).
+        struct Running(Arc<std::sync::atomic::AtomicUsize>);
+        impl Drop for Running {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
             }
-            (timeline_key(room_short, from - 1), true)
-        } else {
-            (timeline_key(room_short, from.saturating_add(1)), false)
-        };
-        if limit == 0 {
-            return Ok(out);
         }
-        self.db
-            .visit_from("timeline", &prefix, &start, forward, |k, v| {
-                out.push((timeline_key_pos(k), decode_u64(v)));
-                out.len() < limit
-            })?;
-        Ok(out)
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let running = Running(self.read_aheads.clone());
+        if running.0.fetch_add(1, Ordering::Relaxed) >= READ_AHEADS {
+            return;
+        }
+        let db = self.db.clone();
+        // Spawned from a request, the task runs once that request's answer is out.
+        runtime.spawn(async move {
+            let _running = running;
+            if let Err(e) = read_history(&db, next) {
+                tracing::debug!("history read-ahead failed: {e}");
+            }
+        });
     }
 
     /// Whether the room has an event after position `since` (possibly one not visible
