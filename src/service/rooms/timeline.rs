@@ -912,7 +912,8 @@ impl Timeline {
             return;
         }
         let db = self.db.clone();
-        // Spawned from a request, the task runs once that request's answer is out.
+        // Spawned from a request's task onto the same worker, it normally runs once
+        // that task has written its answer.
         runtime.spawn(async move {
             let _running = running;
             if let Err(e) = read_history(&db, next) {
