@@ -164,6 +164,51 @@ async fn push_rules_start_from_the_defaults_and_can_be_edited() {
     );
 }
 
+/// Edits made at once, from several devices, all take effect: none is lost to
+/// another's save, and each is read back from the cache the rules are kept in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_rule_edits_made_at_once_are_all_kept() {
+    let server = TestServer::start().await;
+    let alice = server.user("alice").await;
+    for round in 0..3 {
+        let edits = (0..12).map(|i| {
+            let alice = alice.clone();
+            tokio::spawn(async move {
+                let word = format!("word{round}x{i}");
+                let (status, body) = alice
+                    .put(
+                        &format!("/_matrix/client/v3/pushrules/global/content/{word}"),
+                        json!({ "pattern": word, "actions": ["notify"] }),
+                    )
+                    .await;
+                assert_eq!(status, StatusCode::OK, "{body}");
+                // Read meanwhile, as a send evaluating the rules would.
+                alice
+                    .ok(Method::GET, "/_matrix/client/v3/pushrules/", None)
+                    .await;
+            })
+        });
+        for edit in futures::future::join_all(edits).await {
+            edit.unwrap();
+        }
+        let all = alice
+            .ok(Method::GET, "/_matrix/client/v3/pushrules/", None)
+            .await;
+        let content: Vec<&str> = all["global"]["content"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["rule_id"].as_str().unwrap())
+            .collect();
+        for r in 0..=round {
+            for i in 0..12 {
+                let word = format!("word{r}x{i}");
+                assert!(content.contains(&word.as_str()), "{word} lost: {content:?}");
+            }
+        }
+    }
+}
+
 // --- evaluation, counts, /notifications, pushers ---
 
 use std::{

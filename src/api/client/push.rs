@@ -70,15 +70,15 @@ pub async fn set(
     s: Arc<Services>,
     req: Ruma<set_pushrule::v3::Request>,
 ) -> Result<set_pushrule::v3::Response> {
-    let mut rules = (*s.push.ruleset(req.user())?).clone();
-    rules
-        .insert(
-            req.rule.clone(),
-            req.after.as_deref(),
-            req.before.as_deref(),
-        )
-        .map_err(|e| Error::bad_json(format!("cannot add this push rule: {e}")))?;
-    s.push.save_rules(req.user(), &rules)?;
+    s.push.edit_rules(req.user(), |rules| {
+        rules
+            .insert(
+                req.rule.clone(),
+                req.after.as_deref(),
+                req.before.as_deref(),
+            )
+            .map_err(|e| Error::bad_json(format!("cannot add this push rule: {e}")))
+    })?;
     Ok(set_pushrule::v3::Response::new())
 }
 
@@ -86,14 +86,14 @@ pub async fn delete(
     s: Arc<Services>,
     req: Ruma<delete_pushrule::v3::Request>,
 ) -> Result<delete_pushrule::v3::Response> {
-    let mut rules = (*s.push.ruleset(req.user())?).clone();
-    rules
-        .remove(req.kind.clone(), &req.rule_id)
-        .map_err(|e| match e {
-            RemovePushRuleError::NotFound => not_found(),
-            other => Error::bad_json(format!("cannot remove this push rule: {other}")),
-        })?;
-    s.push.save_rules(req.user(), &rules)?;
+    s.push.edit_rules(req.user(), |rules| {
+        rules
+            .remove(req.kind.clone(), &req.rule_id)
+            .map_err(|e| match e {
+                RemovePushRuleError::NotFound => not_found(),
+                other => Error::bad_json(format!("cannot remove this push rule: {other}")),
+            })
+    })?;
     Ok(delete_pushrule::v3::Response::new())
 }
 
@@ -110,11 +110,11 @@ pub async fn set_enabled(
     s: Arc<Services>,
     req: Ruma<set_pushrule_enabled::v3::Request>,
 ) -> Result<set_pushrule_enabled::v3::Response> {
-    let mut rules = (*s.push.ruleset(req.user())?).clone();
-    rules
-        .set_enabled(req.kind.clone(), &req.rule_id, req.enabled)
-        .map_err(|_| not_found())?;
-    s.push.save_rules(req.user(), &rules)?;
+    s.push.edit_rules(req.user(), |rules| {
+        rules
+            .set_enabled(req.kind.clone(), &req.rule_id, req.enabled)
+            .map_err(|_| not_found())
+    })?;
     Ok(set_pushrule_enabled::v3::Response::new())
 }
 
@@ -131,11 +131,11 @@ pub async fn set_actions(
     s: Arc<Services>,
     req: Ruma<set_pushrule_actions::v3::Request>,
 ) -> Result<set_pushrule_actions::v3::Response> {
-    let mut rules = (*s.push.ruleset(req.user())?).clone();
-    rules
-        .set_actions(req.kind.clone(), &req.rule_id, req.actions.clone())
-        .map_err(|_| not_found())?;
-    s.push.save_rules(req.user(), &rules)?;
+    s.push.edit_rules(req.user(), |rules| {
+        rules
+            .set_actions(req.kind.clone(), &req.rule_id, req.actions.clone())
+            .map_err(|_| not_found())
+    })?;
     Ok(set_pushrule_actions::v3::Response::new())
 }
 

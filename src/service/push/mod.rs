@@ -108,6 +108,11 @@ pub struct Push {
     pub config: PushConfig,
     /// Each user's rules, and whether they are the server's defaults.
     rules: Mutex<HashMap<OwnedUserId, (Arc<Ruleset>, bool)>>,
+    /// Counts saves of rules, so that a read that raced a save is not cached.
+    rules_generation: std::sync::atomic::AtomicU64,
+    /// Held by an edit of rules from its read to its save: edits go one at a time, and
+    /// none is lost to another's save.
+    rules_edit: Mutex<()>,
     /// Each user's push gateway pushers, read and parsed once for the event pipeline;
     /// dropped on every change.
     pusher_cache: Mutex<HashMap<OwnedUserId, Arc<Vec<GatewayPusher>>>>,
@@ -260,6 +265,8 @@ impl Push {
             users,
             config,
             rules: Mutex::new(HashMap::new()),
+            rules_generation: std::sync::atomic::AtomicU64::new(0),
+            rules_edit: Mutex::new(()),
             pusher_cache: Mutex::new(HashMap::new()),
             pusher_generation: std::sync::atomic::AtomicU64::new(0),
             queued: tokio::sync::Notify::new(),
@@ -268,30 +275,49 @@ impl Push {
 
     // --- rules ---
 
-    /// The user's ruleset (cached; the cache is dropped whenever rules are saved).
+    /// The user's ruleset (cached; a user's entry is dropped whenever their rules are
+    /// saved).
     pub fn ruleset(&self, user: &UserId) -> Result<Arc<Ruleset>> {
         Ok(self.ruleset_and_origin(user)?.0)
     }
 
     /// The user's ruleset, and whether it is the server's default one.
     fn ruleset_and_origin(&self, user: &UserId) -> Result<(Arc<Ruleset>, bool)> {
+        use std::sync::atomic::Ordering;
         if let Some(r) = self.rules.lock().get(user) {
             return Ok(r.clone());
         }
+        let generation = self.rules_generation.load(Ordering::SeqCst);
         let (rules, default) = rules::ruleset_and_origin(&self.users, user)?;
         let entry = (Arc::new(rules), default);
         let mut cache = self.rules.lock();
-        if cache.len() > 10_000 {
-            cache.clear();
+        // Rules read before a save that has since dropped its entry are not kept.
+        if self.rules_generation.load(Ordering::SeqCst) == generation {
+            if cache.len() > 10_000 {
+                cache.clear();
+            }
+            cache.insert(user.to_owned(), entry.clone());
         }
-        cache.insert(user.to_owned(), entry.clone());
         Ok(entry)
     }
 
-    pub fn save_rules(&self, user: &UserId, rules: &Ruleset) -> Result<()> {
-        rules::save(&self.users, user, rules)?;
-        self.rules.lock().remove(user);
-        Ok(())
+    /// Changes the user's rules: `edit` is given the current ones, and what it leaves
+    /// is saved unless it fails. Edits go one at a time, so that each starts from the
+    /// one before: two made at once (from two devices) both take effect.
+    pub fn edit_rules<T>(
+        &self,
+        user: &UserId,
+        edit: impl FnOnce(&mut Ruleset) -> Result<T>,
+    ) -> Result<T> {
+        let _one_at_a_time = self.rules_edit.lock();
+        let mut rules = (*self.ruleset(user)?).clone();
+        let out = edit(&mut rules)?;
+        rules::save(&self.users, user, &rules)?;
+        let mut cache = self.rules.lock();
+        self.rules_generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        cache.remove(user);
+        Ok(out)
     }
 
     // --- evaluation, in the event pipeline ---
