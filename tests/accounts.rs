@@ -698,3 +698,64 @@ async fn login_is_rate_limited_per_address() {
     assert_eq!(errcode(&body), "M_LIMIT_EXCEEDED");
     assert!(body["retry_after_ms"].as_u64().unwrap() > 1000, "{body}");
 }
+
+/// Tags set at once on one room (two devices, a bot) are all kept, and a tag can be set
+/// over an `m.tag` that a client wrote through the generic endpoint without a `tags`
+/// object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_set_at_once_are_all_kept() {
+    let server = TestServer::start().await;
+    let alice = server.user("alice").await;
+    let u = enc(&alice.user_id);
+    let room = alice.create_room(json!({})).await;
+    let r = enc(&room);
+    let puts = (0..16).map(|i| {
+        let (alice, path) = (
+            alice.clone(),
+            format!("/_matrix/client/v3/user/{u}/rooms/{r}/tags/u.tag{i}"),
+        );
+        tokio::spawn(async move {
+            let (status, body) = alice.put(&path, json!({ "order": 0.5 })).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+        })
+    });
+    for put in futures::future::join_all(puts).await {
+        put.unwrap();
+    }
+    let tags = alice
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/user/{u}/rooms/{r}/tags"),
+            None,
+        )
+        .await;
+    for i in 0..16 {
+        assert!(
+            tags["tags"][format!("u.tag{i}")].is_object(),
+            "u.tag{i} lost: {tags}"
+        );
+    }
+
+    alice
+        .ok(
+            Method::PUT,
+            &format!("/_matrix/client/v3/user/{u}/rooms/{r}/account_data/m.tag"),
+            Some(json!({ "tags": 5 })),
+        )
+        .await;
+    alice
+        .ok(
+            Method::PUT,
+            &format!("/_matrix/client/v3/user/{u}/rooms/{r}/tags/m.favourite"),
+            Some(json!({ "order": 0.25 })),
+        )
+        .await;
+    let tags = alice
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/user/{u}/rooms/{r}/tags"),
+            None,
+        )
+        .await;
+    assert_eq!(tags["tags"], json!({ "m.favourite": { "order": 0.25 } }));
+}

@@ -103,6 +103,9 @@ pub struct Users {
     db: Arc<Db>,
     notifier: Arc<Notifier>,
     tokens: RwLock<HashMap<String, Session>>,
+    /// Held by an edit of account data from its read to its write
+    /// ([`Users::edit_account_data`]).
+    account_data_edit: parking_lot::Mutex<()>,
 }
 
 /// The user id for a new local account: lower-cased, and only the characters the spec
@@ -134,6 +137,7 @@ impl Users {
             db,
             notifier,
             tokens: RwLock::new(HashMap::new()),
+            account_data_edit: parking_lot::Mutex::new(()),
         }
     }
 
@@ -479,6 +483,22 @@ impl Users {
         drop(ticket);
         self.notifier.notify(user, pos);
         Ok(())
+    }
+
+    /// Changes stored account data in place (a room's tags): `edit` is given the
+    /// current content (`None` when there is none) and what it returns is written,
+    /// unless it fails. Edits go one at a time, so that two made at once (from two
+    /// devices) both take effect.
+    pub fn edit_account_data(
+        &self,
+        user: &UserId,
+        room: Option<&str>,
+        kind: &str,
+        edit: impl FnOnce(Option<JsonValue>) -> Result<JsonValue>,
+    ) -> Result<()> {
+        let _one_at_a_time = self.account_data_edit.lock();
+        let content = edit(self.account_data(user, room, kind)?)?;
+        self.set_account_data(user, room, kind, &content)
     }
 
     /// All account data of a user: global (room `None`) and per room.

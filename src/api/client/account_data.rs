@@ -117,10 +117,25 @@ pub async fn get_room(
     Ok(get_room_account_data::v3::Response::new(raw(&v)?))
 }
 
+/// A room's `m.tag` content as stored, with a `tags` object (an empty one when none
+/// is stored, or when what a client stored through the generic endpoint has none).
+fn tags_content(stored: Option<JsonValue>) -> JsonValue {
+    let mut content = match stored {
+        Some(JsonValue::Object(o)) => JsonValue::Object(o),
+        _ => json!({}),
+    };
+    if !content["tags"].is_object() {
+        content["tags"] = json!({});
+    }
+    content
+}
+
 fn load_tags(s: &Services, user: &UserId, room: &RoomId) -> Result<JsonValue> {
-    Ok(s.users
-        .account_data(user, Some(room.as_str()), "m.tag")?
-        .unwrap_or_else(|| json!({ "tags": {} })))
+    Ok(tags_content(s.users.account_data(
+        user,
+        Some(room.as_str()),
+        "m.tag",
+    )?))
 }
 
 pub async fn tags(
@@ -144,10 +159,13 @@ pub async fn put_tag(
     if req.tag.len() > 255 {
         return Err(Error::bad_json("Tags may be at most 255 bytes"));
     }
-    let mut content = load_tags(&s, req.user(), &req.room_id)?;
-    content["tags"][&req.tag] = serde_json::to_value(&req.tag_info)?;
+    let info = serde_json::to_value(&req.tag_info)?;
     s.users
-        .set_account_data(req.user(), Some(req.room_id.as_str()), "m.tag", &content)?;
+        .edit_account_data(req.user(), Some(req.room_id.as_str()), "m.tag", |stored| {
+            let mut content = tags_content(stored);
+            content["tags"][&req.tag] = info;
+            Ok(content)
+        })?;
     Ok(create_tag::v3::Response::new())
 }
 
@@ -156,12 +174,14 @@ pub async fn remove_tag(
     req: Ruma<delete_tag::v3::Request>,
 ) -> Result<delete_tag::v3::Response> {
     ensure_self(req.user(), &req.user_id)?;
-    let mut content = load_tags(&s, req.user(), &req.room_id)?;
-    if let Some(tags) = content.get_mut("tags").and_then(|t| t.as_object_mut()) {
-        tags.remove(&req.tag);
-    }
     s.users
-        .set_account_data(req.user(), Some(req.room_id.as_str()), "m.tag", &content)?;
+        .edit_account_data(req.user(), Some(req.room_id.as_str()), "m.tag", |stored| {
+            let mut content = tags_content(stored);
+            if let Some(tags) = content.get_mut("tags").and_then(|t| t.as_object_mut()) {
+                tags.remove(&req.tag);
+            }
+            Ok(content)
+        })?;
     Ok(delete_tag::v3::Response::new())
 }
 
