@@ -153,10 +153,24 @@ async fn registration_tokens_gate_registration() {
         "M_FORBIDDEN",
         "a wrong token is reported in the UIA response: {body}"
     );
-    let (status, body) = c
-        .post("/_matrix/client/v3/register", json!({ "username": "eve", "password": "long enough pw", "auth": { "type": "m.login.registration_token", "token": "let-me-in" } }))
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    // Four at once with the one-use token: one account.
+    let attempts = (0..4).map(|i| {
+        let c = c.clone();
+        tokio::spawn(async move {
+            c.post("/_matrix/client/v3/register", json!({ "username": format!("eve{i}"), "password": "long enough pw", "auth": { "type": "m.login.registration_token", "token": "let-me-in" } }))
+                .await
+        })
+    });
+    let mut registered = 0;
+    for attempt in futures::future::join_all(attempts).await {
+        let (status, body) = attempt.unwrap();
+        if status == StatusCode::OK {
+            registered += 1;
+        } else {
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        }
+    }
+    assert_eq!(registered, 1, "the token allowed one use");
     let (_, body) = c
         .get("/_matrix/client/v1/register/m.login.registration_token/validity?token=let-me-in")
         .await;
@@ -758,4 +772,87 @@ async fn tags_set_at_once_are_all_kept() {
         )
         .await;
     assert_eq!(tags["tags"], json!({ "m.favourite": { "order": 0.25 } }));
+}
+
+/// Registrations of one name at once: one gets the account, the others
+/// `M_USER_IN_USE`; none is told it registered an account another then took over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_name_registered_at_once_goes_to_one_client() {
+    let server = TestServer::start().await;
+    let attempts = (0..4).map(|i| {
+        let c = server.client();
+        tokio::spawn(async move {
+            c.post(
+                "/_matrix/client/v3/register",
+                json!({ "username": "contested", "password": format!("password number {i}"), "auth": { "type": "m.login.dummy" } }),
+            )
+            .await
+        })
+    });
+    let mut winners = Vec::new();
+    for (i, attempt) in futures::future::join_all(attempts)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        let (status, body) = attempt.unwrap();
+        if status == StatusCode::OK {
+            winners.push(i);
+        } else {
+            assert_eq!(errcode(&body), "M_USER_IN_USE", "{body}");
+        }
+    }
+    assert_eq!(winners.len(), 1, "{winners:?}");
+    // The winner's password is the account's.
+    let (status, body) = server
+        .client()
+        .post(
+            "/_matrix/client/v3/login",
+            json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": "contested" }, "password": format!("password number {}", winners[0]) }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+/// A deactivation that comes while the password is being changed (hashing a password
+/// takes a while) stays: the change does not write the account back as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deactivation_during_a_password_change_stays() {
+    let server = TestServer::start().await;
+    let alice = server.user("alice").await;
+    let login = |password: &'static str| {
+        let c = server.client();
+        async move {
+            c.post(
+                "/_matrix/client/v3/login",
+                json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": "alice" }, "password": password }),
+            )
+            .await
+        }
+    };
+    let (status, body) = login("correct horse battery").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let mut other = alice.clone();
+    other.token = Some(body["access_token"].as_str().unwrap().to_owned());
+    let auth = json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": "alice" }, "password": "correct horse battery" });
+    let (changed, deactivated) = tokio::join!(
+        alice.post(
+            "/_matrix/client/v3/account/password",
+            json!({ "new_password": "a brand new secret", "auth": auth.clone() }),
+        ),
+        other.post(
+            "/_matrix/client/v3/account/deactivate",
+            json!({ "auth": auth }),
+        ),
+    );
+    assert_eq!(deactivated.0, StatusCode::OK, "{}", deactivated.1);
+    // The change either came first or found the account gone.
+    assert!(
+        changed.0 == StatusCode::OK || errcode(&changed.1) == "M_NOT_FOUND",
+        "{changed:?}"
+    );
+    for password in ["a brand new secret", "correct horse battery"] {
+        let (status, body) = login(password).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{password}: {body}");
+    }
 }

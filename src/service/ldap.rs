@@ -520,29 +520,46 @@ pub async fn provision(s: &Services, user: &DirectoryUser) -> Result<OwnedUserId
     let id = user_id_of(s, user)?;
     match s.users.get(&id)? {
         None => {
-            s.users.create(&id, None, false, false).await?;
-            let mut record = s.users.active(&id)?;
-            record.ldap_dn = Some(user.dn.clone());
-            record.email = user.email.clone();
-            record.displayname = user.display_name.clone().or(record.displayname);
-            s.users.save(&id, &record)?;
+            match s.users.create(&id, None, false, false).await {
+                Ok(()) => {}
+                // Provisioned meanwhile (a login during a directory sync): the same
+                // fields are set again below.
+                Err(e) if e.errcode() == "M_USER_IN_USE" => {}
+                Err(e) => return Err(e),
+            }
+            s.users.update_active(&id, |record| {
+                record.ldap_dn = Some(user.dn.clone());
+                record.email = user.email.clone();
+                record.displayname = user.display_name.clone().or(record.displayname.take());
+                Ok(())
+            })?;
             tracing::info!(user_id = %id, dn = %user.dn, "account created from the directory");
         }
         Some(record) if record.deactivated => return Err(Error::user_deactivated()),
-        Some(mut record) => {
-            let renamed = user.display_name.is_some() && record.displayname != user.display_name;
-            let changed = renamed
-                || record.ldap_dn.as_deref() != Some(user.dn.as_str())
-                || record.email != user.email
-                || record.locked;
-            if changed {
-                record.ldap_dn = Some(user.dn.clone());
-                record.email = user.email.clone();
-                record.locked = false;
-                if renamed {
-                    record.displayname = user.display_name.clone();
-                }
-                s.users.save(&id, &record)?;
+        Some(record) => {
+            let differs = |record: &super::users::UserRecord| {
+                let renamed =
+                    user.display_name.is_some() && record.displayname != user.display_name;
+                let changed = renamed
+                    || record.ldap_dn.as_deref() != Some(user.dn.as_str())
+                    || record.email != user.email
+                    || record.locked;
+                (changed, renamed)
+            };
+            let mut renamed = false;
+            if differs(&record).0 {
+                // Looked at again under the record's lock: another change may have
+                // come between.
+                renamed = s.users.update_active(&id, |record| {
+                    let (_, renamed) = differs(record);
+                    record.ldap_dn = Some(user.dn.clone());
+                    record.email = user.email.clone();
+                    record.locked = false;
+                    if renamed {
+                        record.displayname = user.display_name.clone();
+                    }
+                    Ok(renamed)
+                })?;
             }
             if renamed {
                 s.rooms.propagate_profile(&id).await?;
@@ -688,9 +705,10 @@ pub async fn sync(
             }
             LdapRemoved::Lock => {
                 s.remove_devices_except(&id, None)?;
-                let mut r = s.users.active(&id)?;
-                r.locked = true;
-                s.users.save(&id, &r)?;
+                s.users.update_active(&id, |r| {
+                    r.locked = true;
+                    Ok(())
+                })?;
                 tracing::info!(user_id = %id, "account locked: no longer in the directory");
             }
         }
@@ -709,9 +727,10 @@ async fn groups_admin(s: &Services) -> Result<OwnedUserId> {
     )?;
     if !s.users.exists(&id)? {
         s.users.create(&id, None, false, false).await?;
-        let mut r = s.users.active(&id)?;
-        r.displayname = Some("Directory".to_owned());
-        s.users.save(&id, &r)?;
+        s.users.update_active(&id, |r| {
+            r.displayname = Some("Directory".to_owned());
+            Ok(())
+        })?;
     }
     Ok(id)
 }

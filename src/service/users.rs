@@ -103,9 +103,33 @@ pub struct Users {
     db: Arc<Db>,
     notifier: Arc<Notifier>,
     tokens: RwLock<HashMap<String, Session>>,
-    /// Held by an edit of account data from its read to its write
-    /// ([`Users::edit_account_data`]).
-    account_data_edit: parking_lot::Mutex<()>,
+    /// Held by a change of a user's record from its read to its write.
+    record_locks: UserLocks,
+    /// Held by a change of a user's devices from its read to its write.
+    device_locks: UserLocks,
+    /// Held by an edit of a user's account data from its read to its write.
+    account_data_locks: UserLocks,
+    /// Held by a change of a registration token, or the use of a login token, from its
+    /// read to its write: a token allowed one more use, or a login token, is not used
+    /// twice by requests at once.
+    token_lock: parking_lot::Mutex<()>,
+}
+
+/// Locks for changes that read one of a user's records, change it and write it back:
+/// changes to one user's records go one at a time, so that none undoes another, while
+/// other users' go alongside (users share one of 64 locks, by a hash of their id).
+struct UserLocks([parking_lot::Mutex<()>; 64]);
+
+impl UserLocks {
+    fn new() -> Self {
+        Self(std::array::from_fn(|_| parking_lot::Mutex::new(())))
+    }
+
+    fn lock(&self, user: &UserId) -> parking_lot::MutexGuard<'_, ()> {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(user.as_str());
+        self.0[(hash % self.0.len() as u64) as usize].lock()
+    }
 }
 
 /// The user id for a new local account: lower-cased, and only the characters the spec
@@ -137,7 +161,10 @@ impl Users {
             db,
             notifier,
             tokens: RwLock::new(HashMap::new()),
-            account_data_edit: parking_lot::Mutex::new(()),
+            record_locks: UserLocks::new(),
+            device_locks: UserLocks::new(),
+            account_data_locks: UserLocks::new(),
+            token_lock: parking_lot::Mutex::new(()),
         }
     }
 
@@ -170,13 +197,46 @@ impl Users {
         Ok(())
     }
 
-    pub fn save(&self, user: &UserId, record: &UserRecord) -> Result<()> {
+    fn save(&self, user: &UserId, record: &UserRecord) -> Result<()> {
         let mut b = Batch::default();
         self.put(&mut b, user, record)?;
         self.db.commit(b)
     }
 
-    /// Create an account. The caller has checked that the id is free and allowed.
+    /// Changes the user's record: `edit` is given it as stored, and what it leaves is
+    /// saved unless it fails; `M_NOT_FOUND` for an unknown user. Changes to one user's
+    /// record go one at a time, so that none undoes another (the directory locking an
+    /// account while its owner renames it, a deactivation during a password change).
+    pub fn update<T>(
+        &self,
+        user: &UserId,
+        edit: impl FnOnce(&mut UserRecord) -> Result<T>,
+    ) -> Result<T> {
+        let _one_at_a_time = self.record_locks.lock(user);
+        let mut record = self
+            .get(user)?
+            .ok_or_else(|| Error::not_found("No such user"))?;
+        let out = edit(&mut record)?;
+        self.save(user, &record)?;
+        Ok(out)
+    }
+
+    /// Like [`Users::update`], for an active (not deactivated) account only.
+    pub fn update_active<T>(
+        &self,
+        user: &UserId,
+        edit: impl FnOnce(&mut UserRecord) -> Result<T>,
+    ) -> Result<T> {
+        self.update(user, |record| {
+            if record.deactivated {
+                return Err(Error::not_found("No such user"));
+            }
+            edit(record)
+        })
+    }
+
+    /// Create an account whose id the caller has checked is allowed; `M_USER_IN_USE`
+    /// when it exists, also when another request created it meanwhile.
     pub async fn create(
         &self,
         user: &UserId,
@@ -200,15 +260,22 @@ impl Users {
             email: None,
             locked: false,
         };
+        let _one_at_a_time = self.record_locks.lock(user);
+        if self.exists(user)? {
+            return Err(Error::user_in_use("This username is taken"));
+        }
         self.db
             .get_or_create_short_id(crate::storage::IdKind::User, user.as_str())?;
         self.save(user, &record)
     }
 
     pub async fn set_password(&self, user: &UserId, password: &str) -> Result<()> {
-        let mut record = self.active(user)?;
-        record.password_hash = Some(hash_password(password.to_owned()).await?);
-        self.save(user, &record)
+        self.active(user)?;
+        let hash = hash_password(password.to_owned()).await?;
+        self.update_active(user, |record| {
+            record.password_hash = Some(hash);
+            Ok(())
+        })
     }
 
     /// Whether `password` is the account's password. Deactivated accounts and accounts
@@ -296,6 +363,7 @@ impl Users {
         };
         let token = random_string(40);
         let mut batch = Batch::default();
+        let _one_at_a_time = self.device_locks.lock(user);
         let record = match self.device(user, &device_id)? {
             Some(mut existing) => {
                 self.forget_token(&mut batch, &existing.access_token);
@@ -342,6 +410,7 @@ impl Users {
         device: &DeviceId,
         name: Option<String>,
     ) -> Result<()> {
+        let _one_at_a_time = self.device_locks.lock(user);
         let mut record = self
             .device(user, device)?
             .ok_or_else(|| Error::not_found("No such device"))?;
@@ -354,6 +423,7 @@ impl Users {
     }
 
     pub fn remove_device(&self, user: &UserId, device: &DeviceId) -> Result<bool> {
+        let _one_at_a_time = self.device_locks.lock(user);
         let Some(record) = self.device(user, device)? else {
             return Ok(false);
         };
@@ -370,6 +440,7 @@ impl Users {
 
     /// Remove every device of the user except `keep`.
     pub fn remove_devices_except(&self, user: &UserId, keep: Option<&DeviceId>) -> Result<()> {
+        let _one_at_a_time = self.device_locks.lock(user);
         let mut batch = Batch::default();
         for d in self.devices(user)? {
             if keep.is_some_and(|k| k.as_str() == d.device_id) {
@@ -387,35 +458,37 @@ impl Users {
 
     pub fn deactivate(&self, user: &UserId) -> Result<()> {
         self.remove_devices_except(user, None)?;
-        let mut record = self
-            .get(user)?
-            .ok_or_else(|| Error::not_found("No such user"))?;
-        record.deactivated = true;
-        record.password_hash = None;
-        record.displayname = None;
-        record.avatar_url = None;
-        self.save(user, &record)
+        self.update(user, |record| {
+            record.deactivated = true;
+            record.password_hash = None;
+            record.displayname = None;
+            record.avatar_url = None;
+            Ok(())
+        })
     }
 
     // --- profile ---
 
     pub fn set_displayname(&self, user: &UserId, name: Option<String>) -> Result<()> {
-        let mut record = self.active(user)?;
-        record.displayname = name;
-        self.save(user, &record)
+        self.update_active(user, |record| {
+            record.displayname = name;
+            Ok(())
+        })
     }
 
     pub fn set_avatar_url(&self, user: &UserId, url: Option<String>) -> Result<()> {
-        let mut record = self.active(user)?;
-        record.avatar_url = url;
-        self.save(user, &record)
+        self.update_active(user, |record| {
+            record.avatar_url = url;
+            Ok(())
+        })
     }
 
     /// The account's email address (the email bridge reaches them there).
     pub fn set_email(&self, user: &UserId, email: Option<String>) -> Result<()> {
-        let mut record = self.active(user)?;
-        record.email = email;
-        self.save(user, &record)
+        self.update_active(user, |record| {
+            record.email = email;
+            Ok(())
+        })
     }
 
     /// All accounts, for the user directory.
@@ -496,7 +569,7 @@ impl Users {
         kind: &str,
         edit: impl FnOnce(Option<JsonValue>) -> Result<JsonValue>,
     ) -> Result<()> {
-        let _one_at_a_time = self.account_data_edit.lock();
+        let _one_at_a_time = self.account_data_locks.lock(user);
         let content = edit(self.account_data(user, room, kind)?)?;
         self.set_account_data(user, room, kind, &content)
     }
@@ -588,6 +661,7 @@ impl Users {
                 "registration tokens are 1 to 64 characters from [A-Za-z0-9._~-]",
             ));
         }
+        let _one_at_a_time = self.token_lock.lock();
         if self.registration_token(&token)?.is_some() {
             return Err(Error::invalid_param(
                 "this registration token already exists",
@@ -623,6 +697,7 @@ impl Users {
     }
 
     pub fn delete_registration_token(&self, token: &str) -> Result<bool> {
+        let _one_at_a_time = self.token_lock.lock();
         if self.registration_token(token)?.is_none() {
             return Ok(false);
         }
@@ -634,6 +709,7 @@ impl Users {
 
     /// Count one completed registration against the token.
     pub fn use_registration_token(&self, token: &str) -> Result<()> {
+        let _one_at_a_time = self.token_lock.lock();
         let mut record = self
             .registration_token(token)?
             .ok_or_else(|| Error::token_incorrect("Unknown registration token"))?;
@@ -668,6 +744,7 @@ impl Users {
 
     /// The user a login token was issued for; the token is used up.
     pub fn consume_login_token(&self, token: &str) -> Result<Option<OwnedUserId>> {
+        let _one_at_a_time = self.token_lock.lock();
         let Some(v) = self.db.get("login_tokens", token.as_bytes())? else {
             return Ok(None);
         };
