@@ -1265,3 +1265,68 @@ async fn transaction_ids_are_scoped_to_the_client_session() {
     assert_eq!(txn_of(&b), Some(json!("same-id")));
     assert_eq!(txn_of(&a), Some(serde_json::Value::Null));
 }
+
+/// Of rooms created at once with the same alias name, one gets the alias and the others
+/// are told it is taken; the same for an alias given to two rooms at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alias_asked_for_at_once_goes_to_one_room() {
+    let server = TestServer::start().await;
+    let alice = server.user("alice").await;
+    let creations = (0..4).map(|_| {
+        let alice = alice.clone();
+        tokio::spawn(async move {
+            alice
+                .post(
+                    "/_matrix/client/v3/createRoom",
+                    json!({ "room_alias_name": "contested" }),
+                )
+                .await
+        })
+    });
+    let mut created = Vec::new();
+    for creation in futures::future::join_all(creations).await {
+        let (status, body) = creation.unwrap();
+        if status == StatusCode::OK {
+            created.push(body["room_id"].as_str().unwrap().to_owned());
+        } else {
+            assert_eq!(errcode(&body), "M_ROOM_IN_USE", "{body}");
+        }
+    }
+    assert_eq!(created.len(), 1, "{created:?}");
+    let resolved = alice
+        .ok(
+            Method::GET,
+            &format!(
+                "/_matrix/client/v3/directory/room/{}",
+                enc("#contested:localhost")
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(resolved["room_id"], created[0].as_str());
+
+    let rooms = [
+        alice.create_room(json!({})).await,
+        alice.create_room(json!({})).await,
+    ];
+    let path = format!(
+        "/_matrix/client/v3/directory/room/{}",
+        enc("#shared:localhost")
+    );
+    let puts = rooms.iter().map(|room| {
+        let (alice, path, room) = (alice.clone(), path.clone(), room.clone());
+        tokio::spawn(async move { alice.put(&path, json!({ "room_id": room })).await })
+    });
+    let mut given = Vec::new();
+    for (room, put) in rooms.iter().zip(futures::future::join_all(puts).await) {
+        let (status, body) = put.unwrap();
+        if status == StatusCode::OK {
+            given.push(room.clone());
+        } else {
+            assert_eq!(status, StatusCode::CONFLICT, "{body}");
+        }
+    }
+    assert_eq!(given.len(), 1, "{given:?}");
+    let resolved = alice.ok(Method::GET, &path, None).await;
+    assert_eq!(resolved["room_id"], given[0].as_str());
+}

@@ -50,6 +50,25 @@ pub struct PublicRoom {
     pub room_type: Option<String>,
 }
 
+/// An alias held for one request until it is written ([`Rooms::reserve_alias`]); let go
+/// when dropped.
+pub struct AliasReservation<'a> {
+    rooms: &'a Rooms,
+    alias: OwnedRoomAliasId,
+}
+
+impl AliasReservation<'_> {
+    pub fn alias(&self) -> &RoomAliasId {
+        &self.alias
+    }
+}
+
+impl Drop for AliasReservation<'_> {
+    fn drop(&mut self) {
+        self.rooms.aliases_reserved.lock().remove(&self.alias);
+    }
+}
+
 fn str_field(content: Option<JsonValue>, field: &str) -> Option<String> {
     content.and_then(|c| c.get(field).and_then(|v| v.as_str()).map(str::to_owned))
 }
@@ -60,6 +79,24 @@ impl Rooms {
             Some(v) => Ok(Some(serde_json::from_slice::<AliasRecord>(&v)?.room_id)),
             None => Ok(None),
         }
+    }
+
+    /// Holds `alias` for the caller until the reservation is dropped, or `None` when it
+    /// is taken or held by another request: of two requests for one alias (two rooms
+    /// created with the same alias name), one gets it and the other is told it is taken.
+    pub(super) fn reserve_alias(
+        &self,
+        alias: &RoomAliasId,
+    ) -> Result<Option<AliasReservation<'_>>> {
+        let mut reserved = self.aliases_reserved.lock();
+        if reserved.contains(alias) || self.alias_target(alias)?.is_some() {
+            return Ok(None);
+        }
+        reserved.insert(alias.to_owned());
+        Ok(Some(AliasReservation {
+            rooms: self,
+            alias: alias.to_owned(),
+        }))
     }
 
     pub(super) fn put_alias(
@@ -100,13 +137,13 @@ impl Rooms {
                 "aliases can only be created on this server's domain",
             ));
         }
-        if self.alias_target(alias)?.is_some() {
+        let Some(_reserved) = self.reserve_alias(alias)? else {
             return Err(Error::Matrix {
                 status: http::StatusCode::CONFLICT,
                 kind: ruma::api::error::ErrorKind::Unknown,
                 message: "This alias already exists".into(),
             });
-        }
+        };
         if self.membership(room_id, creator)?.as_deref() != Some("join") {
             return Err(Error::forbidden(
                 "You must be in the room to give it an alias",

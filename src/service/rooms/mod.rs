@@ -59,6 +59,8 @@ pub struct Rooms {
     pub globals: Arc<Globals>,
     pub users: Arc<Users>,
     pub timeline: Timeline,
+    /// Aliases held by requests that will write them ([`Rooms::reserve_alias`]).
+    aliases_reserved: parking_lot::Mutex<std::collections::HashSet<ruma::OwnedRoomAliasId>>,
 }
 
 impl Rooms {
@@ -68,6 +70,7 @@ impl Rooms {
             globals,
             users,
             timeline,
+            aliases_reserved: Default::default(),
         }
     }
 
@@ -108,13 +111,15 @@ impl Rooms {
         let rules = version
             .rules()
             .ok_or_else(|| Error::unsupported_room_version("unknown room version"))?;
+        // The alias is held from here until it is written, so that no other request
+        // takes it meanwhile.
         let alias = match &req.alias_localpart {
             Some(local) => {
                 let alias = alias::parse_local_alias(local, self.globals.server_name())?;
-                if self.alias_target(&alias)?.is_some() {
-                    return Err(Error::room_in_use("This room alias is already taken"));
+                match self.reserve_alias(&alias)? {
+                    Some(reserved) => Some(reserved),
+                    None => return Err(Error::room_in_use("This room alias is already taken")),
                 }
-                Some(alias)
             }
             None => None,
         };
@@ -245,7 +250,7 @@ impl Rooms {
                 NewEvent::state(
                     TimelineEventType::RoomCanonicalAlias,
                     "",
-                    json!({ "alias": alias }),
+                    json!({ "alias": alias.alias() }),
                 ),
             )?;
         }
@@ -323,7 +328,7 @@ impl Rooms {
         draft.commit().await?;
 
         if let Some(alias) = &alias {
-            self.put_alias(alias, &room_id, creator)?;
+            self.put_alias(alias.alias(), &room_id, creator)?;
         }
         if req.public {
             self.db
