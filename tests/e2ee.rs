@@ -824,3 +824,48 @@ async fn a_deleted_device_comes_back_without_its_keys() {
     assert_eq!(s["device_one_time_keys_count"]["signed_curve25519"], 0);
     server.stop().await;
 }
+
+/// Two first uploads of cross-signing keys at once, neither with a password: one is
+/// stored, and the other, which would now replace keys, is asked for the password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_cross_signing_uploads_at_once_do_not_replace_each_other() {
+    let server = TestServer::start().await;
+    let alice = server.user("alice").await;
+    let uploads = (0..2).map(|_| {
+        let alice = alice.clone();
+        let master = Key::new(None);
+        let ssk = Key::new(None);
+        let keys = json!({
+            "master_key": cross_signing_key(&alice.user_id, "master", &master, None),
+            "self_signing_key": cross_signing_key(&alice.user_id, "self_signing", &ssk, Some(&master)),
+        });
+        tokio::spawn(async move {
+            let answer = alice
+                .post("/_matrix/client/v3/keys/device_signing/upload", keys.clone())
+                .await;
+            (answer, keys)
+        })
+    });
+    let mut stored = Vec::new();
+    for upload in futures::future::join_all(uploads).await {
+        let ((status, body), keys) = upload.unwrap();
+        if status == StatusCode::OK {
+            stored.push(keys);
+        } else {
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+            assert!(body["flows"].is_array(), "{body}");
+        }
+    }
+    assert_eq!(stored.len(), 1);
+    let query = alice
+        .ok(
+            Method::POST,
+            "/_matrix/client/v3/keys/query",
+            Some(json!({ "device_keys": { alice.user_id.clone(): [] } })),
+        )
+        .await;
+    assert_eq!(
+        query["master_keys"][&alice.user_id]["keys"],
+        stored[0]["master_key"]["keys"]
+    );
+}

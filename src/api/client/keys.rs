@@ -85,18 +85,27 @@ pub async fn upload_signing_keys(
         req.self_signing_key.as_ref().map(|k| k.json()),
         req.user_signing_key.as_ref().map(|k| k.json()),
     )?;
-    if s.e2ee.cross_signing_upload_needs_auth(req.user(), &keys)? {
-        s.uiaa
-            .check(
-                &s.users,
-                vec![AuthFlow::new(vec![AuthType::Password])],
-                req.auth.as_ref(),
-                Some(req.user()),
-            )
-            .await?;
+    // Keys another request stored meanwhile can make an upload that needed no
+    // password one that does: it is asked for then.
+    let mut authenticated = false;
+    loop {
+        if !authenticated && s.e2ee.cross_signing_upload_needs_auth(req.user(), &keys)? {
+            s.uiaa
+                .check(
+                    &s.users,
+                    vec![AuthFlow::new(vec![AuthType::Password])],
+                    req.auth.as_ref(),
+                    Some(req.user()),
+                )
+                .await?;
+            authenticated = true;
+        }
+        if s.e2ee
+            .store_cross_signing_keys(req.user(), &keys, authenticated)?
+        {
+            return Ok(upload_signing_keys::v3::Response::new());
+        }
     }
-    s.e2ee.store_cross_signing_keys(req.user(), keys)?;
-    Ok(upload_signing_keys::v3::Response::new())
 }
 
 pub async fn upload_signatures(

@@ -561,14 +561,23 @@ impl E2ee {
         Ok(false)
     }
 
-    /// Store checked cross-signing keys (see [`Self::check_cross_signing_keys`]).
+    /// Store checked cross-signing keys (see [`Self::check_cross_signing_keys`]);
+    /// `authenticated` says whether the user proved who they are for this upload.
+    /// Without that, keys that would replace others are not stored, also when the
+    /// others were stored by another request since the caller looked
+    /// ([`Self::cross_signing_upload_needs_auth`]): `Ok(false)` then.
     pub fn store_cross_signing_keys(
         &self,
         user: &UserId,
-        keys: Vec<(CrossSigningKind, CanonicalJsonObject)>,
-    ) -> Result<()> {
+        keys: &[(CrossSigningKind, CanonicalJsonObject)],
+        authenticated: bool,
+    ) -> Result<bool> {
         if keys.is_empty() {
-            return Ok(());
+            return Ok(true);
+        }
+        let _one_at_a_time = self.signing_keys_lock.lock();
+        if !authenticated && self.cross_signing_upload_needs_auth(user, keys)? {
+            return Ok(false);
         }
         let ticket = self.db.stream.reserve();
         let mut batch = Batch::default();
@@ -577,11 +586,12 @@ impl E2ee {
                 &self.db,
                 "cross_signing_keys",
                 &str_key(&[user.as_str(), kind.name()]),
-                &serde_json::to_vec(&object)?,
+                &serde_json::to_vec(object)?,
             );
         }
         self.stage_change(&mut batch, user, &ticket);
-        self.commit_change(batch, user, ticket)
+        self.commit_change(batch, user, ticket)?;
+        Ok(true)
     }
 
     // --- signatures ---

@@ -36,6 +36,9 @@ pub struct E2ee {
     claim_lock: Mutex<()>,
     /// Serialises changes to a backup's keys, which keep a count and an etag.
     backup_lock: Mutex<()>,
+    /// Serialises stores of cross-signing keys, so that an upload allowed without a
+    /// password (the first) cannot replace keys another request stored meanwhile.
+    signing_keys_lock: Mutex<()>,
     /// Devices' one-time and fallback key summaries, for their syncs.
     key_summaries: Mutex<keys::KeySummaries>,
 }
@@ -69,6 +72,7 @@ impl E2ee {
             members,
             claim_lock: Mutex::new(()),
             backup_lock: Mutex::new(()),
+            signing_keys_lock: Mutex::new(()),
             key_summaries: Mutex::default(),
         }
     }
