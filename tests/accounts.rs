@@ -856,3 +856,57 @@ async fn a_deactivation_during_a_password_change_stays() {
         assert_eq!(status, StatusCode::FORBIDDEN, "{password}: {body}");
     }
 }
+
+/// A password change that logs out the other devices also stops logins with the old
+/// password that were under way (checking a password takes a while): none of their
+/// tokens works afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logins_under_way_do_not_survive_a_password_change() {
+    let server = TestServer::start().await;
+    let alice = server.user("alice").await;
+    let change = {
+        let alice = alice.clone();
+        tokio::spawn(async move {
+            alice
+                .post(
+                    "/_matrix/client/v3/account/password",
+                    json!({ "new_password": "a brand new secret", "logout_devices": true, "auth": {
+                        "type": "m.login.password", "identifier": { "type": "m.id.user", "user": "alice" }, "password": "correct horse battery" } }),
+                )
+                .await
+        })
+    };
+    // Logins start all through the change, some while it hashes the new password.
+    let mut logins = Vec::new();
+    for _ in 0..40 {
+        let c = server.client();
+        logins.push(tokio::spawn(async move {
+            c.post(
+                "/_matrix/client/v3/login",
+                json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": "alice" }, "password": "correct horse battery" }),
+            )
+            .await
+        }));
+        tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+    }
+    let (status, body) = change.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for login in futures::future::join_all(logins).await {
+        let (status, body) = login.unwrap();
+        if status != StatusCode::OK {
+            assert_eq!(errcode(&body), "M_FORBIDDEN", "{body}");
+            continue;
+        }
+        let mut c = server.client();
+        c.token = Some(body["access_token"].as_str().unwrap().to_owned());
+        assert_eq!(
+            c.get("/_matrix/client/v3/account/whoami").await.0,
+            StatusCode::UNAUTHORIZED,
+            "a login with the old password outlived the change: {body}"
+        );
+    }
+    assert_eq!(
+        alice.get("/_matrix/client/v3/account/whoami").await.0,
+        StatusCode::OK
+    );
+}

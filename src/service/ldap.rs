@@ -655,6 +655,7 @@ pub async fn sync(
         .ldap
         .as_ref()
         .ok_or_else(|| Error::unknown("LDAP is not enabled (ldap.enabled)"))?;
+    let listed_at = super::users::now_ms();
     let listed = ldap.all_users().await?;
     let mut report = SyncReport {
         listed: listed.len(),
@@ -691,6 +692,12 @@ pub async fn sync(
         if record.ldap_dn.is_none() || record.deactivated || present.contains(&id) {
             continue;
         }
+        // An account created since the directory was read (someone added to it who
+        // logged in during this sync) is missing from the listing, not from the
+        // directory.
+        if record.created_ts >= listed_at {
+            continue;
+        }
         if record.locked && ldap.config.on_removed == LdapRemoved::Lock {
             continue;
         }
@@ -704,11 +711,12 @@ pub async fn sync(
                 tracing::info!(user_id = %id, "account deactivated: no longer in the directory");
             }
             LdapRemoved::Lock => {
-                s.remove_devices_except(&id, None)?;
+                // Locked first, so that a login under way leaves no device behind.
                 s.users.update_active(&id, |r| {
                     r.locked = true;
                     Ok(())
                 })?;
+                s.remove_devices_except(&id, None)?;
                 tracing::info!(user_id = %id, "account locked: no longer in the directory");
             }
         }

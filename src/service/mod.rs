@@ -141,7 +141,7 @@ impl Services {
         user: &ruma::UserId,
         keep: Option<&ruma::DeviceId>,
     ) -> Result<()> {
-        for d in self.users.devices(user)? {
+        for d in self.users.devices_settled(user)? {
             if keep.is_some_and(|k| k.as_str() == d.device_id) {
                 continue;
             }
@@ -219,9 +219,12 @@ impl Services {
 }
 
 impl Services {
-    /// Deactivate an account: it leaves every room (so members see it go), its devices
-    /// are removed and it can never log in again.
+    /// Deactivate an account: it can never log in again, its devices are removed and
+    /// it leaves every room (so members see it go). It is marked first, so that a
+    /// login under way leaves no device behind.
     pub async fn deactivate_account(&self, user: &ruma::UserId) -> Result<()> {
+        self.users.deactivate(user)?;
+        self.remove_devices_except(user, None)?;
         for state in ["join", "invite", "knock"] {
             for room in self.rooms.rooms_with_membership(user, state)? {
                 if let Err(e) = self
@@ -233,7 +236,6 @@ impl Services {
                 }
             }
         }
-        self.remove_devices_except(user, None)?;
-        self.users.deactivate(user)
+        Ok(())
     }
 }

@@ -281,24 +281,32 @@ impl Users {
     /// Whether `password` is the account's password. Deactivated accounts and accounts
     /// without a password never match.
     pub async fn check_password(&self, user: &UserId, password: &str) -> Result<bool> {
+        Ok(self.verified_password(user, password).await?.is_some())
+    }
+
+    /// The stored password hash `password` matched, or `None` when it did not (see
+    /// [`Users::check_password`]). A login hands it to [`Users::create_login_device`],
+    /// which refuses when the password changed meanwhile.
+    pub async fn verified_password(&self, user: &UserId, password: &str) -> Result<Option<String>> {
         let Some(record) = self.get(user)? else {
             // Spend the same time as a real check, so timing does not tell which ids exist.
             let _ = hash_password(password.to_owned()).await;
-            return Ok(false);
+            return Ok(None);
         };
         let Some(hash) = record.password_hash.filter(|_| !record.deactivated) else {
-            return Ok(false);
+            return Ok(None);
         };
         let password = password.to_owned();
         let _permit = HASHING.acquire().await.map_err(Error::internal)?;
         tokio::task::spawn_blocking(move || {
-            PasswordHash::new(&hash)
+            let matched = PasswordHash::new(&hash)
                 .map(|h| {
                     Argon2::default()
                         .verify_password(password.as_bytes(), &h)
                         .is_ok()
                 })
-                .unwrap_or(false)
+                .unwrap_or(false);
+            matched.then_some(hash)
         })
         .await
         .map_err(Error::internal)
@@ -341,6 +349,14 @@ impl Users {
         }
     }
 
+    /// The user's devices once any being made or changed now is written: for removing
+    /// them all after a change that stops new ones (a deactivation, a lock, a new
+    /// password).
+    pub fn devices_settled(&self, user: &UserId) -> Result<Vec<DeviceRecord>> {
+        let _settled = self.device_locks.lock(user);
+        self.devices(user)
+    }
+
     pub fn devices(&self, user: &UserId) -> Result<Vec<DeviceRecord>> {
         let prefix = str_prefix(&[user.as_str()]);
         self.db
@@ -357,13 +373,56 @@ impl Users {
         display_name: Option<String>,
         ip: Option<String>,
     ) -> Result<(OwnedDeviceId, String)> {
+        let _one_at_a_time = self.device_locks.lock(user);
+        self.create_device_locked(user, device_id, display_name, ip)
+    }
+
+    /// A login's new device (or a new token for its device), made only if the account
+    /// is still active and unlocked and, for a password login, its password is still
+    /// the one `verified_hash` was checked against: a deactivation, lock or password
+    /// change that comes while the password is being checked is not undone by the
+    /// login. Those changes are written before the account's devices are removed,
+    /// which waits for a device being made here ([`Users::devices_settled`]).
+    pub fn create_login_device(
+        &self,
+        user: &UserId,
+        device_id: Option<&DeviceId>,
+        display_name: Option<String>,
+        ip: Option<String>,
+        verified_hash: Option<&str>,
+    ) -> Result<(OwnedDeviceId, String)> {
+        let _one_at_a_time = self.device_locks.lock(user);
+        let record = self
+            .get(user)?
+            .ok_or_else(|| Error::forbidden("Invalid username or password"))?;
+        if record.deactivated {
+            return Err(Error::user_deactivated());
+        }
+        if record.locked {
+            return Err(Error::user_locked());
+        }
+        if let Some(hash) = verified_hash
+            && record.password_hash.as_deref() != Some(hash)
+        {
+            return Err(Error::forbidden("Invalid username or password"));
+        }
+        self.create_device_locked(user, device_id, display_name, ip)
+    }
+
+    /// [`Users::create_device`], with the user's device lock held.
+    fn create_device_locked(
+        &self,
+        user: &UserId,
+        device_id: Option<&DeviceId>,
+        display_name: Option<String>,
+        ip: Option<String>,
+    ) -> Result<(OwnedDeviceId, String)> {
         let device_id: OwnedDeviceId = match device_id {
             Some(d) => d.to_owned(),
             None => random_string(10).to_uppercase().into(),
         };
         let token = random_string(40);
         let mut batch = Batch::default();
-        let _one_at_a_time = self.device_locks.lock(user);
         let record = match self.device(user, &device_id)? {
             Some(mut existing) => {
                 self.forget_token(&mut batch, &existing.access_token);
@@ -456,8 +515,9 @@ impl Users {
         self.db.commit(batch)
     }
 
+    /// Marks the account deactivated: no login succeeds from here on. The caller
+    /// removes its devices after this, so that a login under way cannot leave one.
     pub fn deactivate(&self, user: &UserId) -> Result<()> {
-        self.remove_devices_except(user, None)?;
         self.update(user, |record| {
             record.deactivated = true;
             record.password_hash = None;

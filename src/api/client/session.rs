@@ -69,7 +69,7 @@ async fn password_login(
     identifier: Option<&UserIdentifier>,
     user: Option<&str>,
     password: &str,
-) -> Result<OwnedUserId> {
+) -> Result<(OwnedUserId, Option<String>)> {
     let local_id = parse_login_user(s, identifier, user);
     if let Ok(id) = &local_id {
         s.login_limit.check(&format!("user:{id}"))?;
@@ -79,7 +79,7 @@ async fn password_login(
         && let Some(login) = directory_login(s, identifier, user)
     {
         match crate::service::ldap::login(s, &login, password).await {
-            Ok(Some(id)) => return Ok(id),
+            Ok(Some(id)) => return Ok((id, None)),
             Ok(None) => {}
             Err(e) if e.errcode() == "M_USER_DEACTIVATED" => return Err(e),
             Err(e) => directory_error = Some(e),
@@ -93,8 +93,11 @@ async fn password_login(
         .users
         .get(&user_id)?
         .is_none_or(|r| r.ldap_dn.is_none() || s.globals.config.ldap.allow_local_passwords);
-    if local_allowed && !password.is_empty() && s.users.check_password(&user_id, password).await? {
-        return Ok(user_id);
+    if local_allowed
+        && !password.is_empty()
+        && let Some(hash) = s.users.verified_password(&user_id, password).await?
+    {
+        return Ok((user_id, Some(hash)));
     }
     if let Some(e) = directory_error {
         tracing::warn!(user_id = %user_id, error = %e, "login failed: the directory is unavailable");
@@ -122,7 +125,7 @@ pub async fn login(s: Arc<Services>, req: Ruma<login::v3::Request>) -> Result<lo
     if req.appservice.as_ref().is_none_or(|a| a.rate_limited()) {
         s.login_limit.check(&format!("ip:{}", req.ip_key()))?;
     }
-    let user_id = match &req.login_info {
+    let (user_id, verified_hash) = match &req.login_info {
         login::v3::LoginInfo::ApplicationService(a) => {
             let appservice = req.appservice.as_ref().ok_or_else(|| {
                 Error::missing_token_msg(
@@ -137,7 +140,7 @@ pub async fn login(s: Arc<Services>, req: Ruma<login::v3::Request>) -> Result<lo
                     appservice.id()
                 )));
             }
-            user_id
+            (user_id, None)
         }
         _ if req.appservice.is_some() => {
             return Err(Error::unknown(
@@ -149,27 +152,20 @@ pub async fn login(s: Arc<Services>, req: Ruma<login::v3::Request>) -> Result<lo
             let (identifier, user) = (p.identifier.as_ref(), p.user.as_deref());
             password_login(&s, &req, identifier, user, &p.password).await?
         }
-        login::v3::LoginInfo::Token(t) => s
-            .users
-            .consume_login_token(&t.token)?
-            .ok_or_else(|| Error::forbidden("Invalid or expired login token"))?,
+        login::v3::LoginInfo::Token(t) => (
+            s.users
+                .consume_login_token(&t.token)?
+                .ok_or_else(|| Error::forbidden("Invalid or expired login token"))?,
+            None,
+        ),
         _ => return Err(Error::unknown("Unsupported login type")),
     };
-    let record = s
-        .users
-        .get(&user_id)?
-        .ok_or_else(|| Error::forbidden("Invalid username or password"))?;
-    if record.deactivated {
-        return Err(Error::user_deactivated());
-    }
-    if record.locked {
-        return Err(Error::user_locked());
-    }
-    let (device_id, token) = s.users.create_device(
+    let (device_id, token) = s.users.create_login_device(
         &user_id,
         req.device_id.as_deref(),
         req.initial_device_display_name.clone(),
         req.ip.map(|i| i.to_string()),
+        verified_hash.as_deref(),
     )?;
     let mut res = login::v3::Response::new(user_id, token, device_id);
     #[allow(deprecated)]
