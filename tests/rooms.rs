@@ -1330,3 +1330,43 @@ async fn an_alias_asked_for_at_once_goes_to_one_room() {
     let resolved = alice.ok(Method::GET, &path, None).await;
     assert_eq!(resolved["room_id"], given[0].as_str());
 }
+
+/// A kick and a ban of the same member at once: when both succeed the ban came first
+/// or last, and either way the member ends up banned; a kick never lifts a ban.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kick_at_the_same_time_as_a_ban_does_not_lift_it() {
+    let server = TestServer::start().await;
+    let alice = server.user("alice").await;
+    let bob = server.user("bob").await;
+    let room = alice.create_room(json!({ "preset": "public_chat" })).await;
+    let r = enc(&room);
+    let target = json!({ "user_id": bob.user_id, "reason": "spam" });
+    for round in 0..12 {
+        if round > 0 {
+            alice
+                .ok(
+                    Method::POST,
+                    &format!("/_matrix/client/v3/rooms/{r}/unban"),
+                    Some(json!({ "user_id": bob.user_id })),
+                )
+                .await;
+        }
+        let (status, body) = bob.join(&room).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let (kick_path, ban_path) = (
+            format!("/_matrix/client/v3/rooms/{r}/kick"),
+            format!("/_matrix/client/v3/rooms/{r}/ban"),
+        );
+        let (kick, ban) = tokio::join!(
+            alice.post(&kick_path, target.clone()),
+            alice.post(&ban_path, target.clone()),
+        );
+        assert_eq!(ban.0, StatusCode::OK, "{}", ban.1);
+        if kick.0 != StatusCode::OK {
+            assert_eq!(errcode(&kick.1), "M_FORBIDDEN", "{}", kick.1);
+        }
+        let (status, member) = alice.state(&room, "m.room.member", &bob.user_id).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(member["membership"], "ban", "round {round}");
+    }
+}

@@ -134,21 +134,12 @@ pub async fn kick(
     s: Arc<Services>,
     req: Ruma<kick_user::v3::Request>,
 ) -> Result<kick_user::v3::Response> {
-    let current = s.rooms.membership(&req.room_id, &req.user_id)?;
-    if !matches!(
-        current.as_deref(),
-        Some("join") | Some("invite") | Some("knock")
-    ) {
-        return Err(Error::forbidden("This user is not in the room"));
-    }
     s.rooms
-        .set_membership(
+        .kick(
             &req.room_id,
             req.user(),
             &req.user_id,
-            "leave",
             req.reason.as_deref(),
-            None,
         )
         .await?;
     Ok(kick_user::v3::Response::new())
@@ -175,17 +166,12 @@ pub async fn unban(
     s: Arc<Services>,
     req: Ruma<unban_user::v3::Request>,
 ) -> Result<unban_user::v3::Response> {
-    if s.rooms.membership(&req.room_id, &req.user_id)?.as_deref() != Some("ban") {
-        return Err(Error::forbidden("This user is not banned"));
-    }
     s.rooms
-        .set_membership(
+        .unban(
             &req.room_id,
             req.user(),
             &req.user_id,
-            "leave",
             req.reason.as_deref(),
-            None,
         )
         .await?;
     Ok(unban_user::v3::Response::new())

@@ -54,6 +54,13 @@ pub struct CreateRoom {
     pub power_level_override: Option<JsonValue>,
 }
 
+/// The memberships a change applies to (checked under the room's lock), and what the
+/// sender is told otherwise.
+struct MembershipFrom {
+    allowed: &'static [&'static str],
+    otherwise: &'static str,
+}
+
 pub struct Rooms {
     pub db: Arc<Db>,
     pub globals: Arc<Globals>,
@@ -370,6 +377,56 @@ impl Rooms {
         reason: Option<&str>,
         extra: Option<JsonValue>,
     ) -> Result<OwnedEventId> {
+        self.change_membership(room_id, sender, target, membership, reason, extra, None)
+            .await
+    }
+
+    /// A kick: the target leaves, if they are in the room (joined, invited or
+    /// knocking) when the room's lock is taken; a kick that comes after a ban does not
+    /// undo it.
+    pub async fn kick(
+        &self,
+        room_id: &RoomId,
+        sender: &UserId,
+        target: &UserId,
+        reason: Option<&str>,
+    ) -> Result<OwnedEventId> {
+        let from = Some(MembershipFrom {
+            allowed: &["join", "invite", "knock"],
+            otherwise: "This user is not in the room",
+        });
+        self.change_membership(room_id, sender, target, "leave", reason, None, from)
+            .await
+    }
+
+    /// An unban: the target leaves the ban, if they are banned when the room's lock is
+    /// taken.
+    pub async fn unban(
+        &self,
+        room_id: &RoomId,
+        sender: &UserId,
+        target: &UserId,
+        reason: Option<&str>,
+    ) -> Result<OwnedEventId> {
+        let from = Some(MembershipFrom {
+            allowed: &["ban"],
+            otherwise: "This user is not banned",
+        });
+        self.change_membership(room_id, sender, target, "leave", reason, None, from)
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn change_membership(
+        &self,
+        room_id: &RoomId,
+        sender: &UserId,
+        target: &UserId,
+        membership: &str,
+        reason: Option<&str>,
+        extra: Option<JsonValue>,
+        from: Option<MembershipFrom>,
+    ) -> Result<OwnedEventId> {
         if membership == "invite"
             && target.server_name() == self.globals.server_name()
             && self.users.get(target)?.is_none_or(|r| r.deactivated)
@@ -380,6 +437,13 @@ impl Rooms {
         }
         let mut draft = self.timeline.begin(room_id).await?;
         let current = draft.membership(target)?;
+        if let Some(from) = from
+            && !current
+                .as_deref()
+                .is_some_and(|c| from.allowed.contains(&c))
+        {
+            return Err(Error::forbidden(from.otherwise));
+        }
         // Repeating a join that changes nothing (profile included) returns the existing event.
         if membership == "join"
             && sender == target
