@@ -869,3 +869,35 @@ async fn first_cross_signing_uploads_at_once_do_not_replace_each_other() {
         stored[0]["master_key"]["keys"]
     );
 }
+
+/// A to-device transaction sent again while the first try is still under way (a
+/// client retrying after a timeout) is delivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_to_device_retry_during_the_first_try_is_delivered_once() {
+    let server = TestServer::start().await;
+    let alice = server.user("alice").await;
+    let bob = server.user("bob").await;
+    let since = sync(&bob, None, 0).await["next_batch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for round in 0..5 {
+        let path = format!("/_matrix/client/v3/sendToDevice/m.test/retry{round}");
+        let body = json!({ "messages": { bob.user_id.clone(): { bob.device_id.clone(): { "n": round } } } });
+        let tries = (0..3).map(|_| {
+            let (alice, path, body) = (alice.clone(), path.clone(), body.clone());
+            tokio::spawn(async move { alice.ok(Method::PUT, &path, Some(body)).await })
+        });
+        for t in futures::future::join_all(tries).await {
+            t.unwrap();
+        }
+    }
+    let got = sync(&bob, Some(&since), 0).await;
+    let rounds: Vec<Value> = got["to_device"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["content"]["n"].clone())
+        .collect();
+    assert_eq!(rounds, [0, 1, 2, 3, 4].map(|n| json!(n)));
+}

@@ -118,14 +118,14 @@ pub struct Users {
 /// Locks for changes that read one of a user's records, change it and write it back:
 /// changes to one user's records go one at a time, so that none undoes another, while
 /// other users' go alongside (users share one of 64 locks, by a hash of their id).
-struct UserLocks([parking_lot::Mutex<()>; 64]);
+pub(crate) struct UserLocks([parking_lot::Mutex<()>; 64]);
 
 impl UserLocks {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self(std::array::from_fn(|_| parking_lot::Mutex::new(())))
     }
 
-    fn lock(&self, user: &UserId) -> parking_lot::MutexGuard<'_, ()> {
+    pub(crate) fn lock(&self, user: &UserId) -> parking_lot::MutexGuard<'_, ()> {
         use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
         let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(user.as_str());
         self.0[(hash % self.0.len() as u64) as usize].lock()

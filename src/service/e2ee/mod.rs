@@ -39,6 +39,9 @@ pub struct E2ee {
     /// Serialises stores of cross-signing keys, so that an upload allowed without a
     /// password (the first) cannot replace keys another request stored meanwhile.
     signing_keys_lock: Mutex<()>,
+    /// Held by a sender's to-device transaction from the check that its id is new to
+    /// its write, so that a retry sent while the first try is under way does nothing.
+    to_device_locks: crate::service::users::UserLocks,
     /// Devices' one-time and fallback key summaries, for their syncs.
     key_summaries: Mutex<keys::KeySummaries>,
 }
@@ -73,6 +76,7 @@ impl E2ee {
             claim_lock: Mutex::new(()),
             backup_lock: Mutex::new(()),
             signing_keys_lock: Mutex::new(()),
+            to_device_locks: crate::service::users::UserLocks::new(),
             key_summaries: Mutex::default(),
         }
     }

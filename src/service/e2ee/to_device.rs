@@ -46,6 +46,7 @@ impl E2ee {
         messages: &BTreeMap<OwnedUserId, BTreeMap<DeviceIdOrAllDevices, Box<RawJsonValue>>>,
     ) -> Result<()> {
         let txn_key = str_key(&[sender.as_str(), sender_device.as_str(), txn_id, "to_device"]);
+        let _one_at_a_time = self.to_device_locks.lock(sender);
         if self.db.exists("txn_ids", &txn_key)? {
             return Ok(());
         }
