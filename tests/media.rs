@@ -473,3 +473,60 @@ async fn create_then_upload() {
     );
     server.stop().await;
 }
+
+/// Two uploads for one id from `/create` at once: one is stored, the other is refused
+/// as an overwrite, and the content served is the one stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_uploads_for_one_created_id_store_one() {
+    let server = TestServer::start().await;
+    let alice = server.user("alice").await;
+    for round in 0..5 {
+        let created = alice
+            .ok(
+                reqwest::Method::POST,
+                "/_matrix/media/v1/create",
+                Some(json!({})),
+            )
+            .await;
+        let mxc = created["content_uri"].as_str().unwrap().to_owned();
+        let path = format!("/_matrix/media/v3/upload/{}", id_of(&mxc));
+        let uploads = ["first", "second"].map(|which| {
+            let (alice, path) = (alice.clone(), path.clone());
+            let bytes = format!("{which} content of round {round}").into_bytes();
+            tokio::spawn(async move {
+                let r = raw(
+                    &alice,
+                    reqwest::Method::PUT,
+                    &path,
+                    Some((bytes.clone(), "text/plain")),
+                    true,
+                )
+                .await;
+                (r, bytes)
+            })
+        });
+        let mut stored = Vec::new();
+        for upload in futures::future::join_all(uploads).await {
+            let (r, bytes) = upload.unwrap();
+            if r.status == StatusCode::OK {
+                stored.push(bytes);
+            } else {
+                assert_eq!(
+                    (r.status, errcode(&r.json())),
+                    (StatusCode::CONFLICT, "M_CANNOT_OVERWRITE_MEDIA")
+                );
+            }
+        }
+        assert_eq!(stored.len(), 1, "round {round}");
+        let got = raw(
+            &alice,
+            reqwest::Method::GET,
+            &format!("/_matrix/client/v1/media/download/{}", id_of(&mxc)),
+            None,
+            true,
+        )
+        .await;
+        assert_eq!(got.body, stored[0]);
+    }
+    server.stop().await;
+}

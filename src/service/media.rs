@@ -69,6 +69,21 @@ pub struct Media {
     dir: PathBuf,
     config: MediaConfig,
     uploaded: tokio::sync::Notify,
+    /// Ids from `/create` whose upload is being stored: a second upload for one of
+    /// them is refused as an overwrite.
+    uploading: parking_lot::Mutex<std::collections::HashSet<String>>,
+}
+
+/// An id of [`Media::uploading`], let go when dropped.
+struct Uploading<'a> {
+    media: &'a Media,
+    id: String,
+}
+
+impl Drop for Uploading<'_> {
+    fn drop(&mut self) {
+        self.media.uploading.lock().remove(&self.id);
+    }
 }
 
 fn hex_sha256(bytes: &[u8]) -> String {
@@ -94,6 +109,7 @@ impl Media {
             dir,
             config,
             uploaded: tokio::sync::Notify::new(),
+            uploading: Default::default(),
         })
     }
 
@@ -240,6 +256,22 @@ impl Media {
         if record.unused_expires_at.is_some_and(|t| t <= now_ms()) {
             return Err(Error::not_found("This media id expired before its upload"));
         }
+        // Of two uploads for the id at once, the second is an overwrite. The record is
+        // read again under the lock: an upload that finished meanwhile wrote it before
+        // letting go of the id.
+        let _uploading = {
+            let mut uploading = self.uploading.lock();
+            if uploading.contains(media_id)
+                || self.record(media_id)?.is_none_or(|r| r.sha256.is_some())
+            {
+                return Err(Error::cannot_overwrite_media());
+            }
+            uploading.insert(media_id.to_owned());
+            Uploading {
+                media: self,
+                id: media_id.to_owned(),
+            }
+        };
         let size = bytes.len() as u64;
         let (sha256, _) = self.store_file(bytes).await?;
         record.sha256 = Some(sha256);
