@@ -1370,3 +1370,30 @@ async fn a_kick_at_the_same_time_as_a_ban_does_not_lift_it() {
         assert_eq!(member["membership"], "ban", "round {round}");
     }
 }
+
+/// Two upgrades of one room asked for at once (a second click) make one replacement:
+/// the other is refused, and the tombstone names the room that was made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_upgrades_at_once_make_one_replacement() {
+    let server = TestServer::start().await;
+    let alice = server.user("alice").await;
+    let old = alice.create_room(json!({ "room_version": "10" })).await;
+    let path = format!("/_matrix/client/v3/rooms/{}/upgrade", enc(&old));
+    let upgrades = (0..2).map(|_| {
+        let (alice, path) = (alice.clone(), path.clone());
+        tokio::spawn(async move { alice.post(&path, json!({ "new_version": "11" })).await })
+    });
+    let mut made = Vec::new();
+    for upgrade in futures::future::join_all(upgrades).await {
+        let (status, body) = upgrade.unwrap();
+        if status == StatusCode::OK {
+            made.push(body["replacement_room"].as_str().unwrap().to_owned());
+        } else {
+            assert_eq!(errcode(&body), "M_UNKNOWN", "{body}");
+        }
+    }
+    assert_eq!(made.len(), 1, "{made:?}");
+    let (status, tombstone) = alice.state(&old, "m.room.tombstone", "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(tombstone["replacement_room"], made[0].as_str());
+}

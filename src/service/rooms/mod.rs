@@ -68,6 +68,8 @@ pub struct Rooms {
     pub timeline: Timeline,
     /// Aliases held by requests that will write them ([`Rooms::reserve_alias`]).
     aliases_reserved: parking_lot::Mutex<std::collections::HashSet<ruma::OwnedRoomAliasId>>,
+    /// Rooms being upgraded ([`Rooms::upgrade_room`]).
+    upgrading: parking_lot::Mutex<std::collections::HashSet<OwnedRoomId>>,
 }
 
 impl Rooms {
@@ -78,6 +80,7 @@ impl Rooms {
             users,
             timeline,
             aliases_reserved: Default::default(),
+            upgrading: Default::default(),
         }
     }
 
