@@ -88,11 +88,6 @@ impl Ephemeral {
         }
     }
 
-    fn tick(&self) -> u64 {
-        let ticket = self.db.stream.reserve();
-        ticket.position
-    }
-
     // --- typing ---
 
     /// Start or stop typing. `members` are told; a start expires by itself after `timeout`.
@@ -103,7 +98,10 @@ impl Ephemeral {
         typing: Option<Duration>,
         members: Vec<OwnedUserId>,
     ) {
-        let pos = self.tick();
+        // The position is held until the change is in place: no sync's token moves
+        // past it before the change can be seen.
+        let ticket = self.db.stream.reserve();
+        let pos = ticket.position;
         {
             let mut rooms = self.typing.lock();
             let entry = rooms.entry(room.to_owned()).or_default();
@@ -117,8 +115,9 @@ impl Ephemeral {
                     entry.users.remove(user);
                 }
             }
-            entry.pos = pos;
+            entry.pos = entry.pos.max(pos);
         }
+        drop(ticket);
         self.notifier.notify_all(members.iter().map(|u| &**u), pos);
         if let Some(t) = typing {
             // Expire server-side: clients that vanish must not type forever.
@@ -355,7 +354,9 @@ impl Ephemeral {
         status_msg: Option<Option<String>>,
         observers: Vec<OwnedUserId>,
     ) {
-        let pos = self.tick();
+        // Held until the change is in place, as for typing.
+        let ticket = self.db.stream.reserve();
+        let pos = ticket.position;
         {
             let mut all = self.presence.lock();
             let entry = all.entry(user.to_owned()).or_insert_with(|| Presence {
@@ -376,8 +377,9 @@ impl Ephemeral {
             if let Some(m) = status_msg {
                 entry.status_msg = m;
             }
-            entry.pos = pos;
+            entry.pos = entry.pos.max(pos);
         }
+        drop(ticket);
         self.notifier.notify_all(
             observers.iter().map(|u| &**u).chain(std::iter::once(user)),
             pos,
