@@ -582,8 +582,23 @@ impl Users {
         }
     }
 
-    /// Store account data and record the change on the user's stream for `/sync`.
+    /// Store account data and record the change on the user's stream for `/sync`. A
+    /// whole value written while an edit of the same user's account data is under way
+    /// waits for it ([`Users::edit_account_data`]), and the edit does not write back
+    /// what it read before.
     pub fn set_account_data(
+        &self,
+        user: &UserId,
+        room: Option<&str>,
+        kind: &str,
+        content: &JsonValue,
+    ) -> Result<()> {
+        let _one_at_a_time = self.account_data_locks.lock(user);
+        self.write_account_data(user, room, kind, content)
+    }
+
+    /// [`Users::set_account_data`], with the user's account data lock held.
+    fn write_account_data(
         &self,
         user: &UserId,
         room: Option<&str>,
@@ -631,7 +646,7 @@ impl Users {
     ) -> Result<()> {
         let _one_at_a_time = self.account_data_locks.lock(user);
         let content = edit(self.account_data(user, room, kind)?)?;
-        self.set_account_data(user, room, kind, &content)
+        self.write_account_data(user, room, kind, &content)
     }
 
     /// All account data of a user: global (room `None`) and per room.
