@@ -44,6 +44,10 @@ pub struct LdapService {
     tls: Option<Arc<rustls::ClientConfig>>,
     /// Idle connections bound as the service account, reused for searches.
     pool: tokio::sync::Mutex<Vec<Ldap>>,
+    /// Held while the groups' owner account, spaces and rooms are looked up and made
+    /// when missing ([`group_rooms`]): two logins or a login and a sync at once make
+    /// each of them once.
+    group_rooms: tokio::sync::Mutex<()>,
 }
 
 /// At most this many idle service connections are kept.
@@ -114,6 +118,7 @@ impl LdapService {
             config,
             tls,
             pool: tokio::sync::Mutex::new(Vec::new()),
+            group_rooms: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -957,6 +962,10 @@ async fn group_rooms<'g>(
     s: &Services,
     group: &'g crate::config::LdapGroup,
 ) -> Result<(OwnedUserId, Vec<(ruma::OwnedRoomId, &'g str)>)> {
+    let _one_at_a_time = match &s.ldap {
+        Some(ldap) => Some(ldap.group_rooms.lock().await),
+        None => None,
+    };
     let admin = groups_admin(s).await?;
     let name = group.name.clone().unwrap_or_else(|| group.space.clone());
     let space = ensure_room(s, &admin, &group.space, &name, None).await?;
