@@ -126,7 +126,7 @@ pub async fn forget(
     s: Arc<Services>,
     req: Ruma<forget_room::v3::Request>,
 ) -> Result<forget_room::v3::Response> {
-    s.rooms.forget(&req.room_id, req.user())?;
+    s.rooms.forget(&req.room_id, req.user()).await?;
     Ok(forget_room::v3::Response::new())
 }
 

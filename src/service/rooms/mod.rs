@@ -581,7 +581,10 @@ impl Rooms {
     }
 
     /// Forget a room the user has left: it disappears from their views.
-    pub fn forget(&self, room_id: &RoomId, user: &UserId) -> Result<()> {
+    /// Forgets a room the user has left, under the room's lock: an invite or a join
+    /// committed meanwhile is not hidden by it.
+    pub async fn forget(&self, room_id: &RoomId, user: &UserId) -> Result<()> {
+        let _room = self.timeline.lock(room_id).await;
         match self.membership(room_id, user)?.as_deref() {
             Some("join") | Some("invite") | Some("knock") => {
                 Err(Error::unknown("Leave the room before forgetting it"))

@@ -387,7 +387,8 @@ impl Timeline {
         }
     }
 
-    async fn lock(&self, room_id: &RoomId) -> RoomGuard<'_> {
+    /// The room's lock, which every change of its events holds.
+    pub(super) async fn lock(&self, room_id: &RoomId) -> RoomGuard<'_> {
         let writer = Writer::enter(&self.writers);
         let mutex = self
             .locks
@@ -977,7 +978,7 @@ impl Built {
 }
 
 /// A room's lock, held by a counted writer.
-struct RoomGuard<'a> {
+pub(super) struct RoomGuard<'a> {
     lock: OwnedMutexGuard<()>,
     writer: Writer<'a>,
 }
