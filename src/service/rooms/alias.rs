@@ -99,6 +99,18 @@ impl Rooms {
         }))
     }
 
+    /// Holds `alias`, stored or not, until the reservation is dropped; `None` when
+    /// another request holds it.
+    fn hold_alias(&self, alias: &RoomAliasId) -> Option<AliasReservation<'_>> {
+        self.aliases_reserved
+            .lock()
+            .insert(alias.to_owned())
+            .then(|| AliasReservation {
+                rooms: self,
+                alias: alias.to_owned(),
+            })
+    }
+
     pub(super) fn put_alias(
         &self,
         alias: &RoomAliasId,
@@ -152,8 +164,15 @@ impl Rooms {
         self.put_alias(alias, room_id, creator)
     }
 
-    /// Delete an alias; allowed to its creator, server admins and room moderators.
+    /// Delete an alias; allowed to its creator, server admins and room moderators. The
+    /// alias is held meanwhile, so that what is deleted is what was allowed: not an
+    /// alias deleted and given again to another room since it was read.
     pub fn delete_alias(&self, alias: &RoomAliasId, user: &UserId) -> Result<()> {
+        let Some(_held) = self.hold_alias(alias) else {
+            return Err(Error::unknown(
+                "This alias is being changed by another request; try again",
+            ));
+        };
         let v = self
             .db
             .get("aliases", alias.as_bytes())?
