@@ -711,3 +711,44 @@ async fn queued_pushes_survive_a_restart_while_the_gateway_is_down() {
     server.stop().await;
     gw.abort();
 }
+
+/// A pusher that a device sets while it logs out does not outlive it: either it was
+/// set first and goes with the device, or it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pusher_set_while_its_device_logs_out_goes_with_it() {
+    let server = TestServer::start().await;
+    let alice = server.user("alice").await;
+    let url = "https://push.example.org/_matrix/push/v1/notify";
+    for round in 0..10 {
+        let mut phone = alice.clone();
+        let (status, body) = server
+            .client()
+            .post(
+                "/_matrix/client/v3/login",
+                json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": "alice" }, "password": "correct horse battery" }),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        phone.token = Some(body["access_token"].as_str().unwrap().to_owned());
+        let pushkey = format!("key{round}");
+        let (logout, set) = tokio::join!(
+            phone.post("/_matrix/client/v3/logout", json!({})),
+            set_pusher(&phone, url, &pushkey),
+        );
+        assert_eq!(logout.0, StatusCode::OK, "{}", logout.1);
+        if set.0 != StatusCode::OK {
+            assert_eq!(errcode(&set.1), "M_UNKNOWN_TOKEN", "{}", set.1);
+        }
+        let pushers = alice
+            .ok(Method::GET, "/_matrix/client/v3/pushers", None)
+            .await;
+        assert!(
+            !pushers["pushers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["pushkey"] == pushkey.as_str()),
+            "round {round}: {pushers}"
+        );
+    }
+}

@@ -40,9 +40,7 @@ pub struct Ruma<T> {
     pub massaged_ts: Option<ruma::MilliSecondsSinceUnixEpoch>,
 }
 
-/// Appservices act without a device; their requests carry this device id, which keeps
-/// their transaction ids apart from any real device's.
-pub const APPSERVICE_DEVICE: &str = "APPSERVICE";
+pub use crate::service::users::APPSERVICE_DEVICE;
 
 impl<T> Ruma<T> {
     /// The authenticated user; only call on endpoints that require a token.

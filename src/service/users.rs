@@ -132,6 +132,10 @@ impl UserLocks {
     }
 }
 
+/// Appservices act without a device; their requests carry this device id, which keeps
+/// their transaction ids apart from any real device's.
+pub const APPSERVICE_DEVICE: &str = "APPSERVICE";
+
 /// The user id for a new local account: lower-cased, and only the characters the spec
 /// allows in new user ids (a-z, 0-9, `._=-/+`).
 pub fn new_local_user_id(localpart: &str, server: &ruma::ServerName) -> Result<OwnedUserId> {
@@ -407,6 +411,28 @@ impl Users {
             return Err(Error::forbidden("Invalid username or password"));
         }
         self.create_device_locked(user, device_id, display_name, ip)
+    }
+
+    /// Runs `f`, which writes something of the user's device (its keys, its pushers),
+    /// only while the device exists, under the user's device lock: a request the device
+    /// made just before it was removed either writes before the removal, whose clean-up
+    /// then takes it away, or finds the device gone (`M_UNKNOWN_TOKEN`). An
+    /// appservice's requests, which have no device ([`APPSERVICE_DEVICE`]), always run.
+    pub fn with_device<T>(
+        &self,
+        user: &UserId,
+        device: &str,
+        f: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        let _one_at_a_time = self.device_locks.lock(user);
+        if device != APPSERVICE_DEVICE
+            && !self
+                .db
+                .exists("devices", &str_key(&[user.as_str(), device]))?
+        {
+            return Err(Error::unknown_token(false));
+        }
+        f()
     }
 
     /// [`Users::create_device`], with the user's device lock held.

@@ -176,7 +176,22 @@ impl E2ee {
     }
 
     /// `/keys/upload`: check and store the device's keys; answer the one-time key counts.
+    /// Nothing is stored for a device removed meanwhile
+    /// ([`crate::service::users::Users::with_device`]).
     pub fn upload_keys(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        device_keys: Option<&RawJsonValue>,
+        one_time_keys: &BTreeMap<OwnedOneTimeKeyId, Raw<OneTimeKey>>,
+        fallback_keys: &BTreeMap<OwnedOneTimeKeyId, Raw<OneTimeKey>>,
+    ) -> Result<BTreeMap<OneTimeKeyAlgorithm, u64>> {
+        self.users.with_device(user, device.as_str(), || {
+            self.store_uploaded_keys(user, device, device_keys, one_time_keys, fallback_keys)
+        })
+    }
+
+    fn store_uploaded_keys(
         &self,
         user: &UserId,
         device: &DeviceId,

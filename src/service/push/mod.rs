@@ -625,6 +625,8 @@ impl Push {
     /// `/pushers/set` with a pusher: check it, then add or replace it. Without
     /// `append`, other users' pushers with the same app id and push key are removed
     /// (the device changed hands).
+    /// Nothing is set for a device removed meanwhile
+    /// ([`crate::service::users::Users::with_device`]).
     pub fn set_pusher(
         &self,
         user: &UserId,
@@ -632,6 +634,12 @@ impl Push {
         pusher: &Pusher,
         append: bool,
     ) -> Result<()> {
+        self.users.with_device(user, device, || {
+            self.add_pusher(user, device, pusher, append)
+        })
+    }
+
+    fn add_pusher(&self, user: &UserId, device: &str, pusher: &Pusher, append: bool) -> Result<()> {
         match &pusher.kind {
             PusherKind::Http(data) => self.check_gateway_url(&data.url)?,
             PusherKind::Email(_) => {
