@@ -523,24 +523,6 @@ impl Users {
         Ok(true)
     }
 
-    /// Remove every device of the user except `keep`.
-    pub fn remove_devices_except(&self, user: &UserId, keep: Option<&DeviceId>) -> Result<()> {
-        let _one_at_a_time = self.device_locks.lock(user);
-        let mut batch = Batch::default();
-        for d in self.devices(user)? {
-            if keep.is_some_and(|k| k.as_str() == d.device_id) {
-                continue;
-            }
-            self.forget_token(&mut batch, &d.access_token);
-            batch.delete(
-                &self.db,
-                "devices",
-                &str_key(&[user.as_str(), &d.device_id]),
-            );
-        }
-        self.db.commit(batch)
-    }
-
     /// Marks the account deactivated: no login succeeds from here on. The caller
     /// removes its devices after this, so that a login under way cannot leave one.
     pub fn deactivate(&self, user: &UserId) -> Result<()> {

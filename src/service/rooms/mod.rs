@@ -580,9 +580,8 @@ impl Rooms {
         Ok(out)
     }
 
-    /// Forget a room the user has left: it disappears from their views.
-    /// Forgets a room the user has left, under the room's lock: an invite or a join
-    /// committed meanwhile is not hidden by it.
+    /// Forget a room the user has left: it disappears from their views. Done under the
+    /// room's lock, so that an invite or a join committed meanwhile is not hidden.
     pub async fn forget(&self, room_id: &RoomId, user: &UserId) -> Result<()> {
         let _room = self.timeline.lock(room_id).await;
         match self.membership(room_id, user)?.as_deref() {
