@@ -530,3 +530,26 @@ async fn two_uploads_for_one_created_id_store_one() {
     }
     server.stop().await;
 }
+
+/// A user may hold 50 ids from `/create` awaiting their uploads; calls made at once
+/// cannot pass that limit together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn created_ids_stay_within_their_limit_when_asked_for_at_once() {
+    let server = TestServer::start().await;
+    let alice = server.user("alice").await;
+    let calls = (0..60).map(|_| {
+        let alice = alice.clone();
+        tokio::spawn(async move { alice.post("/_matrix/media/v1/create", json!({})).await })
+    });
+    let mut created = 0;
+    for call in futures::future::join_all(calls).await {
+        let (status, body) = call.unwrap();
+        if status == StatusCode::OK {
+            created += 1;
+        } else {
+            assert_eq!(errcode(&body), "M_LIMIT_EXCEEDED", "{body}");
+        }
+    }
+    assert_eq!(created, 50);
+    server.stop().await;
+}

@@ -72,6 +72,9 @@ pub struct Media {
     /// Ids from `/create` whose upload is being stored: a second upload for one of
     /// them is refused as an overwrite.
     uploading: parking_lot::Mutex<std::collections::HashSet<String>>,
+    /// Held by a user's `/create` from counting their pending ids to writing the new
+    /// one, so that calls at once cannot pass the limit together.
+    creating: crate::service::users::UserLocks,
 }
 
 /// An id of [`Media::uploading`], let go when dropped.
@@ -110,6 +113,7 @@ impl Media {
             config,
             uploaded: tokio::sync::Notify::new(),
             uploading: Default::default(),
+            creating: crate::service::users::UserLocks::new(),
         })
     }
 
@@ -193,6 +197,7 @@ impl Media {
 
     /// `POST /media/v1/create`: reserve an id for an upload that follows.
     pub fn create_pending(&self, server: &ServerName, user: &UserId) -> Result<(OwnedMxcUri, u64)> {
+        let _one_at_a_time = self.creating.lock(user);
         let now = now_ms();
         let pending = self
             .db
