@@ -132,6 +132,10 @@ async fn registration_tokens_gate_registration() {
             .users
             .create_registration_token(Some("let-me-in".into()), Some(1), None)
             .unwrap();
+        services
+            .users
+            .create_registration_token(Some("two-uses".into()), Some(2), None)
+            .unwrap();
     }
     let server = TestServer::start_in(dir, &[("SALON_REGISTRATION__MODE", "token")]).await;
     let c = server.client();
@@ -175,6 +179,26 @@ async fn registration_tokens_gate_registration() {
         .get("/_matrix/client/v1/register/m.login.registration_token/validity?token=let-me-in")
         .await;
     assert_eq!(body["valid"], false, "the token allowed one use");
+
+    // Two registrations of one name at once with a two-use token: the one that loses
+    // the name gives its use back.
+    let attempts = (0..2).map(|_| {
+        let c = c.clone();
+        tokio::spawn(async move {
+            c.post("/_matrix/client/v3/register", json!({ "username": "frank", "password": "long enough pw", "auth": { "type": "m.login.registration_token", "token": "two-uses" } }))
+                .await
+        })
+    });
+    let statuses: Vec<StatusCode> = futures::future::join_all(attempts)
+        .await
+        .into_iter()
+        .map(|a| a.unwrap().0)
+        .collect();
+    assert!(statuses.contains(&StatusCode::OK), "{statuses:?}");
+    let (_, body) = c
+        .get("/_matrix/client/v1/register/m.login.registration_token/validity?token=two-uses")
+        .await;
+    assert_eq!(body["valid"], true, "one use is left: {statuses:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -809,6 +809,21 @@ impl Users {
         )
     }
 
+    /// Gives back a use counted by [`Users::use_registration_token`] for a registration
+    /// that then failed (another request took the name meanwhile).
+    pub fn return_registration_token(&self, token: &str) -> Result<()> {
+        let _one_at_a_time = self.token_lock.lock();
+        let Some(mut record) = self.registration_token(token)? else {
+            return Ok(());
+        };
+        record.completed = record.completed.saturating_sub(1);
+        self.db.put_durable(
+            "registration_tokens",
+            token.as_bytes(),
+            &serde_json::to_vec(&record)?,
+        )
+    }
+
     // --- login tokens ---
 
     pub fn create_login_token(&self, user: &UserId, ttl: Duration) -> Result<String> {

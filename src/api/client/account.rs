@@ -137,14 +137,22 @@ pub async fn register(
     if let Some(token) = &done.registration_token {
         s.users.use_registration_token(token)?;
     }
-    s.users
+    let created = s
+        .users
         .create(
             &user_id,
             password.as_deref(),
             false,
             req.kind == RegistrationKind::Guest,
         )
-        .await?;
+        .await;
+    if let Err(e) = created {
+        // The name was taken meanwhile: the token's use is given back.
+        if let Some(token) = &done.registration_token {
+            s.users.return_registration_token(token)?;
+        }
+        return Err(e);
+    }
     tracing::info!(user_id = %user_id, "account registered");
     let mut res = register::v3::Response::new(user_id.clone());
     if !req.inhibit_login {
