@@ -1116,6 +1116,20 @@ async fn room_upgrade_moves_the_room_on() {
         )
         .await;
     assert_eq!(alias["room_id"], new);
+    // The alias moved: it is listed for the new room and no longer for the old one.
+    for (room, listed) in [
+        (old.as_str(), json!([])),
+        (new, json!(["#legacy:localhost"])),
+    ] {
+        let aliases = alice
+            .ok(
+                Method::GET,
+                &format!("/_matrix/client/v3/rooms/{}/aliases", enc(room)),
+                None,
+            )
+            .await;
+        assert_eq!(aliases["aliases"], listed, "{room}");
+    }
     let (status, _) = bob
         .put(
             &format!(

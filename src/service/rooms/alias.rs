@@ -111,6 +111,8 @@ impl Rooms {
             })
     }
 
+    /// Points `alias` at `room_id`; an alias that pointed at another room (moved by an
+    /// upgrade) leaves that room's list of aliases.
     pub(super) fn put_alias(
         &self,
         alias: &RoomAliasId,
@@ -122,6 +124,14 @@ impl Rooms {
             .room_short(room_id)?
             .ok_or_else(|| Error::not_found("Unknown room"))?;
         let mut b = Batch::default();
+        if let Some(previous) = self.alias_target(alias)?
+            && previous != room_id
+            && let Some(short) = self.timeline.room_short(&previous)?
+        {
+            let mut key = short.to_be_bytes().to_vec();
+            key.extend_from_slice(&str_key(&["", alias.as_str()]));
+            b.delete(&self.db, "room_aliases", &key);
+        }
         let record = AliasRecord {
             room_id: room_id.to_owned(),
             creator: creator.to_string(),
