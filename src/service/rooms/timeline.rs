@@ -123,7 +123,7 @@ pub struct Timeline {
     pub state: Arc<StateService>,
     notifier: Arc<Notifier>,
     push: Arc<Push>,
-    locks: Mutex<HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
+    locks: Mutex<RoomLocks>,
     /// Drafts under way, waiting for their room's lock included: with none but its
     /// own, a commit syncs the log on its own thread (see [`Draft::commit`]).
     writers: std::sync::atomic::AtomicUsize,
@@ -142,6 +142,18 @@ pub struct Timeline {
     last_create: std::sync::atomic::AtomicU64,
     /// History read-aheads running ([`Timeline::read_ahead`]).
     read_aheads: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Rooms whose locks are kept before the ones nobody holds or waits for are let go
+/// (each written room would otherwise keep one for as long as the server runs).
+const ROOM_LOCKS_KEPT: usize = 1024;
+
+type RoomLocks = HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>;
+
+/// Lets go of the room locks nobody holds or waits for: only the map has them. Anyone
+/// who holds a lock, or waits for it, has a clone of it (taken under the map's lock).
+fn forget_idle_locks(locks: &mut RoomLocks) {
+    locks.retain(|_, lock| Arc::strong_count(lock) > 1);
 }
 
 /// At most this many history read-aheads ([`Timeline::read_ahead`]) run at once.
@@ -390,12 +402,13 @@ impl Timeline {
     /// The room's lock, which every change of its events holds.
     pub(super) async fn lock(&self, room_id: &RoomId) -> RoomGuard<'_> {
         let writer = Writer::enter(&self.writers);
-        let mutex = self
-            .locks
-            .lock()
-            .entry(room_id.to_owned())
-            .or_default()
-            .clone();
+        let mutex = {
+            let mut locks = self.locks.lock();
+            if locks.len() >= ROOM_LOCKS_KEPT && !locks.contains_key(room_id) {
+                forget_idle_locks(&mut locks);
+            }
+            locks.entry(room_id.to_owned()).or_default().clone()
+        };
         RoomGuard {
             lock: mutex.lock_owned().await,
             writer,
@@ -1870,6 +1883,24 @@ mod tests {
         Arc::new(
             Pdu::from_json(EventId::parse(format!("$e{n}")).unwrap(), json.as_bytes()).unwrap(),
         )
+    }
+
+    /// Idle room locks are let go; held ones, and ones waited for, stay.
+    #[tokio::test]
+    async fn idle_room_locks_are_let_go() {
+        let mut locks = RoomLocks::new();
+        let room = |n: usize| RoomId::parse(format!("!r{n}:x")).unwrap();
+        for n in 0..3 {
+            locks.insert(room(n), Arc::default());
+        }
+        let held = locks[&room(0)].clone().lock_owned().await;
+        let waiting = locks[&room(1)].clone();
+        forget_idle_locks(&mut locks);
+        assert!(locks.contains_key(&room(0)) && locks.contains_key(&room(1)));
+        assert!(!locks.contains_key(&room(2)));
+        drop((held, waiting));
+        forget_idle_locks(&mut locks);
+        assert!(locks.is_empty());
     }
 
     /// What was used in the last two generations stays; what was not is dropped when
