@@ -805,27 +805,20 @@ async fn one_name_registered_at_once_goes_to_one_client() {
     let server = TestServer::start().await;
     let attempts = (0..4).map(|i| {
         let c = server.client();
-        tokio::spawn(async move {
+        async move {
             c.post(
                 "/_matrix/client/v3/register",
                 json!({ "username": "contested", "password": format!("password number {i}"), "auth": { "type": "m.login.dummy" } }),
             )
             .await
-        })
-    });
-    let mut winners = Vec::new();
-    for (i, attempt) in futures::future::join_all(attempts)
-        .await
-        .into_iter()
-        .enumerate()
-    {
-        let (status, body) = attempt.unwrap();
-        if status == StatusCode::OK {
-            winners.push(i);
-        } else {
-            assert_eq!(errcode(&body), "M_USER_IN_USE", "{body}");
         }
-    }
+    });
+    let winners: Vec<usize> = common::race(attempts, "M_USER_IN_USE")
+        .await
+        .iter()
+        .enumerate()
+        .filter_map(|(i, answer)| answer.is_some().then_some(i))
+        .collect();
     assert_eq!(winners.len(), 1, "{winners:?}");
     // The winner's password is the account's.
     let (status, body) = server

@@ -1288,24 +1288,21 @@ async fn an_alias_asked_for_at_once_goes_to_one_room() {
     let alice = server.user("alice").await;
     let creations = (0..4).map(|_| {
         let alice = alice.clone();
-        tokio::spawn(async move {
+        async move {
             alice
                 .post(
                     "/_matrix/client/v3/createRoom",
                     json!({ "room_alias_name": "contested" }),
                 )
                 .await
-        })
-    });
-    let mut created = Vec::new();
-    for creation in futures::future::join_all(creations).await {
-        let (status, body) = creation.unwrap();
-        if status == StatusCode::OK {
-            created.push(body["room_id"].as_str().unwrap().to_owned());
-        } else {
-            assert_eq!(errcode(&body), "M_ROOM_IN_USE", "{body}");
         }
-    }
+    });
+    let created: Vec<String> = common::race(creations, "M_ROOM_IN_USE")
+        .await
+        .into_iter()
+        .flatten()
+        .map(|body| body["room_id"].as_str().unwrap().to_owned())
+        .collect();
     assert_eq!(created.len(), 1, "{created:?}");
     let resolved = alice
         .ok(
@@ -1395,17 +1392,14 @@ async fn two_upgrades_at_once_make_one_replacement() {
     let path = format!("/_matrix/client/v3/rooms/{}/upgrade", enc(&old));
     let upgrades = (0..2).map(|_| {
         let (alice, path) = (alice.clone(), path.clone());
-        tokio::spawn(async move { alice.post(&path, json!({ "new_version": "11" })).await })
+        async move { alice.post(&path, json!({ "new_version": "11" })).await }
     });
-    let mut made = Vec::new();
-    for upgrade in futures::future::join_all(upgrades).await {
-        let (status, body) = upgrade.unwrap();
-        if status == StatusCode::OK {
-            made.push(body["replacement_room"].as_str().unwrap().to_owned());
-        } else {
-            assert_eq!(errcode(&body), "M_UNKNOWN", "{body}");
-        }
-    }
+    let made: Vec<String> = common::race(upgrades, "M_UNKNOWN")
+        .await
+        .into_iter()
+        .flatten()
+        .map(|body| body["replacement_room"].as_str().unwrap().to_owned())
+        .collect();
     assert_eq!(made.len(), 1, "{made:?}");
     let (status, tombstone) = alice.state(&old, "m.room.tombstone", "").await;
     assert_eq!(status, StatusCode::OK);

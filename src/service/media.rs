@@ -71,22 +71,10 @@ pub struct Media {
     uploaded: tokio::sync::Notify,
     /// Ids from `/create` whose upload is being stored: a second upload for one of
     /// them is refused as an overwrite.
-    uploading: parking_lot::Mutex<std::collections::HashSet<String>>,
+    uploading: super::locks::Holding<String>,
     /// Held by a user's `/create` from counting their pending ids to writing the new
     /// one, so that calls at once cannot pass the limit together.
-    creating: crate::service::users::UserLocks,
-}
-
-/// An id of [`Media::uploading`], let go when dropped.
-struct Uploading<'a> {
-    media: &'a Media,
-    id: String,
-}
-
-impl Drop for Uploading<'_> {
-    fn drop(&mut self) {
-        self.media.uploading.lock().remove(&self.id);
-    }
+    creating: super::locks::UserLocks,
 }
 
 fn hex_sha256(bytes: &[u8]) -> String {
@@ -113,7 +101,7 @@ impl Media {
             config,
             uploaded: tokio::sync::Notify::new(),
             uploading: Default::default(),
-            creating: crate::service::users::UserLocks::new(),
+            creating: Default::default(),
         })
     }
 
@@ -264,18 +252,11 @@ impl Media {
         // Of two uploads for the id at once, the second is an overwrite. The record is
         // read again under the lock: an upload that finished meanwhile wrote it before
         // letting go of the id.
-        let _uploading = {
-            let mut uploading = self.uploading.lock();
-            if uploading.contains(media_id)
-                || self.record(media_id)?.is_none_or(|r| r.sha256.is_some())
-            {
-                return Err(Error::cannot_overwrite_media());
-            }
-            uploading.insert(media_id.to_owned());
-            Uploading {
-                media: self,
-                id: media_id.to_owned(),
-            }
+        let Some(_uploading) = self.uploading.hold_if(media_id.to_owned(), || {
+            Ok(self.record(media_id)?.is_some_and(|r| r.sha256.is_none()))
+        })?
+        else {
+            return Err(Error::cannot_overwrite_media());
         };
         let size = bytes.len() as u64;
         let (sha256, _) = self.store_file(bytes).await?;

@@ -6,6 +6,7 @@ pub mod e2ee;
 pub mod ephemeral;
 pub mod globals;
 pub mod ldap;
+pub mod locks;
 pub mod media;
 pub mod notifier;
 pub mod push;

@@ -104,32 +104,15 @@ pub struct Users {
     notifier: Arc<Notifier>,
     tokens: RwLock<HashMap<String, Session>>,
     /// Held by a change of a user's record from its read to its write.
-    record_locks: UserLocks,
+    record_locks: super::locks::UserLocks,
     /// Held by a change of a user's devices from its read to its write.
-    device_locks: UserLocks,
+    device_locks: super::locks::UserLocks,
     /// Held by an edit of a user's account data from its read to its write.
-    account_data_locks: UserLocks,
+    account_data_locks: super::locks::UserLocks,
     /// Held by a change of a registration token, or the use of a login token, from its
     /// read to its write: a token allowed one more use, or a login token, is not used
     /// twice by requests at once.
     token_lock: parking_lot::Mutex<()>,
-}
-
-/// Locks for changes that read one of a user's records, change it and write it back:
-/// changes to one user's records go one at a time, so that none undoes another, while
-/// other users' go alongside (users share one of 64 locks, by a hash of their id).
-pub(crate) struct UserLocks([parking_lot::Mutex<()>; 64]);
-
-impl UserLocks {
-    pub(crate) fn new() -> Self {
-        Self(std::array::from_fn(|_| parking_lot::Mutex::new(())))
-    }
-
-    pub(crate) fn lock(&self, user: &UserId) -> parking_lot::MutexGuard<'_, ()> {
-        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-        let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(user.as_str());
-        self.0[(hash % self.0.len() as u64) as usize].lock()
-    }
 }
 
 /// Appservices act without a device; their requests carry this device id, which keeps
@@ -165,9 +148,9 @@ impl Users {
             db,
             notifier,
             tokens: RwLock::new(HashMap::new()),
-            record_locks: UserLocks::new(),
-            device_locks: UserLocks::new(),
-            account_data_locks: UserLocks::new(),
+            record_locks: Default::default(),
+            device_locks: Default::default(),
+            account_data_locks: Default::default(),
             token_lock: parking_lot::Mutex::new(()),
         }
     }

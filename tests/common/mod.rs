@@ -243,3 +243,23 @@ impl Client {
 pub fn errcode(v: &Value) -> &str {
     v["errcode"].as_str().unwrap_or("<none>")
 }
+
+/// Sends `requests` at once and gives, in their order, the body of each answered 200
+/// and `None` for each refused; a refusal must carry the errcode `refused`.
+pub async fn race<F>(requests: impl IntoIterator<Item = F>, refused: &str) -> Vec<Option<Value>>
+where
+    F: std::future::Future<Output = (StatusCode, Value)> + Send + 'static,
+{
+    let tasks: Vec<_> = requests.into_iter().map(tokio::spawn).collect();
+    let mut answers = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        let (status, body) = task.await.expect("request task");
+        if status == StatusCode::OK {
+            answers.push(Some(body));
+        } else {
+            assert_eq!(errcode(&body), refused, "{body}");
+            answers.push(None);
+        }
+    }
+    answers
+}

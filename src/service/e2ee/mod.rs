@@ -41,7 +41,7 @@ pub struct E2ee {
     signing_keys_lock: Mutex<()>,
     /// Held by a sender's to-device transaction from the check that its id is new to
     /// its write, so that a retry sent while the first try is under way does nothing.
-    to_device_locks: crate::service::users::UserLocks,
+    to_device_locks: crate::service::locks::UserLocks,
     /// Devices' one-time and fallback key summaries, for their syncs.
     key_summaries: Mutex<keys::KeySummaries>,
 }
@@ -76,7 +76,7 @@ impl E2ee {
             claim_lock: Mutex::new(()),
             backup_lock: Mutex::new(()),
             signing_keys_lock: Mutex::new(()),
-            to_device_locks: crate::service::users::UserLocks::new(),
+            to_device_locks: Default::default(),
             key_summaries: Mutex::default(),
         }
     }

@@ -50,24 +50,8 @@ pub struct PublicRoom {
     pub room_type: Option<String>,
 }
 
-/// An alias held for one request until it is written ([`Rooms::reserve_alias`]); let go
-/// when dropped.
-pub struct AliasReservation<'a> {
-    rooms: &'a Rooms,
-    alias: OwnedRoomAliasId,
-}
-
-impl AliasReservation<'_> {
-    pub fn alias(&self) -> &RoomAliasId {
-        &self.alias
-    }
-}
-
-impl Drop for AliasReservation<'_> {
-    fn drop(&mut self) {
-        self.rooms.aliases_reserved.lock().remove(&self.alias);
-    }
-}
+/// An alias held for one request until it is written ([`Rooms::reserve_alias`]).
+pub type AliasReservation<'a> = crate::service::locks::Held<'a, OwnedRoomAliasId>;
 
 fn str_field(content: Option<JsonValue>, field: &str) -> Option<String> {
     content.and_then(|c| c.get(field).and_then(|v| v.as_str()).map(str::to_owned))
@@ -88,27 +72,8 @@ impl Rooms {
         &self,
         alias: &RoomAliasId,
     ) -> Result<Option<AliasReservation<'_>>> {
-        let mut reserved = self.aliases_reserved.lock();
-        if reserved.contains(alias) || self.alias_target(alias)?.is_some() {
-            return Ok(None);
-        }
-        reserved.insert(alias.to_owned());
-        Ok(Some(AliasReservation {
-            rooms: self,
-            alias: alias.to_owned(),
-        }))
-    }
-
-    /// Holds `alias`, stored or not, until the reservation is dropped; `None` when
-    /// another request holds it.
-    fn hold_alias(&self, alias: &RoomAliasId) -> Option<AliasReservation<'_>> {
         self.aliases_reserved
-            .lock()
-            .insert(alias.to_owned())
-            .then(|| AliasReservation {
-                rooms: self,
-                alias: alias.to_owned(),
-            })
+            .hold_if(alias.to_owned(), || Ok(self.alias_target(alias)?.is_none()))
     }
 
     /// Points `alias` at `room_id`; an alias that pointed at another room (moved by an
@@ -178,7 +143,7 @@ impl Rooms {
     /// alias is held meanwhile, so that what is deleted is what was allowed: not an
     /// alias deleted and given again to another room since it was read.
     pub fn delete_alias(&self, alias: &RoomAliasId, user: &UserId) -> Result<()> {
-        let Some(_held) = self.hold_alias(alias) else {
+        let Some(_held) = self.aliases_reserved.hold(alias.to_owned()) else {
             return Err(Error::unknown(
                 "This alias is being changed by another request; try again",
             ));

@@ -67,9 +67,9 @@ pub struct Rooms {
     pub users: Arc<Users>,
     pub timeline: Timeline,
     /// Aliases held by requests that will write them ([`Rooms::reserve_alias`]).
-    aliases_reserved: parking_lot::Mutex<std::collections::HashSet<ruma::OwnedRoomAliasId>>,
+    aliases_reserved: crate::service::locks::Holding<ruma::OwnedRoomAliasId>,
     /// Rooms being upgraded ([`Rooms::upgrade_room`]).
-    upgrading: parking_lot::Mutex<std::collections::HashSet<OwnedRoomId>>,
+    upgrading: crate::service::locks::Holding<OwnedRoomId>,
 }
 
 impl Rooms {
@@ -260,7 +260,7 @@ impl Rooms {
                 NewEvent::state(
                     TimelineEventType::RoomCanonicalAlias,
                     "",
-                    json!({ "alias": alias.alias() }),
+                    json!({ "alias": alias.key() }),
                 ),
             )?;
         }
@@ -338,7 +338,7 @@ impl Rooms {
         draft.commit().await?;
 
         if let Some(alias) = &alias {
-            self.put_alias(alias.alias(), &room_id, creator)?;
+            self.put_alias(alias.key(), &room_id, creator)?;
         }
         if req.public {
             self.db

@@ -18,18 +18,6 @@ const CARRIED_STATE: &[&str] = &[
     "m.room.join_rules",
 ];
 
-/// A room of [`Rooms::upgrading`], let go when dropped.
-struct Upgrading<'a> {
-    rooms: &'a Rooms,
-    room: OwnedRoomId,
-}
-
-impl Drop for Upgrading<'_> {
-    fn drop(&mut self) {
-        self.rooms.upgrading.lock().remove(&self.room);
-    }
-}
-
 impl Rooms {
     /// Replaces a room with a new one of `version`. One upgrade of a room runs at a
     /// time: another asked for meanwhile (a second click) is refused rather than
@@ -47,14 +35,10 @@ impl Rooms {
             )));
         }
         let (old_short, old_record) = self.timeline.room(old_room)?;
-        if !self.upgrading.lock().insert(old_room.to_owned()) {
+        let Some(_upgrading) = self.upgrading.hold(old_room.to_owned()) else {
             return Err(Error::unknown(
                 "An upgrade of this room is already under way",
             ));
-        }
-        let _upgrading = Upgrading {
-            rooms: self,
-            room: old_room.to_owned(),
         };
         if self.membership(old_room, user)?.as_deref() != Some("join") {
             return Err(Error::forbidden("You are not a member of this room"));
