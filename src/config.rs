@@ -194,11 +194,17 @@ impl Default for RateLimitsConfig {
 pub struct DatabaseConfig {
     /// RocksDB block cache, in MiB.
     pub cache_mib: usize,
+    /// The write-ahead log file prepared at each start for commits to overwrite in
+    /// place (cheaper syncs than a growing file), in MiB; 0 leaves the log as it is.
+    pub prepared_log_mib: usize,
 }
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        Self { cache_mib: 32 }
+        Self {
+            cache_mib: 32,
+            prepared_log_mib: 16,
+        }
     }
 }
 

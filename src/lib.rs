@@ -45,6 +45,7 @@ pub async fn run(
         )));
     }
     let trimmer = tokio::spawn(allocator::trim_after_bursts());
+    let log = prepare_log(&services);
     // Answer clients at once; the bundled appservices open their stores meanwhile.
     let server = tokio::spawn(http::serve(services.clone(), listener, shutdown));
     let bundled = match bundled::start(&services, prepared).await {
@@ -65,9 +66,29 @@ pub async fn run(
     }
     bundled.stop().await;
     trimmer.abort();
+    let _ = log.await;
     served?;
     services.db.flush()?;
     Ok(())
+}
+
+/// Prepares the write-ahead log for in-place commits (see `Db::prepare_log`) while
+/// clients are already served.
+fn prepare_log(services: &Arc<Services>) -> tokio::task::JoinHandle<()> {
+    let db = services.db.clone();
+    let bytes = services.globals.config.database.prepared_log_mib * 1024 * 1024;
+    tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        match db.prepare_log(bytes) {
+            Ok(true) => tracing::debug!(
+                mib = bytes >> 20,
+                ms = started.elapsed().as_millis() as u64,
+                "the write-ahead log is overwritten in place"
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "the write-ahead log could not be prepared"),
+        }
+    })
 }
 
 /// Shared by the binary and tests: build services without serving.

@@ -20,9 +20,14 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn spawn(dir: &std::path::Path, port: u16) -> Child {
+/// Starts the server; `prepared_log_mib` as `database.prepared_log_mib`.
+fn spawn(dir: &std::path::Path, port: u16, prepared_log_mib: u32) -> Child {
     Command::new(env!("CARGO_BIN_EXE_salon"))
         .arg("serve")
+        .env(
+            "SALON_DATABASE__PREPARED_LOG_MIB",
+            prepared_log_mib.to_string(),
+        )
         .env("SALON_LISTEN", format!("127.0.0.1:{port}"))
         .env("SALON_DATA_DIR", dir)
         .env("SALON_SERVER_NAME", "localhost")
@@ -52,9 +57,20 @@ async fn wait_ready(base: &str) {
     panic!("server did not come up at {base}");
 }
 
+/// Which write-ahead log file the burst is written into.
+#[derive(Clone, Copy, PartialEq)]
+enum Log {
+    /// A new file, growing with every write (no log prepared at start).
+    Growing,
+    /// A file reused after flushes of the memtables.
+    ReusedAfterFlushes,
+    /// The file prepared at start, full of filler records past the last write.
+    Prepared,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_events_survive_kill_9() {
-    burst_then_kill_9(false).await;
+    burst_then_kill_9(Log::Growing).await;
 }
 
 /// The same, once the write-ahead log files are reused: after flushes, RocksDB
@@ -62,7 +78,13 @@ async fn acknowledged_events_survive_kill_9() {
 /// writes put there, never the old contents past them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_events_survive_kill_9_in_a_reused_log() {
-    burst_then_kill_9(true).await;
+    burst_then_kill_9(Log::ReusedAfterFlushes).await;
+}
+
+/// The same in the log file prepared at start (`database.prepared_log_mib`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_events_survive_kill_9_in_the_prepared_log() {
+    burst_then_kill_9(Log::Prepared).await;
 }
 
 /// Whether RocksDB has started writing into a reused log file.
@@ -95,12 +117,23 @@ async fn fill_until_a_log_is_reused(c: &Client, room: &str, dir: &std::path::Pat
     panic!("no write-ahead log file was reused after 3,000 large messages");
 }
 
-async fn burst_then_kill_9(in_a_reused_log: bool) {
+async fn burst_then_kill_9(log: Log) {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
-    let mut child = spawn(dir.path(), port);
+    let prepared_log_mib = if log == Log::Prepared { 16 } else { 0 };
+    let mut child = spawn(dir.path(), port, prepared_log_mib);
     wait_ready(&base).await;
+    if log == Log::Prepared {
+        let start = Instant::now();
+        while !reusing_a_log(dir.path()) {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the prepared log was not taken up"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 
     let mut alice = Client {
         base: base.clone(),
@@ -114,7 +147,7 @@ async fn burst_then_kill_9(in_a_reused_log: bool) {
         .await;
     alice.token = Some(body["access_token"].as_str().unwrap().to_owned());
     let room = alice.create_room(json!({ "name": "Durable" })).await;
-    if in_a_reused_log {
+    if log == Log::ReusedAfterFlushes {
         fill_until_a_log_is_reused(&alice, &room, dir.path()).await;
     }
 
@@ -171,7 +204,7 @@ async fn burst_then_kill_9(in_a_reused_log: bool) {
     // Restart on the same data: every acknowledged event is there, with its content.
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
-    let mut child = spawn(dir.path(), port);
+    let mut child = spawn(dir.path(), port, prepared_log_mib);
     wait_ready(&base).await;
     alice.base = base;
     for (event_id, text) in &acked {

@@ -960,6 +960,87 @@ impl Db {
         }
         Ok(())
     }
+
+    /// Gives the write-ahead log files of at least `bytes` that commits overwrite in
+    /// place, the current one and the next, and says whether the log now writes into
+    /// one.
+    ///
+    /// A sync of a log file that grows must also get the file's new size and its newly
+    /// used blocks into the file system's journal; a sync of a reused file writes the
+    /// data alone (on ext4 here: a median fdatasync of 0.16 against 0.12 ms, and a
+    /// shorter tail). RocksDB reuses only the log files of the running process, once
+    /// every column family has flushed what they hold, so after a start every commit
+    /// appends until the memtables have flushed twice, which on a quiet server can take
+    /// days. This fills the current log with log-only records (never put into a
+    /// memtable or a table file, passed over when the log is replayed), in synced
+    /// steps so that no commit waits for more than one of them, then flushes the
+    /// memtables so that RocksDB moves to a new log and keeps the filled one for reuse;
+    /// fills the new one and flushes again, so that the first file comes back as the
+    /// current log and the second waits for reuse after it (a retired log file is cut
+    /// to what was written into it, so after that the files keep the length the log
+    /// reaches between flushes).
+    pub fn prepare_log(&self, bytes: usize) -> Result<bool> {
+        if bytes == 0 {
+            return Ok(false);
+        }
+        let mut filled = 0u64;
+        for _ in 0..6 {
+            let size = self.current_log_size()?;
+            if size >= bytes as u64 {
+                if filled >= 2 {
+                    return Ok(true);
+                }
+            } else {
+                self.fill_log(bytes - size as usize)?;
+                filled += 1;
+            }
+            // A flush needs something to flush: a count of these switches.
+            self.put_durable("meta", b"log_switches", &filled.to_be_bytes())?;
+            self.flush()?;
+            // The retired file is listed for reuse just after the flush returns.
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        Ok(false)
+    }
+
+    /// Appends `bytes` of log-only records to the current log file.
+    fn fill_log(&self, bytes: usize) -> Result<()> {
+        const STEP: usize = 256 * 1024;
+        let mut synced = WriteOptions::default();
+        synced.set_sync(true);
+        let filler = vec![0u8; STEP];
+        let mut written = 0;
+        while written < bytes {
+            let mut batch = WriteBatch::default();
+            batch.put_log_data(&filler[..STEP.min(bytes - written)]);
+            self.db.write_opt(&batch, &synced)?;
+            written += STEP;
+        }
+        Ok(())
+    }
+
+    /// The size of the log file RocksDB writes into: the one of the highest number (a
+    /// reused file is renamed to its new number).
+    pub fn current_log_size(&self) -> Result<u64> {
+        let mut newest: Option<(u64, u64)> = None;
+        let entries = std::fs::read_dir(self.db.path())
+            .map_err(|e| Error::internal(format!("cannot list the database: {e}")))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(number) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".log"))
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if newest.is_none_or(|(n, _)| number > n) {
+                let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
+                newest = Some((number, size));
+            }
+        }
+        Ok(newest.map_or(0, |(_, size)| size))
+    }
 }
 
 impl Batch {
@@ -1029,6 +1110,55 @@ mod tests {
         assert_eq!(db.short_id(IdKind::Event, "$d").unwrap(), Some(d));
         assert_eq!(db.long_id(d).unwrap().as_deref(), Some("$d"));
         assert_eq!(db.get_or_create_short_id(IdKind::Event, "$d").unwrap(), d);
+    }
+
+    /// A prepared log is the current log, the next file is prepared too, commits
+    /// overwrite the current one without growing it, and what they wrote there (and before) is read back after a reopen, with the
+    /// filler past the last write never replayed.
+    #[test]
+    fn a_prepared_log_is_overwritten_in_place_and_replayed() {
+        const MIB: usize = 1024 * 1024;
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Db::open(dir.path(), 8).unwrap();
+            db.put_durable("meta", b"before", b"1").unwrap();
+            let fresh = db.current_log_size().unwrap();
+            assert!(fresh < MIB as u64, "a new log starts small: {fresh}");
+            assert!(db.prepare_log(2 * MIB).unwrap());
+            let prepared = db.current_log_size().unwrap();
+            assert!(prepared >= 2 * MIB as u64, "{prepared}");
+            let full = std::fs::read_dir(dir.path())
+                .unwrap()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+                .filter(|e| e.metadata().unwrap().len() >= 2 * MIB as u64)
+                .count();
+            assert_eq!(full, 2, "the current file and the next one are prepared");
+            for i in 0u32..200 {
+                db.put_durable("meta", format!("after{i}").as_bytes(), &[7; 1000])
+                    .unwrap();
+            }
+            assert_eq!(
+                db.current_log_size().unwrap(),
+                prepared,
+                "overwritten in place"
+            );
+            assert!(!db.prepare_log(0).unwrap());
+        }
+        let db = Db::open(dir.path(), 8).unwrap();
+        assert_eq!(
+            db.get("meta", b"before").unwrap().as_deref(),
+            Some(&b"1"[..])
+        );
+        for i in 0u32..200 {
+            assert_eq!(
+                db.get("meta", format!("after{i}").as_bytes())
+                    .unwrap()
+                    .as_deref(),
+                Some(&[7u8; 1000][..])
+            );
+        }
+        assert_eq!(db.get("meta", b"after200").unwrap(), None);
     }
 
     /// Async and blocking writers share the log syncs; each returns only once its own

@@ -28,6 +28,8 @@ pub fn test_config(dir: &std::path::Path, extra: &[(&str, &str)]) -> salon::conf
             "test-shared-secret".into(),
         ),
         ("SALON_RATE_LIMITS__ENABLED".into(), "false".into()),
+        // Hundreds of servers start in a run: a smaller prepared log for each.
+        ("SALON_DATABASE__PREPARED_LOG_MIB".into(), "2".into()),
     ];
     for (k, v) in extra {
         env.retain(|(ek, _)| ek != k);
