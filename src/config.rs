@@ -194,8 +194,9 @@ impl Default for RateLimitsConfig {
 pub struct DatabaseConfig {
     /// RocksDB block cache, in MiB.
     pub cache_mib: usize,
-    /// The write-ahead log file prepared at each start for commits to overwrite in
-    /// place (cheaper syncs than a growing file), in MiB; 0 leaves the log as it is.
+    /// The size of each of the two write-ahead log files prepared at each start for
+    /// commits to overwrite in place (cheaper syncs than a growing file), in MiB; 0
+    /// leaves the log as it is.
     pub prepared_log_mib: usize,
 }
 

@@ -85,6 +85,9 @@ fn prepare_log(services: &Arc<Services>) -> tokio::task::JoinHandle<()> {
                 ms = started.elapsed().as_millis() as u64,
                 "the write-ahead log is overwritten in place"
             ),
+            Ok(false) if bytes > 0 => tracing::info!(
+                "the write-ahead log files were prepared but not taken up; commits append"
+            ),
             Ok(false) => {}
             Err(e) => tracing::warn!(error = %e, "the write-ahead log could not be prepared"),
         }

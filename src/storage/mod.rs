@@ -981,10 +981,10 @@ impl Db {
     /// A sync of a log file that grows must also write the file's new size (its inode:
     /// a second request to the disk, or a journal entry where the file system keeps a
     /// journal); a sync of a reused file writes the data alone (on ext4 here: a median
-    /// `fdatasync` of 0.16 against 0.12 ms, and a shorter tail). RocksDB reuses only the log files of the running process, once
-    /// every column family has flushed what they hold, so after a start every commit
-    /// appends until the memtables have flushed twice, which on a quiet server can take
-    /// days. This fills the current log with log-only records (never put into a
+    /// `fdatasync` of 0.16 against 0.12 ms, and a shorter tail). RocksDB reuses only
+    /// the log files of the running process, once every column family has flushed what
+    /// they hold, so after a start every commit appends until the memtables have
+    /// flushed twice, which on a quiet server can take days. This fills the current log with log-only records (never put into a
     /// memtable or a table file, passed over when the log is replayed), in synced
     /// steps so that no commit waits for more than one of them, then flushes the
     /// memtables so that RocksDB moves to a new log and keeps the filled one for reuse;
@@ -996,8 +996,8 @@ impl Db {
         if bytes == 0 {
             return Ok(false);
         }
-        let mut filled = 0u64;
-        for _ in 0..6 {
+        let mut filled = 0;
+        for round in 0u64..6 {
             let size = self.current_log_size()?;
             if size >= bytes as u64 {
                 if filled >= 2 {
@@ -1007,8 +1007,8 @@ impl Db {
                 self.fill_log(bytes - size as usize)?;
                 filled += 1;
             }
-            // A flush needs something to flush: a count of these switches.
-            self.put_durable("meta", b"log_switches", &filled.to_be_bytes())?;
+            // A flush needs something to flush: the round's number.
+            self.put_durable("meta", b"log_switches", &round.to_be_bytes())?;
             self.flush()?;
             // The retired file is listed for reuse just after the flush returns.
             std::thread::sleep(std::time::Duration::from_millis(5));
@@ -1126,8 +1126,9 @@ mod tests {
     }
 
     /// A prepared log is the current log, the next file is prepared too, commits
-    /// overwrite the current one without growing it, and what they wrote there (and before) is read back after a reopen, with the
-    /// filler past the last write never replayed.
+    /// overwrite the current one without growing it, and what they wrote there (and
+    /// before) is read back after a reopen, with the filler past the last write never
+    /// replayed.
     #[test]
     fn a_prepared_log_is_overwritten_in_place_and_replayed() {
         const MIB: usize = 1024 * 1024;
