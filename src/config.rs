@@ -535,6 +535,12 @@ impl Config {
                     .to_owned(),
             );
         }
+        if self.database.prepared_log_mib > 1024 {
+            return Err(
+                "database.prepared_log_mib: at most 1024 (two files of this size are written at each start)"
+                    .to_owned(),
+            );
+        }
         for (name, limit) in [
             ("login", self.rate_limits.login),
             ("register", self.rate_limits.register),
@@ -679,6 +685,17 @@ mod tests {
         assert_eq!(c.registration.mode, RegistrationMode::Open);
         assert_eq!(c.listen.port(), 9999);
         assert!(!c.rate_limits.enabled);
+    }
+
+    #[test]
+    fn prepared_log_files_are_bounded() {
+        let c = Config::load(None, env(&[("SALON_DATABASE__PREPARED_LOG_MIB", "0")])).unwrap();
+        assert_eq!(c.database.prepared_log_mib, 0);
+        assert_eq!(Config::default().database.prepared_log_mib, 16);
+        let err = Config::load(None, env(&[("SALON_DATABASE__PREPARED_LOG_MIB", "4096")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("database.prepared_log_mib"), "{err}");
     }
 
     #[test]
