@@ -1034,7 +1034,7 @@ impl Db {
 
     /// The size of the log file RocksDB writes into: the one of the highest number (a
     /// reused file is renamed to its new number).
-    pub fn current_log_size(&self) -> Result<u64> {
+    fn current_log_size(&self) -> Result<u64> {
         let mut newest: Option<(u64, u64)> = None;
         let entries = std::fs::read_dir(self.db.path())
             .map_err(|e| Error::internal(format!("cannot list the database: {e}")))?;
